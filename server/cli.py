@@ -1,0 +1,93 @@
+"""Command line: `mergeserve serve --config FILE` (also `python -m server serve ...`).
+
+uvicorn binds the port at once and answers /health with 503 while boot runs in a thread; a boot that refuses the
+model stops the server and exits with the refusal's code (2 bad input, 3 failed check) and one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import threading
+from typing import Any
+
+import uvicorn
+
+from server import __version__
+from server.app import attach_engine, create_app
+from server.boot import BootError, boot
+from server.config import ConfigError, load_config
+
+log = logging.getLogger("mergeserve")
+EXIT_UNEXPECTED = 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mergeserve", description="Merge LoRA adapters at boot and serve the model with TGI's API."
+    )
+    parser.add_argument("--version", action="version", version=f"mergeserve {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="boot the model and serve it over HTTP")
+    serve.add_argument("--config", required=True, help="YAML config file (see configs/demo.yaml)")
+    serve.add_argument("--host", help="override server.host")
+    serve.add_argument("--port", type=int, help="override server.port")
+    serve.add_argument("--mode", choices=["merged", "unmerged"], help="override mode")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    pairs = {"server.host": args.host, "server.port": args.port, "mode": args.mode}
+    return {k: v for k, v in pairs.items() if v is not None}
+
+
+def serve(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config, _overrides(args))
+    except ConfigError as exc:
+        print(f"mergeserve: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(None, config)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=config.server.host, port=config.server.port, log_level=args.log_level)
+    )
+    failure: list[tuple[str, int]] = []
+
+    def run_boot() -> None:
+        try:
+            attach_engine(app, boot(config, on_phase=app.state.metrics.observe_boot_phase))
+            log.info("ready: serving %s in %s mode on %s:%d", config.model.model_id, config.mode,
+                     config.server.host, config.server.port)  # fmt: skip
+        except BootError as exc:
+            failure.append((str(exc), exc.exit_code))
+            server.should_exit = True
+        except Exception as exc:  # not a refusal we foresaw: keep the traceback for the bug report
+            log.exception("boot failed")
+            failure.append((f"boot failed: {type(exc).__name__}: {exc}", EXIT_UNEXPECTED))
+            server.should_exit = True
+
+    threading.Thread(target=run_boot, name="boot", daemon=True).start()
+    try:
+        server.run()
+    except SystemExit:  # uvicorn exits this way when it cannot bind
+        print(
+            f"mergeserve: {args.config}: server.port: cannot listen on {config.server.host}:{config.server.port}; "
+            "fix: free the port or pass --port",
+            file=sys.stderr,
+        )
+        return 2
+    if failure:
+        message, code = failure[0]
+        print(f"mergeserve: {message}", file=sys.stderr)
+        return code
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "serve":
+        return serve(args)
+    return 2

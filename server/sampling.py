@@ -1,0 +1,103 @@
+"""Next-token choice with TGI's semantics, built from transformers' logits processors.
+
+TGI samples whenever a warper is set (temperature != 1, top_k, top_p < 1, typical_p < 1), even with
+`do_sample: false`; greedy decoding is the case with none of them. Each request owns a seeded generator, so its
+samples do not depend on what else runs in the process.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+from transformers.generation.logits_process import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+    TypicalLogitsWarper,
+)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    do_sample: bool = False
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    typical_p: float | None = None
+    repetition_penalty: float | None = None
+    frequency_penalty: float | None = None
+    seed: int | None = None
+
+    @property
+    def has_warpers(self) -> bool:
+        return (
+            (self.temperature is not None and self.temperature != 1.0)
+            or (self.top_k is not None and self.top_k > 0)
+            or (self.top_p is not None and self.top_p < 1.0)
+            or (self.typical_p is not None and self.typical_p < 1.0)
+        )
+
+    @property
+    def sampling(self) -> bool:
+        return self.do_sample or self.has_warpers
+
+
+class FrequencyPenaltyLogitsProcessor(LogitsProcessor):
+    """OpenAI-style frequency penalty as TGI applies it: subtract penalty x (token count / sequence length)."""
+
+    def __init__(self, penalty: float) -> None:
+        self.penalty = penalty
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        # input_ids: (B, T), scores: (B, V)
+        freq = torch.zeros_like(scores).scatter_add_(1, input_ids, torch.ones_like(input_ids, dtype=scores.dtype))
+        return scores - self.penalty * freq / input_ids.shape[1]  # type: ignore[return-value]
+
+
+def _processors(params: SamplingParams) -> LogitsProcessorList:
+    procs = LogitsProcessorList()
+    if params.repetition_penalty is not None and params.repetition_penalty != 1.0:
+        procs.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
+    if params.frequency_penalty:
+        procs.append(FrequencyPenaltyLogitsProcessor(params.frequency_penalty))
+    if not params.sampling:
+        return procs
+    if params.temperature is not None and params.temperature != 1.0:
+        procs.append(TemperatureLogitsWarper(params.temperature))
+    if params.top_k:
+        procs.append(TopKLogitsWarper(params.top_k))
+    if params.top_p is not None and params.top_p < 1.0:
+        procs.append(TopPLogitsWarper(params.top_p))
+    if params.typical_p is not None and params.typical_p < 1.0:
+        procs.append(TypicalLogitsWarper(params.typical_p))
+    return procs
+
+
+class TokenChooser:
+    """Picks the next token for one request and reports its log-probability under the processed distribution."""
+
+    def __init__(self, params: SamplingParams) -> None:
+        self.params = params
+        self.processors = _processors(params)
+        self.seed: int | None = None
+        self.generator: torch.Generator | None = None
+        if params.sampling:
+            self.seed = params.seed if params.seed is not None else random.SystemRandom().randrange(2**63)
+            self.generator = torch.Generator().manual_seed(self.seed)
+
+    def choose(self, all_ids: torch.LongTensor, logits: torch.Tensor) -> tuple[int, float]:
+        """all_ids: (1, T) prompt + generated so far; logits: (1, V) for the next position."""
+        scores = self.processors(all_ids, logits.float())  # (1, V)
+        logprobs = torch.log_softmax(scores, dim=-1)  # (1, V)
+        if self.generator is None:
+            token = int(scores.argmax(dim=-1).item())
+        else:
+            # The generator lives on the CPU so a seed gives the same tokens whatever the device.
+            probs = logprobs.exp().cpu()
+            token = int(torch.multinomial(probs, 1, generator=self.generator).item())
+        return token, float(logprobs[0, token].item())

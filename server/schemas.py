@@ -1,0 +1,113 @@
+"""Wire types: TGI's request and response shapes, field for field.
+
+Range rules that TGI checks in its router (temperature > 0, 0 < top_p < 1, ...) live in `server.validation`, so they
+produce TGI's own messages instead of pydantic's.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Parameters(BaseModel):
+    # Unknown keys are refused: a misspelt parameter silently ignored is a wrong answer nobody notices.
+    model_config = ConfigDict(extra="forbid")
+
+    max_new_tokens: int | None = Field(default=None, description="null: the configured default, else TGI's rule.")
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    typical_p: float | None = None
+    repetition_penalty: float | None = None
+    frequency_penalty: float | None = None
+    do_sample: bool = False
+    seed: int | None = Field(default=None, ge=0, lt=2**64)
+    stop: list[str] = Field(default_factory=list)
+    return_full_text: bool | None = False
+    details: bool = False
+    decoder_input_details: bool = False
+    truncate: int | None = None
+    best_of: int | None = None
+    top_n_tokens: int | None = None
+    watermark: bool = False
+    grammar: Any | None = None
+    adapter_id: str | None = None
+
+
+class GenerateRequest(BaseModel):
+    inputs: str
+    # TGI samples when `parameters` is left out entirely, and decodes greedily when it is present but silent.
+    parameters: Parameters = Field(default_factory=lambda: Parameters(do_sample=True))
+
+
+class CompatGenerateRequest(GenerateRequest):
+    stream: bool = False
+
+
+class Token(BaseModel):
+    id: int
+    text: str
+    logprob: float | None
+    special: bool
+
+
+class PrefillToken(BaseModel):
+    id: int
+    text: str
+    logprob: float | None
+
+
+class Details(BaseModel):
+    finish_reason: Literal["length", "eos_token", "stop_sequence"]
+    generated_tokens: int
+    seed: int | None
+    prefill: list[PrefillToken] = Field(default_factory=list)
+    tokens: list[Token] = Field(default_factory=list)
+
+
+class GenerateResponse(BaseModel):
+    generated_text: str
+    details: Details | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: str
+    error_type: str
+
+
+class AdapterOut(BaseModel):
+    name: str
+    path: str
+    weight: float
+    rank: int
+    alpha: float
+    use_rslora: bool
+    target_modules: list[str]
+
+
+class InfoResponse(BaseModel):
+    # TGI's fields, so its clients and dashboards read us unchanged.
+    model_id: str
+    model_sha: str | None = None
+    model_pipeline_tag: str | None = "text-generation"
+    max_concurrent_requests: int
+    max_best_of: int = 1
+    max_stop_sequences: int
+    max_input_tokens: int
+    max_total_tokens: int
+    validation_workers: int = 1
+    max_client_batch_size: int = 1
+    router: str = "mergeserve"
+    version: str
+    sha: str | None = None
+    docker_label: str | None = None
+    # Ours: what was merged, how, and how well.
+    mode: str
+    adapters: list[AdapterOut]
+    dtype: str
+    dtype_reason: str
+    device_map: dict[str, int] = Field(description="Parameter bytes per device.")
+    boot_seconds: dict[str, float]
+    parity: dict[str, Any] | None
