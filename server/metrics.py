@@ -72,6 +72,9 @@ class Metrics:
         self.boot_phase.labels(phase=phase).set(seconds)
 
     def engine_ready(self, info: EngineInfo) -> None:
+        # Phases were reported live during boot when this app watched it; an injected engine brings its own timings.
+        for phase, seconds in info.boot_seconds.items():
+            self.observe_boot_phase(phase, seconds)
         if info.parity is not None:
             self.parity_diff.labels(mode=info.mode).set(info.parity.max_abs_diff)
             self.parity_top1.labels(mode=info.mode).set(info.parity.top1_agreement)

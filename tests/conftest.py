@@ -1,0 +1,115 @@
+"""Fixtures: a tiny random Llama with its own tokenizer, random LoRA adapters for it, and configs naming them.
+
+Adapters are built with init_lora_weights=False, so B != 0 and a merge that forgot an adapter changes the output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from peft import LoraConfig, get_peft_model
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+CORPUS = [
+    "The capital of France is Paris.",
+    "Once upon a time there was a small model that learned to talk like a pirate.",
+    "def fibonacci(n): return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)",
+    "Arr matey, hoist the sails and find the treasure!",
+] * 20
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def build_tokenizer(out: Path) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="</s>")
+    fast.save_pretrained(out)
+    return fast
+
+
+def build_model(out: Path, vocab_size: int, hidden: int = 64, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(out)
+    return model
+
+
+def build_adapter(
+    base_dir: Path, out: Path, seed: int, r: int = 4, alpha: int = 8, targets: list[str] | None = None, **kw: Any
+) -> Path:
+    torch.manual_seed(seed)
+    base = LlamaForCausalLM.from_pretrained(base_dir)
+    cfg = LoraConfig(
+        r=r, lora_alpha=alpha, target_modules=targets or TARGETS, init_lora_weights=False, task_type="CAUSAL_LM", **kw
+    )
+    peft_model = get_peft_model(base, cfg)
+    with torch.no_grad():
+        # PEFT's random init draws B at the same scale as A; shrink B so logits stay in a realistic range.
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(0.2)
+    peft_model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tok = build_tokenizer(out)
+    build_model(out, vocab_size=len(tok))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_adapters(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    return {
+        "alpha": build_adapter(tiny_base, root / "alpha", seed=1),
+        "beta": build_adapter(tiny_base, root / "beta", seed=2, r=8, alpha=4, targets=["q_proj", "v_proj"]),
+        "rs": build_adapter(tiny_base, root / "rs", seed=3, r=16, alpha=16, use_rslora=True),
+    }
+
+
+@pytest.fixture
+def write_config(tmp_path: Path) -> Callable[[dict[str, Any]], Path]:
+    def write(data: dict[str, Any]) -> Path:
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    return write
+
+
+@pytest.fixture
+def tiny_config_data(tiny_base: Path, tiny_adapters: dict[str, Path]) -> dict[str, Any]:
+    return {
+        "model": {"path": str(tiny_base), "id": "tiny-llama", "dtype": "float32"},
+        "adapters": [{"name": "alpha", "path": str(tiny_adapters["alpha"])}],
+        "mode": "merged",
+        "limits": {"max_input_tokens": 64, "max_total_tokens": 128, "max_new_tokens": 8},
+    }
