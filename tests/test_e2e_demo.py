@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -51,6 +52,21 @@ def _metric(server: LiveServer, name: str) -> dict[tuple[tuple[str, str], ...], 
     }
 
 
+def _probe_while_generating(server: LiveServer) -> dict[str, Any]:
+    """Start a long generation, then read /metrics and /health while it runs."""
+    body = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 200, "do_sample": False}}
+    worker = threading.Thread(target=lambda: httpx.post(f"{server.url}/generate", json=body, timeout=300))
+    worker.start()
+    seen: dict[str, Any] = {"in_flight": 0.0, "health": None}
+    while worker.is_alive() and seen["in_flight"] < 1:
+        seen["in_flight"] = _metric(server, "mergeserve_requests_in_flight").get((("mode", "merged"),), 0.0)
+    if seen["in_flight"] >= 1:
+        seen["health"] = httpx.get(f"{server.url}/health", timeout=10).status_code
+        seen["still_running"] = worker.is_alive()
+    worker.join()
+    return seen
+
+
 @pytest.fixture(scope="module")
 def answers(prompt: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     out: dict[str, Any] = {}
@@ -65,6 +81,8 @@ def answers(prompt: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[d
                 "health_history": server.health_history,
                 "log": server.read_log(),
             }
+            if mode == "merged":
+                out["concurrent"] = _probe_while_generating(server)
     base_cfg = yaml.safe_load(DEMO.read_text())
     base_cfg["adapters"][0].update(weight=0.0, path=str(REPO / "configs" / "adapters" / "pirate"))
     base_cfg["mode"] = "unmerged"
@@ -122,6 +140,12 @@ def test_metrics_count_the_request_under_its_mode(answers: dict[str, Any]) -> No
         assert answers[mode]["requests"] == {(("mode", mode),): 1.0}
         phases = {dict(k)["phase"] for k in answers[mode]["phases"]}
         assert "load_base" in phases and "warmup" in phases
+
+
+def test_health_and_metrics_answer_while_generating(answers: dict[str, Any]) -> None:
+    seen = answers["concurrent"]
+    assert seen["in_flight"] == 1.0, "/metrics never saw the generation in flight"
+    assert seen["health"] == 200 and seen["still_running"]
 
 
 def test_boot_phases_are_logged_with_durations(answers: dict[str, Any]) -> None:
