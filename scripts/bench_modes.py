@@ -22,8 +22,8 @@ from torch import nn
 
 from server.boot import load_adapters, load_base
 from server.config import load_config
-from server.engine import decode_one_token, prefill
 from server.merge import merge_and_unload
+from server.scheduler import decode_one_token, prefill
 
 PROMPT = "What is the capital of Germany? Answer in one sentence, then explain why it became the capital."
 

@@ -13,12 +13,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.concurrency import run_in_threadpool
 
 from server import __version__
 from server.config import Config
 from server.engine import Engine, Generation
 from server.metrics import Metrics
+from server.scheduler import Overloaded
 from server.schemas import (
     AdapterOut,
     CompatGenerateRequest,
@@ -123,7 +123,7 @@ def create_app(engine: Engine | None, config: Config) -> FastAPI:
         e = _engine(request).info
         return InfoResponse(
             model_id=e.model_id,
-            max_concurrent_requests=1,
+            max_concurrent_requests=config.limits.max_concurrent_requests,
             max_stop_sequences=config.limits.max_stop_sequences,
             max_input_tokens=config.limits.max_input_tokens,
             max_total_tokens=config.limits.max_total_tokens,
@@ -151,8 +151,10 @@ def create_app(engine: Engine | None, config: Config) -> FastAPI:
             prepared = validate(body.inputs, body.parameters, engine.tokenize, config.limits, served_adapter)
             validated = time.perf_counter()
             try:
-                # Off the event loop: /health and /metrics keep answering while the model runs.
-                gen = await run_in_threadpool(engine.generate, prepared)
+                # The model runs on the scheduler's thread: /health and /metrics keep answering meanwhile.
+                gen = await engine.generate_async(prepared)
+            except Overloaded:
+                raise ServedError(429, "Model is overloaded", "overloaded") from None
             except Exception as exc:  # any failure inside the model is TGI's "generation" error
                 raise ServedError(424, f"Request failed during generation: {exc}", "generation") from exc
         except InputValidationError as exc:

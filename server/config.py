@@ -100,6 +100,10 @@ class LimitsConfig(_Strict):
         default=None, gt=0, description="Used when a request omits it; null means max_total_tokens - prompt (TGI)."
     )
     max_stop_sequences: int = Field(default=4, ge=0, description="Most `stop` strings a request may give.")
+    max_batch_size: int = Field(default=8, gt=0, description="Most requests decoded together in one forward pass.")
+    max_concurrent_requests: int = Field(
+        default=128, gt=0, description="Running plus waiting requests; past it, 429 Model is overloaded."
+    )
 
     @model_validator(mode="after")
     def _input_fits(self) -> LimitsConfig:

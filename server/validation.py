@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from server.config import LimitsConfig
-from server.engine import PreparedRequest
+from server.generation import PreparedRequest
 from server.sampling import SamplingParams
 from server.schemas import Parameters
 
