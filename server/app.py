@@ -6,19 +6,22 @@ CLI attaches the engine with `attach_engine` when boot finishes. Until then /hea
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sse_starlette import EventSourceResponse
 
 from server import __version__
 from server.config import Config
 from server.engine import Engine, Generation
 from server.metrics import Metrics
-from server.scheduler import Overloaded
+from server.openai_api import openai_error, openai_router
 from server.schemas import (
     AdapterOut,
     CompatGenerateRequest,
@@ -29,36 +32,34 @@ from server.schemas import (
     InfoResponse,
     Token,
 )
+from server.serving import ServedError, TokenStream, Tracker, open_stream, run_to_end
 from server.validation import InputValidationError, validate
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     422: {"model": ErrorResponse, "description": "Input validation error"},
     424: {"model": ErrorResponse, "description": "Generation error"},
+    429: {"model": ErrorResponse, "description": "Model is overloaded"},
     503: {"model": ErrorResponse, "description": "Model is loading"},
 }
 
 
-class ServedError(Exception):
-    """An error answered in TGI's shape: {"error": ..., "error_type": ...}."""
-
-    def __init__(self, status: int, message: str, error_type: str) -> None:
-        super().__init__(message)
-        self.status, self.message, self.error_type = status, message, error_type
-
-
 def attach_engine(app: FastAPI, engine: Engine) -> None:
+    metrics: Metrics = app.state.metrics
+    engine.scheduler.on_step = lambda batch, waiting: metrics.observe_step(engine.mode, batch, waiting)
     app.state.engine = engine
-    app.state.metrics.engine_ready(engine.info)
+    metrics.engine_ready(engine.info)
 
 
-def _engine(request: Request) -> Engine:
+def current_engine(request: Request) -> Engine:
     engine: Engine | None = request.app.state.engine
     if engine is None:
         raise ServedError(503, "Model is loading", "healthcheck")
     return engine
 
 
-def _timing_headers(engine: Engine, gen: Generation, validation_s: float, total_s: float) -> dict[str, str]:
+def _timing_headers(engine: Engine, gen: Generation, tracker: Tracker) -> dict[str, str]:
+    total_s = time.perf_counter() - tracker.start
+    validation_s = tracker.validated - tracker.start
     n = max(len(gen.tokens), 1)
     return {
         "x-compute-type": engine.device.type,
@@ -74,19 +75,19 @@ def _timing_headers(engine: Engine, gen: Generation, validation_s: float, total_
     }
 
 
-def _response(body: GenerateRequest, gen: Generation) -> GenerateResponse:
-    text = body.inputs + gen.text if body.parameters.return_full_text else gen.text
-    details = None
-    if body.parameters.details:
-        assert gen.finish_reason is not None
-        details = Details(
-            finish_reason=gen.finish_reason,
-            generated_tokens=len(gen.tokens),
-            seed=gen.seed,
-            prefill=[],  # filled only for decoder_input_details, which validation refuses
-            tokens=[Token(id=t.id, text=t.text, logprob=t.logprob, special=t.special) for t in gen.tokens],
-        )
-    return GenerateResponse(generated_text=text, details=details)
+def _details(gen: Generation) -> Details:
+    assert gen.finish_reason is not None
+    return Details(
+        finish_reason=gen.finish_reason,
+        generated_tokens=len(gen.tokens),
+        seed=gen.seed,
+        prefill=[],  # filled only for decoder_input_details, which validation refuses
+        tokens=[Token(id=t.id, text=t.text, logprob=t.logprob, special=t.special) for t in gen.tokens],
+    )
+
+
+def _token_json(token: Any) -> dict[str, Any]:
+    return {"id": token.id, "text": token.text, "logprob": token.logprob, "special": token.special}
 
 
 def create_app(engine: Engine | None, config: Config) -> FastAPI:
@@ -100,6 +101,8 @@ def create_app(engine: Engine | None, config: Config) -> FastAPI:
 
     @app.exception_handler(ServedError)
     async def _served_error(request: Request, exc: ServedError) -> JSONResponse:
+        if request.url.path.startswith("/v1/"):
+            return openai_error(exc.status, exc.message, exc.error_type)
         return JSONResponse({"error": exc.message, "error_type": exc.error_type}, status_code=exc.status)
 
     @app.exception_handler(RequestValidationError)
@@ -108,6 +111,8 @@ def create_app(engine: Engine | None, config: Config) -> FastAPI:
         where = ".".join(str(p) for p in first["loc"] if p != "body") or "body"
         metrics.failures.labels(mode=config.mode, error_type="validation").inc()
         message = f"Failed to deserialize the JSON body into the target type: {where}: {first['msg']}"
+        if request.url.path.startswith("/v1/"):
+            return openai_error(400, message, "BadRequestError", where)
         return JSONResponse({"error": message, "error_type": "validation"}, status_code=422)
 
     @app.get("/health", responses={503: {"model": ErrorResponse, "description": "Still booting"}})
@@ -120,13 +125,14 @@ def create_app(engine: Engine | None, config: Config) -> FastAPI:
     @app.get("/info", response_model=InfoResponse, responses=ERRORS)
     async def info(request: Request) -> InfoResponse:
         """TGI's /info fields, plus what was merged, in which dtype, where, how long boot took and the parity result."""
-        e = _engine(request).info
+        e = current_engine(request).info
         return InfoResponse(
             model_id=e.model_id,
             max_concurrent_requests=config.limits.max_concurrent_requests,
             max_stop_sequences=config.limits.max_stop_sequences,
             max_input_tokens=config.limits.max_input_tokens,
             max_total_tokens=config.limits.max_total_tokens,
+            max_batch_size=config.limits.max_batch_size,
             version=__version__,
             mode=e.mode,
             adapters=[AdapterOut(**vars(a)) for a in e.adapters],
@@ -142,51 +148,76 @@ def create_app(engine: Engine | None, config: Config) -> FastAPI:
         """Prometheus text exposition of this app's registry."""
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    async def run_generate(request: Request, body: GenerateRequest) -> tuple[GenerateResponse, dict[str, str]]:
-        engine = _engine(request)
-        mode = engine.mode
-        start = time.perf_counter()
-        metrics.in_flight.labels(mode=mode).inc()
+    async def start(request: Request, body: GenerateRequest) -> tuple[Engine, Tracker, TokenStream]:
+        engine = current_engine(request)
+        tracker = Tracker(metrics, engine.mode)
         try:
             prepared = validate(body.inputs, body.parameters, engine.tokenize, config.limits, served_adapter)
-            validated = time.perf_counter()
-            try:
-                # The model runs on the scheduler's thread: /health and /metrics keep answering meanwhile.
-                gen = await engine.generate_async(prepared)
-            except Overloaded:
-                raise ServedError(429, "Model is overloaded", "overloaded") from None
-            except Exception as exc:  # any failure inside the model is TGI's "generation" error
-                raise ServedError(424, f"Request failed during generation: {exc}", "generation") from exc
         except InputValidationError as exc:
-            metrics.failures.labels(mode=mode, error_type="validation").inc()
+            tracker.fail("validation")
             raise ServedError(422, str(exc), "validation") from None
-        except ServedError as exc:
-            metrics.failures.labels(mode=mode, error_type=exc.error_type).inc()
-            raise
-        finally:
-            metrics.in_flight.labels(mode=mode).dec()
-        total = time.perf_counter() - start
-        metrics.request_duration.labels(mode=mode).observe(total)
-        metrics.queue_duration.labels(mode=mode).observe(gen.queue_seconds)
-        metrics.inference_duration.labels(mode=mode).observe(gen.inference_seconds)
-        metrics.time_per_output_token.labels(mode=mode).observe(gen.inference_seconds / max(len(gen.tokens), 1))
-        metrics.prompt_tokens.labels(mode=mode).observe(gen.prompt_tokens)
-        metrics.generated_tokens.labels(mode=mode).observe(len(gen.tokens))
-        metrics.requests.labels(mode=mode, finish_reason=gen.finish_reason).inc()
-        return _response(body, gen), _timing_headers(engine, gen, validated - start, total)
+        tracker.validated = time.perf_counter()
+        return engine, tracker, await open_stream(engine, prepared, tracker)
+
+    async def generate_one(request: Request, body: GenerateRequest) -> tuple[GenerateResponse, dict[str, str]]:
+        engine, tracker, stream = await start(request, body)
+        gen = await run_to_end(stream, tracker)
+        text = body.inputs + gen.text if body.parameters.return_full_text else gen.text
+        response = GenerateResponse(generated_text=text, details=_details(gen) if body.parameters.details else None)
+        return response, _timing_headers(engine, gen, tracker)
 
     @app.post("/generate", response_model=GenerateResponse, responses=ERRORS)
     async def generate(request: Request, body: GenerateRequest) -> JSONResponse:
         """Generate text for `inputs` (raw text: apply the chat template yourself), as TGI's /generate."""
-        response, headers = await run_generate(request, body)
+        response, headers = await generate_one(request, body)
         return JSONResponse(response.model_dump(exclude_none=True), headers=headers)
 
+    async def sse_events(body: GenerateRequest, tracker: Tracker, stream: TokenStream) -> AsyncIterator[str]:
+        index, gen = 0, Generation()
+        try:
+            async for token, gen in stream:
+                index += 1
+                event: dict[str, Any] = {"index": index, "token": _token_json(token), "top_tokens": None,
+                                         "generated_text": None, "details": None}  # fmt: skip
+                if gen.finish_reason is not None:
+                    text = body.inputs + gen.text if body.parameters.return_full_text else gen.text
+                    event["generated_text"] = text
+                    if body.parameters.details:
+                        event["details"] = {"finish_reason": gen.finish_reason, "generated_tokens": len(gen.tokens),
+                                            "seed": gen.seed, "input_length": gen.prompt_tokens}  # fmt: skip
+                yield json.dumps(event)
+        except Exception as exc:  # after the 200 is sent, errors travel inside the stream
+            tracker.fail("generation")
+            yield json.dumps({"error": f"Request failed during generation: {exc}", "error_type": "generation"})
+            return
+        finally:
+            if tracker.open and gen.finish_reason is None:
+                tracker.cancelled()
+        tracker.finish(gen)
+
+    async def stream_response(request: Request, body: GenerateRequest) -> EventSourceResponse:
+        if body.parameters.decoder_input_details:
+            raise ServedError(
+                422,
+                "Input validation error: `decoder_input_details` == true is not supported when streaming tokens",
+                "validation",
+            )
+        engine, tracker, stream = await start(request, body)
+        headers = {"x-merge-mode": engine.mode, "x-accel-buffering": "no"}
+        return EventSourceResponse(sse_events(body, tracker, stream), headers=headers, sep="\n")
+
+    @app.post("/generate_stream", responses=ERRORS, response_class=EventSourceResponse)
+    async def generate_stream(request: Request, body: GenerateRequest) -> EventSourceResponse:
+        """TGI's server-sent events: one `data:` event per token; the last carries `generated_text` and `details`."""
+        return await stream_response(request, body)
+
     @app.post("/", response_model=list[GenerateResponse], responses=ERRORS)
-    async def compat_generate(request: Request, body: CompatGenerateRequest) -> JSONResponse:
-        """TGI's compat route: a JSON array with one response. `stream: true` is not served yet."""
+    async def compat_generate(request: Request, body: CompatGenerateRequest) -> Response:
+        """TGI's compat route: `stream: true` streams as /generate_stream, otherwise a one-element JSON array."""
         if body.stream:
-            raise ServedError(422, "Input validation error: `stream` is not supported yet; use /generate", "validation")
-        response, headers = await run_generate(request, body)
+            return await stream_response(request, body)
+        response, headers = await generate_one(request, body)
         return JSONResponse([response.model_dump(exclude_none=True)], headers=headers)
 
+    app.include_router(openai_router(config, metrics, current_engine))
     return app

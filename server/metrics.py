@@ -17,6 +17,7 @@ LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
                 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)  # fmt: skip
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
 
 
 class Metrics:
@@ -46,6 +47,18 @@ class Metrics:
             "mergeserve_request_generated_tokens", "Generated tokens per request.",
             ["mode"], buckets=TOKEN_BUCKETS, registry=r,
         )  # fmt: skip
+        self.time_to_first_token = Histogram(
+            "mergeserve_time_to_first_token_seconds", "From arrival (queueing included) to the first token.",
+            ["mode"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.inter_token_latency = Histogram(
+            "mergeserve_inter_token_latency_seconds", "Gap between consecutive tokens of one request.",
+            ["mode"], buckets=TPOT_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.batch_size = Histogram(
+            "mergeserve_batch_size", "Requests sharing each decode step.", ["mode"], buckets=BATCH_BUCKETS, registry=r
+        )
+        self.queue_size = Gauge("mergeserve_queue_size", "Requests waiting to join the batch.", ["mode"], registry=r)
         self.requests = Counter(
             "mergeserve_requests", "Finished requests by finish reason.", ["mode", "finish_reason"], registry=r
         )
@@ -69,6 +82,10 @@ class Metrics:
         self.model_info = Info(
             "mergeserve_model", "What this process serves: base_model, adapters, dtype, device, mode.", registry=r
         )
+
+    def observe_step(self, mode: str, batch_size: int, queue_size: int) -> None:
+        self.batch_size.labels(mode=mode).observe(batch_size)
+        self.queue_size.labels(mode=mode).set(queue_size)
 
     def observe_boot_phase(self, phase: str, seconds: float) -> None:
         self.boot_phase.labels(phase=phase).set(seconds)

@@ -147,6 +147,7 @@ class Scheduler:
         self._special = set(tokenizer.all_special_ids)
         self._waiting: deque[_Row] = deque()
         self._rows: list[_Row] = []
+        self._admitting: _Row | None = None  # being prefilled: neither waiting nor in the batch, but still counted
         self._cache: DynamicCache | None = None
         self._mask = torch.zeros(0, 0, dtype=torch.long)
         self._wake = threading.Condition()
@@ -157,12 +158,12 @@ class Scheduler:
     @property
     def load(self) -> tuple[int, int]:
         """(running, waiting) requests."""
-        return len(self._rows), len(self._waiting)
+        return len(self._rows) + (self._admitting is not None), len(self._waiting)
 
     def submit(self, request: PreparedRequest, emit: Emit) -> Handle:
         """Queue a request; `emit` is called from the scheduler thread with each token, or with an exception."""
         with self._wake:
-            if len(self._rows) + len(self._waiting) >= self.max_concurrent:
+            if sum(self.load) >= self.max_concurrent:
                 raise Overloaded("Model is overloaded")
             handle = Handle()
             self._waiting.append(_Row(request, emit, handle, time.perf_counter()))
@@ -187,31 +188,38 @@ class Scheduler:
                 if self._rows:
                     self._step()
             except Exception as exc:  # a failed forward fails the batch, never the server
-                log.exception("decode step failed; failing %d requests", len(self._rows))
-                for row in self._rows:
+                failed = self._rows + ([self._admitting] if self._admitting else [])
+                log.exception("decode step failed; failing %d requests", len(failed))
+                for row in failed:
                     row.emit(exc, row.gen)
-                self._rows, self._cache = [], None
+                self._rows, self._cache, self._admitting = [], None, None
 
     def _next_waiting(self) -> _Row | None:
         with self._wake:
             if self._waiting and len(self._rows) < self.max_batch_size:
-                return self._waiting.popleft()
+                self._admitting = self._waiting.popleft()
+                return self._admitting
         return None
 
     def _admit(self) -> None:
         while (row := self._next_waiting()) is not None:
-            if row.handle.cancelled.is_set():
-                continue
-            row.admitted = time.perf_counter()
-            row.gen.queue_seconds = row.admitted - row.submitted
-            logits, cache = prefill(self.model, row.all_ids.to(self.device))
-            mask = torch.ones(1, row.all_ids.shape[1], dtype=torch.long)
-            if self._advance(row, logits):
-                continue
-            if self._cache is None:
-                self._cache, self._mask = cache, mask
-            else:
-                self._mask = _join(self._cache, self._mask, cache, mask)
+            if not row.handle.cancelled.is_set():
+                self._prefill_and_join(row)
+            with self._wake:
+                self._admitting = None
+
+    def _prefill_and_join(self, row: _Row) -> None:
+        row.admitted = time.perf_counter()
+        row.gen.queue_seconds = row.admitted - row.submitted
+        logits, cache = prefill(self.model, row.all_ids.to(self.device))
+        mask = torch.ones(1, row.all_ids.shape[1], dtype=torch.long)
+        if self._advance(row, logits):
+            return  # done after one token
+        if self._cache is None:
+            self._cache, self._mask = cache, mask
+        else:
+            self._mask = _join(self._cache, self._mask, cache, mask)
+        with self._wake:
             self._rows.append(row)
 
     def _step(self) -> None:

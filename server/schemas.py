@@ -103,7 +103,8 @@ class InfoResponse(BaseModel):
     version: str
     sha: str | None = None
     docker_label: str | None = None
-    # Ours: what was merged, how, and how well.
+    # Ours: batching, and what was merged, how, and how well.
+    max_batch_size: int
     mode: str
     adapters: list[AdapterOut]
     dtype: str

@@ -98,11 +98,14 @@ def test_cancel_frees_the_slot_within_a_step(engine: Engine) -> None:
 
 
 def test_overload_past_max_concurrent_requests(engine: Engine) -> None:
-    handles = [engine.submit(_request(engine, "Arr", 60), lambda *_: None) for _ in range(6)]
+    gate = threading.Event()
+    # The first token's callback holds the scheduler thread, so no request can finish while we count.
+    handles = [engine.submit(_request(engine, "Arr", 60), lambda *_: gate.wait(30)) for _ in range(6)]
     with pytest.raises(Overloaded):
         engine.submit(_request(engine, "Arr", 2), lambda *_: None)
     for h in handles:
         h.cancel()
+    gate.set()
     deadline = time.monotonic() + 10
     while engine.scheduler.load != (0, 0) and time.monotonic() < deadline:
         time.sleep(0.005)

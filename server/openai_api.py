@@ -1,0 +1,215 @@
+"""OpenAI-compatible routes (/v1/models, /v1/completions, /v1/chat/completions), following vLLM's conventions.
+
+Each request is mapped onto TGI's parameters and goes through the same validation and engine path as /generate.
+OpenAI samples by default and treats temperature 0 as greedy.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
+from sse_starlette import EventSourceResponse
+
+from server.config import Config
+from server.engine import Engine
+from server.generation import Generation
+from server.metrics import Metrics
+from server.schemas import Parameters
+from server.serving import ServedError, TokenStream, Tracker, open_stream, run_to_end
+from server.validation import InputValidationError, validate
+
+FINISH = {"eos_token": "stop", "stop_sequence": "stop", "length": "length"}
+
+
+class _Common(BaseModel):
+    model: str
+    max_tokens: int | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    seed: int | None = Field(default=None, ge=0)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    n: int = Field(default=1, ge=1, le=1, description="Only one choice per request is served.")
+    frequency_penalty: float | None = None
+    stream_options: dict[str, Any] | None = None
+    user: str | None = None
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str]
+    max_tokens: int | None = 16
+    echo: bool = False
+    logprobs: int | None = Field(default=None, le=0, description="Log-probabilities are not served yet.")
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str
+
+
+class ChatRequest(_Common):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+
+
+def _usage(gen: Generation) -> dict[str, int]:
+    n = len(gen.tokens)
+    return {"prompt_tokens": gen.prompt_tokens, "completion_tokens": n, "total_tokens": gen.prompt_tokens + n}
+
+
+def _parameters(body: _Common, max_tokens: int | None) -> Parameters:
+    greedy = body.temperature == 0
+    return Parameters(
+        max_new_tokens=max_tokens,
+        do_sample=not greedy,
+        temperature=None if greedy or body.temperature in (None, 1.0) else body.temperature,
+        top_p=None if body.top_p in (None, 1.0) else body.top_p,
+        seed=body.seed,
+        stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
+        frequency_penalty=body.frequency_penalty,
+    )
+
+
+def openai_error(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}}, status)
+
+
+def openai_router(config: Config, metrics: Metrics, current_engine: Callable[[Request], Engine]) -> APIRouter:
+    router = APIRouter(prefix="/v1", tags=["openai"])
+    model_id = config.model.model_id
+    served_adapter = "+".join(a.name for a in config.adapters)
+    created = int(time.time())
+
+    def check_model(name: str) -> JSONResponse | None:
+        if name in (model_id, served_adapter):
+            return None
+        return openai_error(404, f"The model `{name}` does not exist.", "NotFoundError", "model")
+
+    async def begin(
+        request: Request, body: _Common, prompt: str, max_tokens: int | None, chat: bool
+    ) -> tuple[Engine, Tracker, TokenStream] | JSONResponse:
+        if (missing := check_model(body.model)) is not None:
+            return missing
+        engine = current_engine(request)
+        tracker = Tracker(metrics, engine.mode)
+        # A chat template already holds its special tokens; adding BOS again would change the prompt.
+        tokenize = (
+            (lambda text: engine.tokenizer(text, add_special_tokens=False).input_ids) if chat else engine.tokenize
+        )
+        try:
+            prepared = validate(prompt, _parameters(body, max_tokens), tokenize, config.limits, served_adapter)
+        except InputValidationError as exc:
+            tracker.fail("validation")
+            return openai_error(400, str(exc), "BadRequestError")
+        try:
+            return engine, tracker, await open_stream(engine, prepared, tracker)
+        except ServedError as exc:
+            return openai_error(exc.status, exc.message, exc.error_type)
+
+    def sse(chunks: AsyncIterator[dict[str, Any]], mode: str) -> EventSourceResponse:
+        async def lines() -> AsyncIterator[str]:
+            async for chunk in chunks:
+                yield json.dumps(chunk)
+            yield "[DONE]"
+
+        return EventSourceResponse(lines(), headers={"x-merge-mode": mode}, sep="\n")
+
+    async def deltas(stream: TokenStream, tracker: Tracker) -> AsyncIterator[tuple[str, Generation]]:
+        gen = Generation()
+        try:
+            async for token, gen in stream:
+                yield ("" if token.special else token.text), gen
+        finally:
+            if tracker.open and gen.finish_reason is None:
+                tracker.cancelled()
+        tracker.finish(gen)
+
+    @router.get("/models")
+    async def models() -> dict[str, Any]:
+        """The served model, under its base id and under its adapter set's name."""
+        cards = [{"id": name, "object": "model", "created": created, "owned_by": "mergeserve", "root": model_id}
+                 for name in dict.fromkeys([model_id, served_adapter])]  # fmt: skip
+        return {"object": "list", "data": cards}
+
+    @router.post("/completions", response_model=None)
+    async def completions(request: Request, body: CompletionRequest) -> Response:
+        """OpenAI text completion; `prompt` is raw text, as in /generate."""
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if len(prompts) != 1:
+            return openai_error(400, "exactly one prompt per request is served", "BadRequestError", "prompt")
+        started = await begin(request, body, prompts[0], body.max_tokens, chat=False)
+        if isinstance(started, JSONResponse):
+            return started
+        engine, tracker, stream = started
+        rid, prefix = f"cmpl-{uuid.uuid4().hex}", prompts[0] if body.echo else ""
+        base = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": body.model}
+        if not body.stream:
+            gen = await run_to_end(stream, tracker)
+            choice = {
+                "index": 0,
+                "text": prefix + gen.text,
+                "logprobs": None,
+                "finish_reason": FINISH[gen.finish_reason or "length"],
+            }
+            return JSONResponse(
+                {**base, "choices": [choice], "usage": _usage(gen)}, headers={"x-merge-mode": engine.mode}
+            )
+
+        async def chunks() -> AsyncIterator[dict[str, Any]]:
+            if prefix:
+                yield {**base, "choices": [{"index": 0, "text": prefix, "logprobs": None, "finish_reason": None}]}
+            async for text, gen in deltas(stream, tracker):
+                reason = FINISH[gen.finish_reason] if gen.finish_reason else None
+                yield {**base, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}]}
+                if reason and (body.stream_options or {}).get("include_usage"):
+                    yield {**base, "choices": [], "usage": _usage(gen)}
+
+        return sse(chunks(), engine.mode)
+
+    @router.post("/chat/completions", response_model=None)
+    async def chat_completions(request: Request, body: ChatRequest) -> Response:
+        """OpenAI chat completion, prompted through the tokenizer's chat template."""
+        engine = current_engine(request)
+        messages = [m.model_dump() for m in body.messages]
+        try:
+            prompt = str(engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+        except Exception as exc:  # templates raise on role orders they do not allow
+            return openai_error(400, f"cannot apply the chat template: {exc}", "BadRequestError", "messages")
+        started = await begin(request, body, prompt, body.max_completion_tokens or body.max_tokens, chat=True)
+        if isinstance(started, JSONResponse):
+            return started
+        engine, tracker, stream = started
+        base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
+        if not body.stream:
+            gen = await run_to_end(stream, tracker)
+            choice = {"index": 0, "message": {"role": "assistant", "content": gen.text}, "logprobs": None,
+                      "finish_reason": FINISH[gen.finish_reason or "length"]}  # fmt: skip
+            payload = {**base, "object": "chat.completion", "choices": [choice], "usage": _usage(gen)}
+            return JSONResponse(payload, headers={"x-merge-mode": engine.mode})
+
+        async def chunks() -> AsyncIterator[dict[str, Any]]:
+            chunk = {**base, "object": "chat.completion.chunk"}
+            opening = {
+                "index": 0,
+                "delta": {"role": "assistant", "content": ""},
+                "logprobs": None,
+                "finish_reason": None,
+            }
+            yield {**chunk, "choices": [opening]}
+            async for text, gen in deltas(stream, tracker):
+                reason = FINISH[gen.finish_reason] if gen.finish_reason else None
+                delta = {"content": text} if text else {}
+                yield {**chunk, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]}
+                if reason and (body.stream_options or {}).get("include_usage"):
+                    yield {**chunk, "choices": [], "usage": _usage(gen)}
+
+        return sse(chunks(), engine.mode)
+
+    return router

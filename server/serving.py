@@ -1,0 +1,109 @@
+"""What every generation route shares: TGI-shaped errors, per-request metrics, and opening a token stream.
+
+Routes (TGI's and OpenAI's) validate their own request shape, then call `open_stream`, which submits to the engine
+and waits for the first token, so overload and early failures still become proper HTTP status codes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from server.engine import Engine
+from server.generation import Generation, PreparedRequest, Token
+from server.metrics import Metrics
+from server.scheduler import Overloaded
+
+TokenStream = AsyncIterator[tuple[Token, Generation]]
+
+
+class ServedError(Exception):
+    """An error answered in TGI's shape: {"error": ..., "error_type": ...}."""
+
+    def __init__(self, status: int, message: str, error_type: str) -> None:
+        super().__init__(message)
+        self.status, self.message, self.error_type = status, message, error_type
+
+
+class Tracker:
+    """One request's metrics, all labelled by the engine's mode; in-flight is decremented exactly once."""
+
+    def __init__(self, metrics: Metrics, mode: str) -> None:
+        self.metrics, self.mode = metrics, mode
+        self.start = self.validated = time.perf_counter()
+        self.last_token: float | None = None
+        self.open = True
+        metrics.in_flight.labels(mode=mode).inc()
+
+    def _close(self) -> bool:
+        was_open, self.open = self.open, False
+        if was_open:
+            self.metrics.in_flight.labels(mode=self.mode).dec()
+        return was_open
+
+    def token(self, gen: Generation) -> None:
+        now = time.perf_counter()
+        if self.last_token is None:
+            self.metrics.time_to_first_token.labels(mode=self.mode).observe(now - self.start)
+        else:
+            self.metrics.inter_token_latency.labels(mode=self.mode).observe(now - self.last_token)
+        self.last_token = now
+
+    def finish(self, gen: Generation) -> None:
+        if not self._close():
+            return
+        m, mode, n = self.metrics, self.mode, len(gen.tokens)
+        m.request_duration.labels(mode=mode).observe(time.perf_counter() - self.start)
+        m.queue_duration.labels(mode=mode).observe(gen.queue_seconds)
+        m.inference_duration.labels(mode=mode).observe(gen.inference_seconds)
+        m.time_per_output_token.labels(mode=mode).observe(gen.inference_seconds / max(n, 1))
+        m.prompt_tokens.labels(mode=mode).observe(gen.prompt_tokens)
+        m.generated_tokens.labels(mode=mode).observe(n)
+        m.requests.labels(mode=mode, finish_reason=gen.finish_reason or "cancelled").inc()
+
+    def fail(self, error_type: str) -> None:
+        self.metrics.failures.labels(mode=self.mode, error_type=error_type).inc()
+        self._close()
+
+    def cancelled(self) -> None:
+        """The client went away mid-stream: not a failure of ours, but no longer in flight."""
+        if self._close():
+            self.metrics.requests.labels(mode=self.mode, finish_reason="cancelled").inc()
+
+
+async def open_stream(engine: Engine, prepared: PreparedRequest, tracker: Tracker) -> TokenStream:
+    """Submit and wait for the first token; later tokens follow through the returned iterator."""
+    tokens = engine.stream(prepared)
+    try:
+        first = await anext(tokens)
+    except Overloaded:
+        tracker.fail("overloaded")
+        raise ServedError(429, "Model is overloaded", "overloaded") from None
+    except Exception as exc:
+        tracker.fail("generation")
+        raise ServedError(424, f"Request failed during generation: {exc}", "generation") from exc
+
+    async def rest() -> TokenStream:
+        tracker.token(first[1])
+        yield first
+        async for token, gen in tokens:
+            tracker.token(gen)
+            yield token, gen
+
+    return rest()
+
+
+async def run_to_end(stream: TokenStream, tracker: Tracker) -> Generation:
+    """Consume a stream for a non-streaming route; a failure after the first token is TGI's 424 too."""
+    gen = Generation()
+    try:
+        async for _, step in stream:
+            gen = step
+    except Exception as exc:
+        tracker.fail("generation")
+        raise ServedError(424, f"Request failed during generation: {exc}", "generation") from exc
+    finally:
+        if tracker.open and gen.finish_reason is None:
+            tracker.cancelled()  # the task was cancelled (client gone, or shutdown)
+    tracker.finish(gen)
+    return gen
