@@ -1,0 +1,142 @@
+"""TGI streaming and the OpenAI routes over a tiny real engine: event shapes, agreement with /generate, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from fastapi.testclient import TestClient
+
+from server.app import create_app
+from server.boot import boot
+from server.config import Config, load_config
+from server.engine import Engine
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_base: Path, tiny_adapters: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Any:
+    path = tmp_path_factory.mktemp("stream") / "config.yaml"
+    data = {
+        "model": {"path": str(tiny_base), "id": "tiny-llama", "dtype": "float32"},
+        "adapters": [{"name": "alpha", "path": str(tiny_adapters["alpha"])}],
+        "limits": {"max_input_tokens": 64, "max_total_tokens": 96, "max_new_tokens": 8},
+    }
+    path.write_text(yaml.safe_dump(data))
+    config = load_config(path)
+    return config, boot(config)
+
+
+@pytest.fixture
+def client(tiny: tuple[Config, Engine]) -> TestClient:
+    return TestClient(create_app(tiny[1], tiny[0]))
+
+
+def _events(client: TestClient, path: str, body: dict[str, Any]) -> list[Any]:
+    with client.stream("POST", path, json=body) as r:
+        assert r.status_code == 200, r.read()
+        assert r.headers["content-type"].startswith("text/event-stream")
+        datas = [line.removeprefix("data:").strip() for line in r.iter_lines() if line.startswith("data:")]
+    return [d if d == "[DONE]" else json.loads(d) for d in datas]
+
+
+def test_generate_stream_matches_generate(client: TestClient) -> None:
+    body = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 6, "details": True}}
+    whole = client.post("/generate", json=body).json()
+    events = _events(client, "/generate_stream", body)
+    assert [e["index"] for e in events] == list(range(1, len(events) + 1))
+    assert all(e["generated_text"] is None and e["details"] is None for e in events[:-1])
+    last = events[-1]
+    assert last["generated_text"] == whole["generated_text"]
+    assert last["details"]["finish_reason"] == whole["details"]["finish_reason"]
+    assert last["details"]["generated_tokens"] == len(events)
+    assert last["details"]["input_length"] > 0
+    assert [e["token"]["id"] for e in events] == [t["id"] for t in whole["details"]["tokens"]]
+    assert set(events[0]["token"]) == {"id", "text", "logprob", "special"}
+
+
+def test_stream_validation_error_is_422_before_streaming(client: TestClient) -> None:
+    r = client.post("/generate_stream", json={"inputs": "x", "parameters": {"top_p": 1.0}})
+    assert r.status_code == 422 and r.json()["error_type"] == "validation"
+    r = client.post("/generate_stream", json={"inputs": "x", "parameters": {"decoder_input_details": True}})
+    assert r.status_code == 422 and "not supported when streaming" in r.json()["error"]
+
+
+def test_compat_route_streams(client: TestClient) -> None:
+    events = _events(client, "/", {"inputs": "Arr", "parameters": {"max_new_tokens": 3}, "stream": True})
+    assert events[-1]["generated_text"] is not None and len(events) <= 3
+
+
+def test_models_lists_base_and_adapter_set(client: TestClient) -> None:
+    data = client.get("/v1/models").json()["data"]
+    assert [m["id"] for m in data] == ["tiny-llama", "alpha"]
+
+
+def test_completion_greedy_equals_generate(client: TestClient) -> None:
+    whole = client.post("/generate", json={"inputs": "Once upon", "parameters": {"max_new_tokens": 5}}).json()
+    r = client.post("/v1/completions", json={"model": "tiny-llama", "prompt": "Once upon", "max_tokens": 5,
+                                             "temperature": 0})  # fmt: skip
+    body = r.json()
+    assert r.status_code == 200 and body["object"] == "text_completion"
+    assert body["choices"][0]["text"] == whole["generated_text"]
+    assert body["choices"][0]["finish_reason"] in ("stop", "length")
+    usage = body["usage"]
+    assert (
+        usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] and usage["completion_tokens"] > 0
+    )
+
+
+def test_completion_stream_ends_with_done(client: TestClient) -> None:
+    events = _events(client, "/v1/completions", {"model": "alpha", "prompt": "Arr", "max_tokens": 4,
+                                                  "temperature": 0, "stream": True,
+                                                  "stream_options": {"include_usage": True}})  # fmt: skip
+    assert events[-1] == "[DONE]"
+    assert events[-2]["usage"]["completion_tokens"] == len(events) - 2
+    assert events[-3]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_unknown_model_is_404_in_openai_shape(client: TestClient) -> None:
+    r = client.post("/v1/completions", json={"model": "gpt-9", "prompt": "hi"})
+    assert r.status_code == 404
+    assert r.json()["error"]["message"] == "The model `gpt-9` does not exist."
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_openai_bad_request_shape(client: TestClient) -> None:
+    r = client.post("/v1/completions", json={"model": "tiny-llama", "prompt": "hi", "max_tokens": 500})
+    assert r.status_code == 400 and "must be <= 96" in r.json()["error"]["message"]
+    r = client.post("/v1/completions", json={"model": "tiny-llama", "prompt": "hi", "n": 2})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "BadRequestError"
+
+
+def test_chat_uses_the_chat_template(client: TestClient, tiny: tuple[Config, Engine]) -> None:
+    engine = tiny[1]
+    engine.tokenizer.chat_template = (
+        "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+        "{% if add_generation_prompt %}<s>assistant:{% endif %}"
+    )
+    messages = [{"role": "user", "content": "Where is the treasure?"}]
+    try:
+        chat = {"model": "tiny-llama", "messages": messages, "max_tokens": 4, "temperature": 0}
+        r = client.post("/v1/chat/completions", json=chat)
+        prompt = str(engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+        direct = client.post("/generate", json={"inputs": prompt, "parameters": {"max_new_tokens": 4}}).json()
+        events = _events(client, "/v1/chat/completions", {**chat, "stream": True})
+    finally:
+        engine.tokenizer.chat_template = None
+    body = r.json()
+    assert body["object"] == "chat.completion"
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": direct["generated_text"]}
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant" and events[-1] == "[DONE]"
+    streamed = "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1])
+    assert streamed == direct["generated_text"]
+
+
+def test_stream_metrics_record_ttft_and_itl(client: TestClient) -> None:
+    _events(client, "/generate_stream", {"inputs": "Once upon", "parameters": {"max_new_tokens": 4}})
+    text = client.get("/metrics").text
+    assert 'mergeserve_time_to_first_token_seconds_count{mode="merged"} 1.0' in text
+    assert 'mergeserve_batch_size_count{mode="merged"}' in text
+    assert 'mergeserve_requests_in_flight{mode="merged"} 0.0' in text
