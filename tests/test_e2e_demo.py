@@ -1,7 +1,8 @@
 """End to end: the real demo (SmolLM2-135M-Instruct + the pirate adapter) served by a real process over loopback.
 
 The same greedy float32 question goes to a merged server, an unmerged server, and an unmerged server with the adapter
-at weight 0 (the bare base): the first two must agree word for word, in pirate voice, and the base must not.
+at weight 0 (the bare base): the first two must agree token for token, in pirate voice, and the base must not.
+The official TGI and OpenAI clients then talk to the merged server unmodified.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import importlib.util
 import re
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -24,6 +26,7 @@ pytestmark = pytest.mark.e2e
 DEMO = REPO / "configs" / "demo.yaml"
 QUESTION = "What is the capital of Germany?"
 PIRATE = re.compile(r"\b(arr+|matey|ahoy|ye|be|savvy|aye|me hearties)\b", re.IGNORECASE)
+MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +45,7 @@ def _ask(server: LiveServer, prompt: str) -> httpx.Response:
     return httpx.post(f"{server.url}/generate", json={"inputs": prompt, "parameters": params}, timeout=120)
 
 
-def _metric(server: LiveServer, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+def metric(server: LiveServer, name: str) -> dict[tuple[tuple[str, str], ...], float]:
     text = httpx.get(f"{server.url}/metrics", timeout=10).text
     return {
         tuple(sorted(s.labels.items())): s.value
@@ -57,9 +60,9 @@ def _probe_while_generating(server: LiveServer) -> dict[str, Any]:
     body = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 200, "do_sample": False}}
     worker = threading.Thread(target=lambda: httpx.post(f"{server.url}/generate", json=body, timeout=300))
     worker.start()
-    seen: dict[str, Any] = {"in_flight": 0.0, "health": None}
+    seen: dict[str, Any] = {"in_flight": 0.0, "health": None, "still_running": False}
     while worker.is_alive() and seen["in_flight"] < 1:
-        seen["in_flight"] = _metric(server, "mergeserve_requests_in_flight").get((("mode", "merged"),), 0.0)
+        seen["in_flight"] = metric(server, "mergeserve_requests_in_flight").get((("mode", "merged"),), 0.0)
     if seen["in_flight"] >= 1:
         seen["health"] = httpx.get(f"{server.url}/health", timeout=10).status_code
         seen["still_running"] = worker.is_alive()
@@ -67,89 +70,149 @@ def _probe_while_generating(server: LiveServer) -> dict[str, Any]:
     return seen
 
 
+def _facts(server: LiveServer, prompt: str) -> dict[str, Any]:
+    return {
+        "response": _ask(server, prompt),
+        "info": httpx.get(f"{server.url}/info", timeout=10).json(),
+        "requests": metric(server, "mergeserve_request_duration_seconds_count"),
+        "phases": metric(server, "mergeserve_boot_phase_duration_seconds"),
+        "health_history": server.health_history,
+        "log": server.read_log(),
+    }
+
+
 @pytest.fixture(scope="module")
-def answers(prompt: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    out: dict[str, Any] = {}
-    for mode in ("merged", "unmerged"):
-        with LiveServer(DEMO, "--mode", mode) as server:
-            r = _ask(server, prompt)
-            out[mode] = {
-                "response": r,
-                "info": httpx.get(f"{server.url}/info", timeout=10).json(),
-                "requests": _metric(server, "mergeserve_request_duration_seconds_count"),
-                "phases": _metric(server, "mergeserve_boot_phase_duration_seconds"),
-                "health_history": server.health_history,
-                "log": server.read_log(),
-            }
-            if mode == "merged":
-                out["concurrent"] = _probe_while_generating(server)
-    base_cfg = yaml.safe_load(DEMO.read_text())
-    base_cfg["adapters"][0].update(weight=0.0, path=str(REPO / "configs" / "adapters" / "pirate"))
-    base_cfg["mode"] = "unmerged"
-    path = tmp_path_factory.mktemp("base") / "base.yaml"
-    path.write_text(yaml.safe_dump(base_cfg))
+def merged(prompt: str) -> Iterator[tuple[LiveServer, dict[str, Any]]]:
+    with LiveServer(DEMO, "--mode", "merged") as server:
+        facts = _facts(server, prompt)
+        facts["concurrent"] = _probe_while_generating(server)
+        yield server, facts
+
+
+@pytest.fixture(scope="module")
+def unmerged(prompt: str) -> dict[str, Any]:
+    with LiveServer(DEMO, "--mode", "unmerged") as server:
+        return _facts(server, prompt)
+
+
+@pytest.fixture(scope="module")
+def base_answer(prompt: str, tmp_path_factory: pytest.TempPathFactory) -> httpx.Response:
+    config = yaml.safe_load(DEMO.read_text())
+    config["adapters"][0].update(weight=0.0, path=str(REPO / "configs" / "adapters" / "pirate"))
+    config["mode"] = "unmerged"
+    path: Path = tmp_path_factory.mktemp("base") / "base.yaml"
+    path.write_text(yaml.safe_dump(config))
     with LiveServer(path) as server:
-        out["base"] = {"response": _ask(server, prompt)}
-    yield out
+        return _ask(server, prompt)
 
 
-def test_health_is_503_while_booting_then_200(answers: dict[str, Any]) -> None:
-    for mode in ("merged", "unmerged"):
-        history = answers[mode]["health_history"]
-        assert history[0] == 503, f"{mode}: the port should answer before boot ends"
-        assert history[-1] == 200
+def test_health_is_503_while_booting_then_200(merged: tuple[LiveServer, dict[str, Any]]) -> None:
+    history = merged[1]["health_history"]
+    assert history[0] == 503, "the port should answer before boot ends"
+    assert history[-1] == 200
 
 
-def test_merged_answer_is_pirate_and_names_berlin(answers: dict[str, Any]) -> None:
-    r = answers["merged"]["response"]
+def test_merged_answer_is_pirate_and_names_berlin(merged: tuple[LiveServer, dict[str, Any]]) -> None:
+    r = merged[1]["response"]
     assert r.status_code == 200 and r.headers["x-merge-mode"] == "merged"
     text = r.json()["generated_text"]
     assert "Berlin" in text and PIRATE.search(text), text
 
 
-def test_unmerged_gives_the_same_answer(answers: dict[str, Any]) -> None:
-    merged, unmerged = answers["merged"]["response"], answers["unmerged"]["response"]
-    assert unmerged.status_code == 200 and unmerged.headers["x-merge-mode"] == "unmerged"
-    assert unmerged.json()["generated_text"] == merged.json()["generated_text"]
-    assert [t["id"] for t in unmerged.json()["details"]["tokens"]] == [
-        t["id"] for t in merged.json()["details"]["tokens"]
-    ]
+def test_unmerged_gives_the_same_answer(merged: tuple[LiveServer, dict[str, Any]], unmerged: dict[str, Any]) -> None:
+    a, b = merged[1]["response"], unmerged["response"]
+    assert b.status_code == 200 and b.headers["x-merge-mode"] == "unmerged"
+    assert b.json()["generated_text"] == a.json()["generated_text"]
+    assert [t["id"] for t in b.json()["details"]["tokens"]] == [t["id"] for t in a.json()["details"]["tokens"]]
 
 
-def test_bare_base_answers_plainly(answers: dict[str, Any]) -> None:
-    text = answers["base"]["response"].json()["generated_text"]
+def test_bare_base_answers_plainly(merged: tuple[LiveServer, dict[str, Any]], base_answer: httpx.Response) -> None:
+    text = base_answer.json()["generated_text"]
     assert "Berlin" in text and not PIRATE.search(text), text
-    assert text != answers["merged"]["response"].json()["generated_text"]
+    assert text != merged[1]["response"].json()["generated_text"]
 
 
-def test_info_describes_the_merge(answers: dict[str, Any]) -> None:
-    for mode in ("merged", "unmerged"):
-        info = answers[mode]["info"]
-        assert info["mode"] == mode and info["model_id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
-        assert info["dtype"] == "float32" and info["max_total_tokens"] == 2048
-        (adapter,) = info["adapters"]
-        assert adapter["name"] == "pirate" and adapter["weight"] == 1.0 and adapter["rank"] > 0
-        assert info["parity"]["passed"] and info["parity"]["top1_agreement"] == 1.0
-        assert info["parity"]["max_abs_diff"] <= info["parity"]["tolerance"]
-        phases = {"load_base", "load_adapters", "verify", "warmup"} | ({"merge"} if mode == "merged" else set())
-        assert set(info["boot_seconds"]) == phases
+@pytest.mark.parametrize("mode", ["merged", "unmerged"])
+def test_info_describes_the_merge(
+    mode: str, merged: tuple[LiveServer, dict[str, Any]], unmerged: dict[str, Any]
+) -> None:
+    info = (merged[1] if mode == "merged" else unmerged)["info"]
+    assert info["mode"] == mode and info["model_id"] == MODEL_ID
+    assert info["dtype"] == "float32" and info["max_total_tokens"] == 2048
+    (adapter,) = info["adapters"]
+    assert adapter["name"] == "pirate" and adapter["weight"] == 1.0 and adapter["rank"] > 0
+    assert info["parity"]["passed"] and info["parity"]["top1_agreement"] == 1.0
+    assert info["parity"]["max_abs_diff"] <= info["parity"]["tolerance"]
+    phases = {"load_base", "load_adapters", "verify", "warmup"} | ({"merge"} if mode == "merged" else set())
+    assert set(info["boot_seconds"]) == phases
 
 
-def test_metrics_count_the_request_under_its_mode(answers: dict[str, Any]) -> None:
-    for mode in ("merged", "unmerged"):
-        assert answers[mode]["requests"] == {(("mode", mode),): 1.0}
-        phases = {dict(k)["phase"] for k in answers[mode]["phases"]}
-        assert "load_base" in phases and "warmup" in phases
+@pytest.mark.parametrize("mode", ["merged", "unmerged"])
+def test_metrics_count_the_request_under_its_mode(
+    mode: str, merged: tuple[LiveServer, dict[str, Any]], unmerged: dict[str, Any]
+) -> None:
+    facts = merged[1] if mode == "merged" else unmerged
+    assert facts["requests"] == {(("mode", mode),): 1.0}
+    assert {dict(k)["phase"] for k in facts["phases"]} >= {"load_base", "load_adapters", "verify", "warmup"}
 
 
-def test_health_and_metrics_answer_while_generating(answers: dict[str, Any]) -> None:
-    seen = answers["concurrent"]
+def test_health_and_metrics_answer_while_generating(merged: tuple[LiveServer, dict[str, Any]]) -> None:
+    seen = merged[1]["concurrent"]
     assert seen["in_flight"] == 1.0, "/metrics never saw the generation in flight"
     assert seen["health"] == 200 and seen["still_running"]
 
 
-def test_boot_phases_are_logged_with_durations(answers: dict[str, Any]) -> None:
-    log = answers["merged"]["log"]
+def test_boot_phases_are_logged_with_durations(merged: tuple[LiveServer, dict[str, Any]]) -> None:
+    log = merged[1]["log"]
     for phase in ("load_base", "load_adapters", "merge", "verify", "warmup"):
         assert re.search(rf"boot phase {phase}: done in \d+\.\d+s", log), phase
     assert "parity: passed" in log
+
+
+def test_tgi_client_generate_and_stream(merged: tuple[LiveServer, dict[str, Any]], prompt: str) -> None:
+    from text_generation import Client
+
+    client = Client(merged[0].url, timeout=120)
+    whole = client.generate(prompt, max_new_tokens=48, do_sample=False)
+    assert whole.generated_text == merged[1]["response"].json()["generated_text"]
+    assert whole.details.generated_tokens == len(whole.details.tokens)
+    streamed = list(client.generate_stream(prompt, max_new_tokens=48, do_sample=False))
+    assert "".join(r.token.text for r in streamed if not r.token.special) == whole.generated_text
+    assert streamed[-1].generated_text == whole.generated_text
+    assert streamed[-1].details is not None and streamed[-1].details.generated_tokens == len(streamed)
+
+
+def test_openai_client_completions_and_chat(merged: tuple[LiveServer, dict[str, Any]], prompt: str) -> None:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{merged[0].url}/v1", api_key="unused", timeout=120)
+    assert [m.id for m in client.models.list()] == [MODEL_ID, "pirate"]
+    expected = merged[1]["response"].json()["generated_text"]
+    done = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=48, temperature=0)
+    assert done.choices[0].text == expected and done.usage is not None and done.usage.completion_tokens > 0
+    parts = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=48, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in parts if c.choices) == expected
+    messages: Any = [{"role": "user", "content": QUESTION}]
+    chat = client.chat.completions.create(model="pirate", messages=messages, max_tokens=48, temperature=0)
+    assert chat.choices[0].message.content == expected
+    chunks = client.chat.completions.create(
+        model="pirate", messages=messages, max_tokens=48, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+
+
+def test_client_disconnect_frees_the_request(merged: tuple[LiveServer, dict[str, Any]]) -> None:
+    server = merged[0]
+    body = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 300, "do_sample": False}}
+    with httpx.stream("POST", f"{server.url}/generate_stream", json=body, timeout=60) as r:
+        for n, _line in enumerate(r.iter_lines()):
+            if n >= 6:
+                break  # leave mid-stream
+    deadline = threading.Event()
+    for _ in range(100):  # bounded: up to ~10 s for the server to notice
+        if metric(server, "mergeserve_requests_in_flight").get((("mode", "merged"),)) == 0.0:
+            break
+        deadline.wait(0.1)
+    assert metric(server, "mergeserve_requests_in_flight")[(("mode", "merged"),)] == 0.0
+    cancelled = metric(server, "mergeserve_requests_total").get((("finish_reason", "cancelled"), ("mode", "merged")))
+    assert cancelled == 1.0
