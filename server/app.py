@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sse_starlette import EventSourceResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server import __version__
 from server.config import Config
@@ -41,6 +42,30 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     429: {"model": ErrorResponse, "description": "Model is overloaded"},
     503: {"model": ErrorResponse, "description": "Model is loading"},
 }
+
+
+class ModeHeader:
+    """Every answer says which arm served it, errors included; routes that know better set it themselves.
+
+    Plain ASGI rather than BaseHTTPMiddleware, which would buffer server-sent events and hide client disconnects.
+    """
+
+    def __init__(self, app: ASGIApp, mode: str) -> None:
+        self.app, self.header = app, (b"x-merge-mode", mode.encode())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_mode(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                if not any(name.lower() == b"x-merge-mode" for name, _ in headers):
+                    message = {**message, "headers": [*headers, self.header]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_mode)
 
 
 def attach_engine(app: FastAPI, engine: Engine) -> None:
@@ -98,6 +123,8 @@ def create_app(engine: Engine | None, config: Config) -> FastAPI:
     served_adapter = "+".join(a.name for a in config.adapters)
     if engine is not None:
         attach_engine(app, engine)
+
+    app.add_middleware(ModeHeader, mode=config.mode)
 
     @app.exception_handler(ServedError)
     async def _served_error(request: Request, exc: ServedError) -> JSONResponse:

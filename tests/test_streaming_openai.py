@@ -140,3 +140,35 @@ def test_stream_metrics_record_ttft_and_itl(client: TestClient) -> None:
     assert 'mergeserve_time_to_first_token_seconds_count{mode="merged"} 1.0' in text
     assert 'mergeserve_batch_size_count{mode="merged"}' in text
     assert 'mergeserve_requests_in_flight{mode="merged"} 0.0' in text
+
+
+def test_overload_is_429_in_both_shapes(tiny_base: Path, tiny_adapters: dict[str, Path], tmp_path: Path) -> None:
+    import threading
+
+    from server.generation import PreparedRequest
+    from server.sampling import SamplingParams
+
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": {"path": str(tiny_base), "id": "tiny-llama"},
+        "adapters": [{"name": "alpha", "path": str(tiny_adapters["alpha"])}],
+        "limits": {"max_input_tokens": 16, "max_total_tokens": 64, "max_concurrent_requests": 1},
+    }))  # fmt: skip
+    config = load_config(path)
+    engine = boot(config)
+    client = TestClient(create_app(engine, config))
+    gate = threading.Event()
+    # Occupies the only slot: its first token's callback holds the scheduler until the gate opens.
+    held = engine.submit(PreparedRequest(engine.tokenize("Arr"), SamplingParams(), 30), lambda *_: gate.wait(30))
+    try:
+        r = client.post("/generate", json={"inputs": "Arr", "parameters": {"max_new_tokens": 2}})
+        assert r.status_code == 429 and r.json() == {"error": "Model is overloaded", "error_type": "overloaded"}
+        assert r.headers["x-merge-mode"] == "merged"
+        r = client.post("/v1/completions", json={"model": "tiny-llama", "prompt": "Arr", "max_tokens": 2})
+        assert r.status_code == 429 and r.json()["error"]["message"] == "Model is overloaded"
+    finally:
+        held.cancel()
+        gate.set()
+    text = client.get("/metrics").text
+    assert 'mergeserve_request_failures_total{error_type="overloaded",mode="merged"} 2.0' in text
+    engine.close()
