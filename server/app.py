@@ -33,7 +33,7 @@ from server.schemas import (
     InfoResponse,
     Token,
 )
-from server.serving import ServedError, TokenStream, Tracker, open_stream, run_to_end
+from server.serving import ArmChooser, ServedError, TokenStream, Tracker, open_stream, run_to_end
 from server.validation import InputValidationError, validate
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -70,7 +70,8 @@ class ModeHeader:
 
 def attach_engine(app: FastAPI, engine: Engine) -> None:
     metrics: Metrics = app.state.metrics
-    engine.scheduler.on_step = lambda batch, waiting: metrics.observe_step(engine.mode, batch, waiting)
+    engine.scheduler.on_step = metrics.observe_step
+    app.state.arms = ArmChooser(list(engine.arms), app.state.config.ab)
     app.state.engine = engine
     metrics.engine_ready(engine.info)
 
@@ -80,6 +81,11 @@ def current_engine(request: Request) -> Engine:
     if engine is None:
         raise ServedError(503, "Model is loading", "healthcheck")
     return engine
+
+
+def current_arm(request: Request) -> str:
+    chooser: ArmChooser = request.app.state.arms
+    return chooser.choose(request.headers.get("x-merge-mode"))
 
 
 def _timing_headers(engine: Engine, gen: Generation, tracker: Tracker) -> dict[str, str]:
@@ -96,7 +102,7 @@ def _timing_headers(engine: Engine, gen: Generation, tracker: Tracker) -> dict[s
         "x-time-per-token": str(int(gen.inference_seconds * 1000 / n)),
         "x-prompt-tokens": str(gen.prompt_tokens),
         "x-generated-tokens": str(len(gen.tokens)),
-        "x-merge-mode": engine.mode,
+        "x-merge-mode": tracker.mode,
     }
 
 
@@ -177,7 +183,7 @@ def create_app(engine: Engine | None, config: Config) -> FastAPI:
 
     async def start(request: Request, body: GenerateRequest) -> tuple[Engine, Tracker, TokenStream]:
         engine = current_engine(request)
-        tracker = Tracker(metrics, engine.mode)
+        tracker = Tracker(metrics, current_arm(request))
         try:
             prepared = validate(body.inputs, body.parameters, engine.tokenize, config.limits, served_adapter)
         except InputValidationError as exc:
@@ -229,8 +235,8 @@ def create_app(engine: Engine | None, config: Config) -> FastAPI:
                 "Input validation error: `decoder_input_details` == true is not supported when streaming tokens",
                 "validation",
             )
-        engine, tracker, stream = await start(request, body)
-        headers = {"x-merge-mode": engine.mode, "x-accel-buffering": "no"}
+        _engine, tracker, stream = await start(request, body)
+        headers = {"x-merge-mode": tracker.mode, "x-accel-buffering": "no"}
         return EventSourceResponse(sse_events(body, tracker, stream), headers=headers, sep="\n")
 
     @app.post("/generate_stream", responses=ERRORS, response_class=EventSourceResponse)
@@ -246,5 +252,5 @@ def create_app(engine: Engine | None, config: Config) -> FastAPI:
         response, headers = await generate_one(request, body)
         return JSONResponse([response.model_dump(exclude_none=True)], headers=headers)
 
-    app.include_router(openai_router(config, metrics, current_engine))
+    app.include_router(openai_router(config, metrics, current_engine, current_arm))
     return app

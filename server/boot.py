@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from server.config import AdapterConfig, Config, ModelConfig
 from server.engine import AdapterInfo, Engine, EngineInfo
-from server.merge import MergeError, lora_layers, merge_and_unload, temporarily_merged
+from server.merge import MergeError, lora_layers, merge_and_unload, merged_twin, temporarily_merged
 from server.parity import ParityResult, compare_logits, probe_logits
 
 log = logging.getLogger("mergeserve.boot")
@@ -190,16 +190,23 @@ def boot(config: Config, on_phase: PhaseCallback | None = None) -> Engine:
         if config.mode == "merged":
             with timer.phase("merge"):
                 reference = probe_logits(peft_model, tokenizer, probes)
-                model: torch.nn.Module = merge_and_unload(peft_model, names)
+                arms: dict[str, torch.nn.Module] = {"merged": merge_and_unload(peft_model, names)}
             with timer.phase("verify"):
-                parity = compare_logits(reference, probe_logits(model, tokenizer, probes), parity_cfg, dtype)
+                candidate = probe_logits(arms["merged"], tokenizer, probes)
+        elif config.mode == "ab":
+            with timer.phase("merge"):
+                # The merged arm shares every tensor the adapters leave alone with the unmerged arm.
+                arms = {"merged": merged_twin(peft_model, names), "unmerged": peft_model}
+            with timer.phase("verify"):
+                reference = probe_logits(peft_model, tokenizer, probes)
+                candidate = probe_logits(arms["merged"], tokenizer, probes)
         else:
-            model = peft_model
+            arms = {"unmerged": peft_model}
             with timer.phase("verify"):
                 reference = probe_logits(peft_model, tokenizer, probes)
                 with temporarily_merged(peft_model, names) as merged_view:
                     candidate = probe_logits(merged_view, tokenizer, probes)
-                parity = compare_logits(reference, candidate, parity_cfg, dtype)
+        parity = compare_logits(reference, candidate, parity_cfg, dtype)
     except MergeError as exc:
         raise BootError(f"merge check failed: {exc}".replace(" | ", "; fix: "), EXIT_CHECK_FAILED) from None
     log.info("parity: %s", parity.summary())
@@ -210,12 +217,12 @@ def boot(config: Config, on_phase: PhaseCallback | None = None) -> Engine:
         adapters=adapter_infos,
         dtype=str(dtype).removeprefix("torch."),
         dtype_reason="configured" if config.model.dtype != "auto" else "auto: the checkpoint's dtype",
-        device_map=device_summary(model),
+        device_map=device_summary(next(iter(arms.values()))),
         boot_seconds=timer.timings,
         parity=parity,
         base_path=str(Path(config.model.path)),
     )
-    engine = Engine(model, tokenizer, info, config.limits)
+    engine = Engine(arms, tokenizer, info, config.limits)
     with timer.phase("warmup"):
         engine.warmup()
     return engine

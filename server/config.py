@@ -14,7 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-Mode = Literal["merged", "unmerged"]
+Mode = Literal["merged", "unmerged", "ab"]
+Arm = Literal["merged", "unmerged"]
 DType = Literal["auto", "float32", "float16", "bfloat16"]
 PACKAGE_SCHEME = "package:"
 
@@ -126,10 +127,21 @@ class ParityConfig(_Strict):
     )
 
 
+class ABConfig(_Strict):
+    merged: float = Field(
+        default=0.5, ge=0, le=1, description="Share of requests without an X-Merge-Mode header sent to the merged arm."
+    )
+    seed: int = Field(default=0, description="Seeds the arm choice, so a replayed request sequence gets the same arms.")
+
+
 class Config(_Strict):
     model: ModelConfig = Field(description="The base model.")
     adapters: list[AdapterConfig] = Field(min_length=1, description="LoRA adapters, applied together.")
-    mode: Mode = Field(default="merged", description="merged: fold adapters into W; unmerged: keep them on the side.")
+    mode: Mode = Field(
+        default="merged",
+        description="merged: fold adapters into W; unmerged: keep them on the side; ab: both arms in one process.",
+    )
+    ab: ABConfig = Field(default=ABConfig(), description="How `ab` mode splits requests between its arms.")
     server: ServerConfig = Field(default=ServerConfig(), description="Where to listen.")
     limits: LimitsConfig = Field(default=LimitsConfig(), description="Per-request token limits, as TGI's.")
     parity: ParityConfig = Field(default=ParityConfig(), description="The merged-vs-unmerged logit gate at boot.")

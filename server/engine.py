@@ -1,6 +1,7 @@
-"""The serving engine: one model (merged, or PEFT with adapters on the side) behind a batching scheduler.
+"""The serving engine: one or two arms (merged, and/or PEFT with adapters on the side) behind a batching scheduler.
 
-`submit` is the one entry point; `generate` (blocking) and `stream` (async) are the two ways to consume it.
+`submit` is the one entry point; `generate` (blocking) and `stream` (async) are the two ways to consume it. Each
+arm is a scheduler lane, so an A/B engine never puts both arms in one batch.
 """
 
 from __future__ import annotations
@@ -49,21 +50,29 @@ class EngineInfo:
 
 class Engine:
     def __init__(
-        self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, info: EngineInfo, limits: LimitsConfig
+        self, arms: dict[str, nn.Module], tokenizer: PreTrainedTokenizerBase, info: EngineInfo, limits: LimitsConfig
     ) -> None:
-        self.model = model
+        self.arms = arms
+        self.model = next(iter(arms.values()))
         self.tokenizer = tokenizer
         self.info = info
         self.limits = limits
-        self.device = next(model.parameters()).device
+        self.device = next(self.model.parameters()).device
         self.eos_ids = self._eos_ids()
-        self.scheduler = Scheduler(
-            model, tokenizer, self.eos_ids, limits.max_batch_size, limits.max_concurrent_requests
-        )
+        self.scheduler = Scheduler(arms, tokenizer, self.eos_ids, limits.max_batch_size, limits.max_concurrent_requests)
 
     @property
     def mode(self) -> str:
+        """merged, unmerged, or ab (both arms)."""
         return self.info.mode
+
+    def arm(self, requested: str | None) -> str:
+        """The arm that serves a request: the one asked for, or this engine's only arm."""
+        if requested is None:
+            return next(iter(self.arms))
+        if requested not in self.arms:
+            raise KeyError(requested)
+        return requested
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -81,19 +90,19 @@ class Engine:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return str(self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens))
 
-    def submit(self, request: PreparedRequest, emit: Emit) -> Handle:
+    def submit(self, request: PreparedRequest, emit: Emit, arm: str | None = None) -> Handle:
         """Raises scheduler.Overloaded past max_concurrent_requests."""
-        return self.scheduler.submit(request, emit)
+        return self.scheduler.submit(request, emit, self.arm(arm))
 
     def _finish(self, gen: Generation) -> Generation:
         # Token texts are decoded one by one with specials; the answer is decoded whole, without them, as TGI does.
         gen.text = self.decode([t.id for t in gen.tokens])
         return gen
 
-    def generate(self, request: PreparedRequest) -> Generation:
+    def generate(self, request: PreparedRequest, arm: str | None = None) -> Generation:
         """Block until the request is done (for boot warm-up, benchmarks and tests)."""
         events: queue.Queue[tuple[Token | BaseException, Generation]] = queue.Queue()
-        self.submit(request, lambda item, gen: events.put((item, gen)))
+        self.submit(request, lambda item, gen: events.put((item, gen)), arm)
         while True:
             item, gen = events.get()
             if isinstance(item, BaseException):
@@ -101,7 +110,7 @@ class Engine:
             if gen.finish_reason is not None:
                 return self._finish(gen)
 
-    async def stream(self, request: PreparedRequest) -> AsyncIterator[tuple[Token, Generation]]:
+    async def stream(self, request: PreparedRequest, arm: str | None = None) -> AsyncIterator[tuple[Token, Generation]]:
         """Yield (token, generation so far); leaving the loop early cancels the request and frees its slot."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[Token | BaseException, Generation]] = asyncio.Queue()
@@ -109,7 +118,7 @@ class Engine:
         def emit(item: Token | BaseException, gen: Generation) -> None:
             loop.call_soon_threadsafe(events.put_nowait, (item, gen))
 
-        handle = self.submit(request, emit)
+        handle = self.submit(request, emit, arm)
         try:
             while True:
                 item, gen = await events.get()
@@ -123,16 +132,16 @@ class Engine:
         finally:
             handle.cancel()  # a no-op once finished; otherwise the client left and the slot is freed
 
-    async def generate_async(self, request: PreparedRequest) -> Generation:
+    async def generate_async(self, request: PreparedRequest, arm: str | None = None) -> Generation:
         last = Generation()
-        async for _, gen in self.stream(request):
+        async for _, gen in self.stream(request, arm):
             last = gen
         return last
 
-    def warmup(self) -> Generation:
-        """One short greedy generation, so the first user request does not pay for lazy initialisation."""
-        ids = self.tokenize("Hello")
-        return self.generate(PreparedRequest(input_ids=ids, params=SamplingParams(), max_new_tokens=4))
+    def warmup(self) -> list[Generation]:
+        """One short greedy generation per arm, so the first user request does not pay for lazy initialisation."""
+        request = PreparedRequest(input_ids=self.tokenize("Hello"), params=SamplingParams(), max_new_tokens=4)
+        return [self.generate(request, arm) for arm in self.arms]
 
     def close(self) -> None:
         self.scheduler.close()

@@ -11,6 +11,7 @@ PEFT's `add_weighted_adapter(..., "linear")` is not used: it mixes A and B separ
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import cast
@@ -141,6 +142,29 @@ def check_clean(model: nn.Module) -> None:
     meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if meta:
         raise MergeError(f"meta tensors remain after merging (first: '{meta[0]}') | give the model more device memory")
+
+
+def merged_twin(peft_model: nn.Module, adapters: list[str]) -> nn.Module:
+    """A merged model that shares every tensor with `peft_model` except the adapted weights.
+
+    For A/B serving in one process: embeddings, norms and untargeted layers exist once; each adapted layer gets its
+    own merged weight (the only extra memory), and the twin has no LoRA modules.
+    """
+    check_mergeable(peft_model, adapters)
+    base = cast(nn.Module, peft_model.get_base_model()) if isinstance(peft_model, PeftModel) else peft_model
+    # deepcopy makes new module objects; the memo hands back the very same tensors instead of copies.
+    shared: dict[int, object] = {id(t): t for t in (*base.parameters(), *base.buffers())}
+    twin = copy.deepcopy(base, memo=shared)
+    for _, layer in lora_layers(twin):
+        target = layer.get_base_layer()
+        names = _adapters_in(layer, adapters)
+        merged = merged_weight(_weight(target).data, [delta_weight(layer, a) for a in names])
+        target.weight = nn.Parameter(merged, requires_grad=False)
+    twin = _drop_lora_modules(twin)
+    if hasattr(twin, "peft_config"):
+        del twin.peft_config
+    check_clean(twin)
+    return twin
 
 
 @contextmanager

@@ -81,7 +81,12 @@ def openai_error(status: int, message: str, kind: str, param: str | None = None)
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}}, status)
 
 
-def openai_router(config: Config, metrics: Metrics, current_engine: Callable[[Request], Engine]) -> APIRouter:
+def openai_router(
+    config: Config,
+    metrics: Metrics,
+    current_engine: Callable[[Request], Engine],
+    current_arm: Callable[[Request], str],
+) -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["openai"])
     model_id = config.model.model_id
     served_adapter = "+".join(a.name for a in config.adapters)
@@ -98,7 +103,7 @@ def openai_router(config: Config, metrics: Metrics, current_engine: Callable[[Re
         if (missing := check_model(body.model)) is not None:
             return missing
         engine = current_engine(request)
-        tracker = Tracker(metrics, engine.mode)
+        tracker = Tracker(metrics, current_arm(request))
         # A chat template already holds its special tokens; adding BOS again would change the prompt.
         tokenize = (
             (lambda text: engine.tokenizer(text, add_special_tokens=False).input_ids) if chat else engine.tokenize
@@ -147,7 +152,7 @@ def openai_router(config: Config, metrics: Metrics, current_engine: Callable[[Re
         started = await begin(request, body, prompts[0], body.max_tokens, chat=False)
         if isinstance(started, JSONResponse):
             return started
-        engine, tracker, stream = started
+        _engine, tracker, stream = started
         rid, prefix = f"cmpl-{uuid.uuid4().hex}", prompts[0] if body.echo else ""
         base = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": body.model}
         if not body.stream:
@@ -159,7 +164,7 @@ def openai_router(config: Config, metrics: Metrics, current_engine: Callable[[Re
                 "finish_reason": FINISH[gen.finish_reason or "length"],
             }
             return JSONResponse(
-                {**base, "choices": [choice], "usage": _usage(gen)}, headers={"x-merge-mode": engine.mode}
+                {**base, "choices": [choice], "usage": _usage(gen)}, headers={"x-merge-mode": tracker.mode}
             )
 
         async def chunks() -> AsyncIterator[dict[str, Any]]:
@@ -171,7 +176,7 @@ def openai_router(config: Config, metrics: Metrics, current_engine: Callable[[Re
                 if reason and (body.stream_options or {}).get("include_usage"):
                     yield {**base, "choices": [], "usage": _usage(gen)}
 
-        return sse(chunks(), engine.mode)
+        return sse(chunks(), tracker.mode)
 
     @router.post("/chat/completions", response_model=None)
     async def chat_completions(request: Request, body: ChatRequest) -> Response:
@@ -192,7 +197,7 @@ def openai_router(config: Config, metrics: Metrics, current_engine: Callable[[Re
             choice = {"index": 0, "message": {"role": "assistant", "content": gen.text}, "logprobs": None,
                       "finish_reason": FINISH[gen.finish_reason or "length"]}  # fmt: skip
             payload = {**base, "object": "chat.completion", "choices": [choice], "usage": _usage(gen)}
-            return JSONResponse(payload, headers={"x-merge-mode": engine.mode})
+            return JSONResponse(payload, headers={"x-merge-mode": tracker.mode})
 
         async def chunks() -> AsyncIterator[dict[str, Any]]:
             chunk = {**base, "object": "chat.completion.chunk"}
@@ -210,6 +215,6 @@ def openai_router(config: Config, metrics: Metrics, current_engine: Callable[[Re
                 if reason and (body.stream_options or {}).get("include_usage"):
                     yield {**chunk, "choices": [], "usage": _usage(gen)}
 
-        return sse(chunks(), engine.mode)
+        return sse(chunks(), tracker.mode)
 
     return router

@@ -130,113 +130,14 @@ def _keep(cache: DynamicCache, mask: torch.Tensor, rows: list[int]) -> torch.Ten
     return mask[:, start:]
 
 
-class Scheduler:
-    def __init__(
-        self,
-        model: nn.Module,
-        tokenizer: PreTrainedTokenizerBase,
-        eos_ids: set[int],
-        max_batch_size: int,
-        max_concurrent_requests: int,
-        on_step: Callable[[int, int], None] | None = None,
-    ) -> None:
-        self.model, self.tokenizer, self.eos_ids = model, tokenizer, eos_ids
-        self.device = next(model.parameters()).device
-        self.max_batch_size, self.max_concurrent = max_batch_size, max_concurrent_requests
-        self.on_step = on_step  # (batch size, queue size) after each decode step, for metrics
-        self._special = set(tokenizer.all_special_ids)
-        self._waiting: deque[_Row] = deque()
-        self._rows: list[_Row] = []
-        self._admitting: _Row | None = None  # being prefilled: neither waiting nor in the batch, but still counted
-        self._cache: DynamicCache | None = None
-        self._mask = torch.zeros(0, 0, dtype=torch.long)
-        self._wake = threading.Condition()
-        self._closed = False
-        self._thread = threading.Thread(target=self._loop, name="mergeserve-scheduler", daemon=True)
-        self._thread.start()
+class _Decoder:
+    """TGI's per-token rules: choose, detokenize, and decide whether the request is finished."""
 
-    @property
-    def load(self) -> tuple[int, int]:
-        """(running, waiting) requests."""
-        return len(self._rows) + (self._admitting is not None), len(self._waiting)
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, eos_ids: set[int]) -> None:
+        self.tokenizer, self.eos_ids = tokenizer, eos_ids
+        self.special = set(tokenizer.all_special_ids)
 
-    def submit(self, request: PreparedRequest, emit: Emit) -> Handle:
-        """Queue a request; `emit` is called from the scheduler thread with each token, or with an exception."""
-        with self._wake:
-            if sum(self.load) >= self.max_concurrent:
-                raise Overloaded("Model is overloaded")
-            handle = Handle()
-            self._waiting.append(_Row(request, emit, handle, time.perf_counter()))
-            self._wake.notify()
-        return handle
-
-    def close(self) -> None:
-        with self._wake:
-            self._closed = True
-            self._wake.notify()
-        self._thread.join(timeout=10)
-
-    def _loop(self) -> None:
-        while True:
-            with self._wake:
-                while not self._closed and not self._waiting and not self._rows:
-                    self._wake.wait()
-                if self._closed:
-                    return
-            try:
-                self._admit()
-                if self._rows:
-                    self._step()
-            except Exception as exc:  # a failed forward fails the batch, never the server
-                failed = self._rows + ([self._admitting] if self._admitting else [])
-                log.exception("decode step failed; failing %d requests", len(failed))
-                for row in failed:
-                    row.emit(exc, row.gen)
-                self._rows, self._cache, self._admitting = [], None, None
-
-    def _next_waiting(self) -> _Row | None:
-        with self._wake:
-            if self._waiting and len(self._rows) < self.max_batch_size:
-                self._admitting = self._waiting.popleft()
-                return self._admitting
-        return None
-
-    def _admit(self) -> None:
-        while (row := self._next_waiting()) is not None:
-            if not row.handle.cancelled.is_set():
-                self._prefill_and_join(row)
-            with self._wake:
-                self._admitting = None
-
-    def _prefill_and_join(self, row: _Row) -> None:
-        row.admitted = time.perf_counter()
-        row.gen.queue_seconds = row.admitted - row.submitted
-        logits, cache = prefill(self.model, row.all_ids.to(self.device))
-        mask = torch.ones(1, row.all_ids.shape[1], dtype=torch.long)
-        if self._advance(row, logits):
-            return  # done after one token
-        if self._cache is None:
-            self._cache, self._mask = cache, mask
-        else:
-            self._mask = _join(self._cache, self._mask, cache, mask)
-        with self._wake:
-            self._rows.append(row)
-
-    def _step(self) -> None:
-        assert self._cache is not None
-        tokens = torch.tensor([[row.all_ids[0, -1].item()] for row in self._rows], device=self.device)  # (B, 1)
-        self._mask = torch.cat([self._mask, self._mask.new_ones(len(self._rows), 1)], dim=1)  # (B, S + 1)
-        logits = decode_one_token(self.model, tokens, self._cache, self._mask.to(self.device))  # (B, V)
-        keep = [i for i, row in enumerate(self._rows) if not self._advance(row, logits[i : i + 1])]
-        if len(keep) < len(self._rows):
-            self._mask = _keep(self._cache, self._mask, keep) if keep else self._mask[:0, :0]
-            self._rows = [self._rows[i] for i in keep]
-            if not keep:
-                self._cache = None
-        if self.on_step:
-            self.on_step(len(tokens), len(self._waiting))
-
-    def _advance(self, row: _Row, logits: torch.Tensor) -> bool:
+    def advance(self, row: _Row, logits: torch.Tensor) -> bool:
         """Choose the row's next token and emit it; True when the row is done (finished or cancelled)."""
         if row.handle.cancelled.is_set():
             return True
@@ -244,7 +145,7 @@ class Scheduler:
         row.all_ids = torch.cat([row.all_ids, torch.tensor([[token_id]])], dim=1)
         gen, request = row.gen, row.request
         generated = row.all_ids[0, len(request.input_ids) :].tolist()
-        special = token_id in self._special
+        special = token_id in self.special
         token = Token(token_id, self._token_text(generated), logprob, special)
         gen.tokens.append(token)
         gen.text += "" if special else token.text
@@ -267,3 +168,135 @@ class Scheduler:
         """The text the last id adds, decoded in context so multi-byte characters and spaces come out right."""
         before = self.tokenizer.decode(ids[:-1], skip_special_tokens=False)
         return str(self.tokenizer.decode(ids, skip_special_tokens=False))[len(before) :]
+
+
+class _Lane:
+    """One model's running batch. Lanes never share a batch, so an A/B process never mixes arms in a forward."""
+
+    def __init__(self, name: str, model: nn.Module, decoder: _Decoder, lock: threading.Condition) -> None:
+        self.name, self.model, self.decoder, self.lock = name, model, decoder, lock
+        self.device = next(model.parameters()).device
+        self.waiting: deque[_Row] = deque()
+        self.rows: list[_Row] = []
+        self.admitting: _Row | None = None  # being prefilled: neither waiting nor in the batch, but still counted
+        self.cache: DynamicCache | None = None
+        self.mask = torch.zeros(0, 0, dtype=torch.long)
+
+    @property
+    def load(self) -> tuple[int, int]:
+        return len(self.rows) + (self.admitting is not None), len(self.waiting)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.rows)
+
+    def admit(self, max_batch_size: int) -> None:
+        while True:
+            with self.lock:
+                if not self.waiting or len(self.rows) >= max_batch_size:
+                    return
+                row = self.admitting = self.waiting.popleft()
+            if not row.handle.cancelled.is_set():
+                self._prefill_and_join(row)
+            with self.lock:
+                self.admitting = None
+
+    def _prefill_and_join(self, row: _Row) -> None:
+        row.admitted = time.perf_counter()
+        row.gen.queue_seconds = row.admitted - row.submitted
+        logits, cache = prefill(self.model, row.all_ids.to(self.device))
+        mask = torch.ones(1, row.all_ids.shape[1], dtype=torch.long)
+        if self.decoder.advance(row, logits):
+            return  # done after one token
+        if self.cache is None:
+            self.cache, self.mask = cache, mask
+        else:
+            self.mask = _join(self.cache, self.mask, cache, mask)
+        with self.lock:
+            self.rows.append(row)
+
+    def step(self) -> int:
+        """One decode step for every row; returns the batch size."""
+        assert self.cache is not None
+        tokens = torch.tensor([[row.all_ids[0, -1].item()] for row in self.rows], device=self.device)  # (B, 1)
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)  # (B, S + 1)
+        logits = decode_one_token(self.model, tokens, self.cache, self.mask.to(self.device))  # (B, V)
+        keep = [i for i, row in enumerate(self.rows) if not self.decoder.advance(row, logits[i : i + 1])]
+        if len(keep) < len(self.rows):
+            self.mask = _keep(self.cache, self.mask, keep) if keep else self.mask[:0, :0]
+            with self.lock:
+                self.rows = [self.rows[i] for i in keep]
+            if not keep:
+                self.cache = None
+        return len(tokens)
+
+    def fail(self, exc: BaseException) -> None:
+        failed = self.rows + ([self.admitting] if self.admitting else [])
+        log.exception("lane %s: decode failed; failing %d requests", self.name, len(failed))
+        for row in failed:
+            row.emit(exc, row.gen)
+        with self.lock:
+            self.rows, self.admitting = [], None
+        self.cache = None
+
+
+class Scheduler:
+    """Owns the model thread. With several lanes (A/B arms) it gives each busy lane one step per turn, in turn."""
+
+    def __init__(
+        self,
+        models: dict[str, nn.Module],
+        tokenizer: PreTrainedTokenizerBase,
+        eos_ids: set[int],
+        max_batch_size: int,
+        max_concurrent_requests: int,
+        on_step: Callable[[str, int, int], None] | None = None,
+    ) -> None:
+        self.max_batch_size, self.max_concurrent = max_batch_size, max_concurrent_requests
+        self.on_step = on_step  # (lane, batch size, queue size) after each decode step, for metrics
+        self._wake = threading.Condition()
+        decoder = _Decoder(tokenizer, eos_ids)
+        self.lanes = {name: _Lane(name, model, decoder, self._wake) for name, model in models.items()}
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="mergeserve-scheduler", daemon=True)
+        self._thread.start()
+
+    @property
+    def load(self) -> tuple[int, int]:
+        """(running, waiting) requests over all lanes."""
+        loads = [lane.load for lane in self.lanes.values()]
+        return sum(r for r, _ in loads), sum(w for _, w in loads)
+
+    def submit(self, request: PreparedRequest, emit: Emit, lane: str | None = None) -> Handle:
+        """Queue a request; `emit` is called from the scheduler thread with each token, or with an exception."""
+        target = self.lanes[lane] if lane is not None else next(iter(self.lanes.values()))
+        with self._wake:
+            if sum(self.load) >= self.max_concurrent:
+                raise Overloaded("Model is overloaded")
+            handle = Handle()
+            target.waiting.append(_Row(request, emit, handle, time.perf_counter()))
+            self._wake.notify()
+        return handle
+
+    def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._closed and not any(lane.busy for lane in self.lanes.values()):
+                    self._wake.wait()
+                if self._closed:
+                    return
+            for lane in self.lanes.values():
+                try:
+                    lane.admit(self.max_batch_size)
+                    if lane.rows:
+                        batch = lane.step()
+                        if self.on_step:
+                            self.on_step(lane.name, batch, len(lane.waiting))
+                except Exception as exc:  # a failed forward fails that batch, never the server
+                    lane.fail(exc)

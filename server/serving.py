@@ -6,9 +6,11 @@ and waits for the first token, so overload and early failures still become prope
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import AsyncIterator
 
+from server.config import ABConfig
 from server.engine import Engine
 from server.generation import Generation, PreparedRequest, Token
 from server.metrics import Metrics
@@ -23,6 +25,32 @@ class ServedError(Exception):
     def __init__(self, status: int, message: str, error_type: str) -> None:
         super().__init__(message)
         self.status, self.message, self.error_type = status, message, error_type
+
+
+class ArmChooser:
+    """Which arm serves a request: the X-Merge-Mode header if given, else the configured split, seeded.
+
+    The split draws from one seeded generator per app, so the same sequence of requests gets the same arms.
+    """
+
+    def __init__(self, arms: list[str], ab: ABConfig) -> None:
+        self.arms, self.share = arms, ab.merged
+        self.rng = random.Random(ab.seed)
+
+    def choose(self, header: str | None) -> str:
+        if header is not None:
+            arm = header.strip().lower()
+            if arm not in self.arms:
+                served = " or ".join(self.arms)
+                raise ServedError(
+                    422,
+                    f"Input validation error: X-Merge-Mode `{header}` is not served here; use {served}",
+                    "validation",
+                )
+            return arm
+        if len(self.arms) == 1:
+            return self.arms[0]
+        return "merged" if self.rng.random() < self.share else "unmerged"
 
 
 class Tracker:
@@ -72,8 +100,8 @@ class Tracker:
 
 
 async def open_stream(engine: Engine, prepared: PreparedRequest, tracker: Tracker) -> TokenStream:
-    """Submit and wait for the first token; later tokens follow through the returned iterator."""
-    tokens = engine.stream(prepared)
+    """Submit to the tracker's arm and wait for the first token; later tokens follow through the iterator."""
+    tokens = engine.stream(prepared, tracker.mode)
     try:
         first = await anext(tokens)
     except Overloaded:

@@ -59,7 +59,7 @@ def test_batched_greedy_equals_solo(engine: Engine) -> None:
     requests = [_request(engine, p, n) for p, n in zip(PROMPTS, [5, 17, 9, 23, 3, 12], strict=True)]
     solo = [[t.id for t in engine.generate(r).tokens] for r in requests]
     sizes: list[int] = []
-    engine.scheduler.on_step = lambda batch, _queue: sizes.append(batch)
+    engine.scheduler.on_step = lambda _lane, batch, _queue: sizes.append(batch)
     try:
         batched = [[t.id for t in g.tokens] for g in _all_at_once(engine, requests)]
     finally:
