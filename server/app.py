@@ -124,9 +124,9 @@ def _token_json(token: Any) -> dict[str, Any]:
 def create_app(engine: Engine | None, config: Config) -> FastAPI:
     app = FastAPI(title="mergeserve", version=__version__, description="LoRA adapters merged at boot, served as TGI.")
     app.state.engine = None
-    app.state.metrics = metrics = Metrics()
-    app.state.config = config
     served_adapter = "+".join(a.name for a in config.adapters)
+    app.state.metrics = metrics = Metrics(adapter=served_adapter)
+    app.state.config = config
     if engine is not None:
         attach_engine(app, engine)
 
@@ -142,7 +142,7 @@ def create_app(engine: Engine | None, config: Config) -> FastAPI:
     async def _bad_body(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"] if p != "body") or "body"
-        metrics.failures.labels(mode=config.mode, error_type="validation").inc()
+        metrics.failures.labels(mode=config.mode, adapter=served_adapter, error_type="validation").inc()
         message = f"Failed to deserialize the JSON body into the target type: {where}: {first['msg']}"
         if request.url.path.startswith("/v1/"):
             return openai_error(400, message, "BadRequestError", where)

@@ -20,52 +20,65 @@ TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
 
 
+REQUEST_LABELS = ["mode", "adapter"]  # adapter: the served adapter set, e.g. "pirate" or "pirate+legal"
+
+
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, adapter: str = "") -> None:
+        self.adapter = adapter
         self.registry = CollectorRegistry()
         r = self.registry
         self.request_duration = Histogram(
             "mergeserve_request_duration_seconds", "End-to-end request latency, validation to response.",
-            ["mode"], buckets=LATENCY_BUCKETS, registry=r,
+            REQUEST_LABELS, buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.queue_duration = Histogram(
             "mergeserve_request_queue_duration_seconds", "Time a request waited before the engine took it.",
-            ["mode"], buckets=LATENCY_BUCKETS, registry=r,
+            REQUEST_LABELS, buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.inference_duration = Histogram(
             "mergeserve_request_inference_duration_seconds", "Prefill plus decode time of a request.",
-            ["mode"], buckets=LATENCY_BUCKETS, registry=r,
+            REQUEST_LABELS, buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.time_per_output_token = Histogram(
             "mergeserve_request_time_per_output_token_seconds", "Inference time divided by generated tokens.",
-            ["mode"], buckets=TPOT_BUCKETS, registry=r,
+            REQUEST_LABELS, buckets=TPOT_BUCKETS, registry=r,
         )  # fmt: skip
         self.prompt_tokens = Histogram(
-            "mergeserve_request_prompt_tokens", "Prompt length in tokens.", ["mode"], buckets=TOKEN_BUCKETS, registry=r
+            "mergeserve_request_prompt_tokens",
+            "Prompt length in tokens.",
+            REQUEST_LABELS,
+            buckets=TOKEN_BUCKETS,
+            registry=r,
         )
         self.generated_tokens = Histogram(
             "mergeserve_request_generated_tokens", "Generated tokens per request.",
-            ["mode"], buckets=TOKEN_BUCKETS, registry=r,
+            REQUEST_LABELS, buckets=TOKEN_BUCKETS, registry=r,
         )  # fmt: skip
         self.time_to_first_token = Histogram(
             "mergeserve_time_to_first_token_seconds", "From arrival (queueing included) to the first token.",
-            ["mode"], buckets=LATENCY_BUCKETS, registry=r,
+            REQUEST_LABELS, buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.inter_token_latency = Histogram(
             "mergeserve_inter_token_latency_seconds", "Gap between consecutive tokens of one request.",
-            ["mode"], buckets=TPOT_BUCKETS, registry=r,
+            REQUEST_LABELS, buckets=TPOT_BUCKETS, registry=r,
         )  # fmt: skip
         self.batch_size = Histogram(
             "mergeserve_batch_size", "Requests sharing each decode step.", ["mode"], buckets=BATCH_BUCKETS, registry=r
         )
         self.queue_size = Gauge("mergeserve_queue_size", "Requests waiting to join the batch.", ["mode"], registry=r)
         self.requests = Counter(
-            "mergeserve_requests", "Finished requests by finish reason.", ["mode", "finish_reason"], registry=r
+            "mergeserve_requests", "Finished requests by finish reason.", [*REQUEST_LABELS, "finish_reason"], registry=r
         )
         self.failures = Counter(
-            "mergeserve_request_failures", "Failed requests by TGI error_type.", ["mode", "error_type"], registry=r
+            "mergeserve_request_failures",
+            "Failed requests by TGI error_type.",
+            [*REQUEST_LABELS, "error_type"],
+            registry=r,
         )
-        self.in_flight = Gauge("mergeserve_requests_in_flight", "Requests being served now.", ["mode"], registry=r)
+        self.in_flight = Gauge(
+            "mergeserve_requests_in_flight", "Requests being served now.", REQUEST_LABELS, registry=r
+        )
         self.boot_phase = Gauge(
             "mergeserve_boot_phase_duration_seconds", "Duration of each boot phase.", ["phase"], registry=r
         )

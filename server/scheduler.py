@@ -45,16 +45,45 @@ class Handle:
         self.cancelled.set()
 
 
+class _Slots:
+    """Unfinished requests, counted against max_concurrent_requests.
+
+    A request gives its slot back before its last token is emitted, so a client that sends its next request as soon
+    as it has an answer never finds its own finished request still counted.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used = limit, 0
+        self.lock = threading.Lock()
+
+    def take(self) -> None:
+        with self.lock:
+            if self.used >= self.limit:
+                raise Overloaded("Model is overloaded")
+            self.used += 1
+
+    def give_back(self) -> None:
+        with self.lock:
+            self.used -= 1
+
+
 @dataclass
 class _Row:
     request: PreparedRequest
     emit: Emit
     handle: Handle
     submitted: float
+    slots: _Slots
     admitted: float = 0.0
+    released: bool = False
     chooser: TokenChooser = field(init=False)
     all_ids: torch.Tensor = field(init=False)  # (1, T + generated): what repetition penalties look at
     gen: Generation = field(init=False)
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.slots.give_back()
 
     def __post_init__(self) -> None:
         self.chooser = TokenChooser(self.request.params)
@@ -140,6 +169,7 @@ class _Decoder:
     def advance(self, row: _Row, logits: torch.Tensor) -> bool:
         """Choose the row's next token and emit it; True when the row is done (finished or cancelled)."""
         if row.handle.cancelled.is_set():
+            row.release()
             return True
         token_id, logprob = row.chooser.choose(row.all_ids, logits)  # type: ignore[arg-type]
         row.all_ids = torch.cat([row.all_ids, torch.tensor([[token_id]])], dim=1)
@@ -161,6 +191,8 @@ class _Decoder:
         gen.inference_seconds = now - row.admitted
         if gen.first_token_seconds is None:
             gen.first_token_seconds = now - row.submitted
+        if gen.finish_reason is not None:
+            row.release()
         row.emit(token, gen)
         return gen.finish_reason is not None
 
@@ -196,7 +228,9 @@ class _Lane:
                 if not self.waiting or len(self.rows) >= max_batch_size:
                     return
                 row = self.admitting = self.waiting.popleft()
-            if not row.handle.cancelled.is_set():
+            if row.handle.cancelled.is_set():
+                row.release()
+            else:
                 self._prefill_and_join(row)
             with self.lock:
                 self.admitting = None
@@ -234,6 +268,7 @@ class _Lane:
         failed = self.rows + ([self.admitting] if self.admitting else [])
         log.exception("lane %s: decode failed; failing %d requests", self.name, len(failed))
         for row in failed:
+            row.release()
             row.emit(exc, row.gen)
         with self.lock:
             self.rows, self.admitting = [], None
@@ -252,7 +287,8 @@ class Scheduler:
         max_concurrent_requests: int,
         on_step: Callable[[str, int, int], None] | None = None,
     ) -> None:
-        self.max_batch_size, self.max_concurrent = max_batch_size, max_concurrent_requests
+        self.max_batch_size = max_batch_size
+        self._slots = _Slots(max_concurrent_requests)
         self.on_step = on_step  # (lane, batch size, queue size) after each decode step, for metrics
         self._wake = threading.Condition()
         decoder = _Decoder(tokenizer, eos_ids)
@@ -271,10 +307,9 @@ class Scheduler:
         """Queue a request; `emit` is called from the scheduler thread with each token, or with an exception."""
         target = self.lanes[lane] if lane is not None else next(iter(self.lanes.values()))
         with self._wake:
-            if sum(self.load) >= self.max_concurrent:
-                raise Overloaded("Model is overloaded")
+            self._slots.take()
             handle = Handle()
-            target.waiting.append(_Row(request, emit, handle, time.perf_counter()))
+            target.waiting.append(_Row(request, emit, handle, time.perf_counter(), self._slots))
             self._wake.notify()
         return handle
 

@@ -61,42 +61,43 @@ class Tracker:
         self.start = self.validated = time.perf_counter()
         self.last_token: float | None = None
         self.open = True
-        metrics.in_flight.labels(mode=mode).inc()
+        self.labels = {"mode": mode, "adapter": metrics.adapter}
+        metrics.in_flight.labels(**self.labels).inc()
 
     def _close(self) -> bool:
         was_open, self.open = self.open, False
         if was_open:
-            self.metrics.in_flight.labels(mode=self.mode).dec()
+            self.metrics.in_flight.labels(**self.labels).dec()
         return was_open
 
     def token(self, gen: Generation) -> None:
         now = time.perf_counter()
         if self.last_token is None:
-            self.metrics.time_to_first_token.labels(mode=self.mode).observe(now - self.start)
+            self.metrics.time_to_first_token.labels(**self.labels).observe(now - self.start)
         else:
-            self.metrics.inter_token_latency.labels(mode=self.mode).observe(now - self.last_token)
+            self.metrics.inter_token_latency.labels(**self.labels).observe(now - self.last_token)
         self.last_token = now
 
     def finish(self, gen: Generation) -> None:
         if not self._close():
             return
-        m, mode, n = self.metrics, self.mode, len(gen.tokens)
-        m.request_duration.labels(mode=mode).observe(time.perf_counter() - self.start)
-        m.queue_duration.labels(mode=mode).observe(gen.queue_seconds)
-        m.inference_duration.labels(mode=mode).observe(gen.inference_seconds)
-        m.time_per_output_token.labels(mode=mode).observe(gen.inference_seconds / max(n, 1))
-        m.prompt_tokens.labels(mode=mode).observe(gen.prompt_tokens)
-        m.generated_tokens.labels(mode=mode).observe(n)
-        m.requests.labels(mode=mode, finish_reason=gen.finish_reason or "cancelled").inc()
+        m, n = self.metrics, len(gen.tokens)
+        m.request_duration.labels(**self.labels).observe(time.perf_counter() - self.start)
+        m.queue_duration.labels(**self.labels).observe(gen.queue_seconds)
+        m.inference_duration.labels(**self.labels).observe(gen.inference_seconds)
+        m.time_per_output_token.labels(**self.labels).observe(gen.inference_seconds / max(n, 1))
+        m.prompt_tokens.labels(**self.labels).observe(gen.prompt_tokens)
+        m.generated_tokens.labels(**self.labels).observe(n)
+        m.requests.labels(**self.labels, finish_reason=gen.finish_reason or "cancelled").inc()
 
     def fail(self, error_type: str) -> None:
-        self.metrics.failures.labels(mode=self.mode, error_type=error_type).inc()
+        self.metrics.failures.labels(**self.labels, error_type=error_type).inc()
         self._close()
 
     def cancelled(self) -> None:
         """The client went away mid-stream: not a failure of ours, but no longer in flight."""
         if self._close():
-            self.metrics.requests.labels(mode=self.mode, finish_reason="cancelled").inc()
+            self.metrics.requests.labels(**self.labels, finish_reason="cancelled").inc()
 
 
 async def open_stream(engine: Engine, prepared: PreparedRequest, tracker: Tracker) -> TokenStream:

@@ -83,8 +83,8 @@ def test_header_picks_the_arm(ab: tuple[Config, Engine]) -> None:
                     headers={"X-Merge-Mode": "unmerged"})  # fmt: skip
     assert r.status_code == 200 and r.headers["x-merge-mode"] == "unmerged"
     text = client.get("/metrics").text
-    assert 'mergeserve_request_duration_seconds_count{mode="merged"} 1.0' in text
-    assert 'mergeserve_request_duration_seconds_count{mode="unmerged"} 3.0' in text
+    assert 'mergeserve_request_duration_seconds_count{adapter="alpha+beta",mode="merged"} 1.0' in text
+    assert 'mergeserve_request_duration_seconds_count{adapter="alpha+beta",mode="unmerged"} 3.0' in text
 
 
 def test_split_is_seeded_and_fair(

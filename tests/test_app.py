@@ -195,9 +195,11 @@ def test_metrics_are_labelled_by_mode(client: TestClient) -> None:
     client.post("/generate", json={"inputs": "Arr", "parameters": {"max_new_tokens": 2}})
     client.post("/generate", json={"inputs": "Arr", "parameters": {"temperature": -1}})
     counts = _samples(client, "mergeserve_request_duration_seconds_count")
-    assert [(s.labels, s.value) for s in counts] == [({"mode": "merged"}, 1.0)]
+    assert [(s.labels, s.value) for s in counts] == [({"mode": "merged", "adapter": "alpha"}, 1.0)]
     failures = _samples(client, "mergeserve_request_failures_total")
-    assert [(s.labels, s.value) for s in failures] == [({"mode": "merged", "error_type": "validation"}, 1.0)]
+    assert [(s.labels, s.value) for s in failures] == [
+        ({"mode": "merged", "adapter": "alpha", "error_type": "validation"}, 1.0)
+    ]
     histograms = ["inference_duration_seconds", "time_per_output_token_seconds", "prompt_tokens", "generated_tokens",
                   "queue_duration_seconds"]  # fmt: skip
     for name in (f"mergeserve_request_{h}_count" for h in histograms):

@@ -62,7 +62,9 @@ def _probe_while_generating(server: LiveServer) -> dict[str, Any]:
     worker.start()
     seen: dict[str, Any] = {"in_flight": 0.0, "health": None, "still_running": False}
     while worker.is_alive() and seen["in_flight"] < 1:
-        seen["in_flight"] = metric(server, "mergeserve_requests_in_flight").get((("mode", "merged"),), 0.0)
+        seen["in_flight"] = metric(server, "mergeserve_requests_in_flight").get(
+            (("adapter", "pirate"), ("mode", "merged")), 0.0
+        )
     if seen["in_flight"] >= 1:
         seen["health"] = httpx.get(f"{server.url}/health", timeout=10).status_code
         seen["still_running"] = worker.is_alive()
@@ -152,7 +154,7 @@ def test_metrics_count_the_request_under_its_mode(
     mode: str, merged: tuple[LiveServer, dict[str, Any]], unmerged: dict[str, Any]
 ) -> None:
     facts = merged[1] if mode == "merged" else unmerged
-    assert facts["requests"] == {(("mode", mode),): 1.0}
+    assert facts["requests"] == {(("adapter", "pirate"), ("mode", mode)): 1.0}
     assert {dict(k)["phase"] for k in facts["phases"]} >= {"load_base", "load_adapters", "verify", "warmup"}
 
 
@@ -210,9 +212,11 @@ def test_client_disconnect_frees_the_request(merged: tuple[LiveServer, dict[str,
                 break  # leave mid-stream
     deadline = threading.Event()
     for _ in range(100):  # bounded: up to ~10 s for the server to notice
-        if metric(server, "mergeserve_requests_in_flight").get((("mode", "merged"),)) == 0.0:
+        if metric(server, "mergeserve_requests_in_flight").get((("adapter", "pirate"), ("mode", "merged"))) == 0.0:
             break
         deadline.wait(0.1)
-    assert metric(server, "mergeserve_requests_in_flight")[(("mode", "merged"),)] == 0.0
-    cancelled = metric(server, "mergeserve_requests_total").get((("finish_reason", "cancelled"), ("mode", "merged")))
+    assert metric(server, "mergeserve_requests_in_flight")[(("adapter", "pirate"), ("mode", "merged"))] == 0.0
+    cancelled = metric(server, "mergeserve_requests_total").get(
+        (("adapter", "pirate"), ("finish_reason", "cancelled"), ("mode", "merged"))
+    )
     assert cancelled == 1.0

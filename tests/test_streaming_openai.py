@@ -137,9 +137,9 @@ def test_chat_uses_the_chat_template(client: TestClient, tiny: tuple[Config, Eng
 def test_stream_metrics_record_ttft_and_itl(client: TestClient) -> None:
     _events(client, "/generate_stream", {"inputs": "Once upon", "parameters": {"max_new_tokens": 4}})
     text = client.get("/metrics").text
-    assert 'mergeserve_time_to_first_token_seconds_count{mode="merged"} 1.0' in text
+    assert 'mergeserve_time_to_first_token_seconds_count{adapter="alpha",mode="merged"} 1.0' in text
     assert 'mergeserve_batch_size_count{mode="merged"}' in text
-    assert 'mergeserve_requests_in_flight{mode="merged"} 0.0' in text
+    assert 'mergeserve_requests_in_flight{adapter="alpha",mode="merged"} 0.0' in text
 
 
 def test_overload_is_429_in_both_shapes(tiny_base: Path, tiny_adapters: dict[str, Path], tmp_path: Path) -> None:
@@ -170,5 +170,5 @@ def test_overload_is_429_in_both_shapes(tiny_base: Path, tiny_adapters: dict[str
         held.cancel()
         gate.set()
     text = client.get("/metrics").text
-    assert 'mergeserve_request_failures_total{error_type="overloaded",mode="merged"} 2.0' in text
+    assert 'mergeserve_request_failures_total{adapter="alpha",error_type="overloaded",mode="merged"} 2.0' in text
     engine.close()
