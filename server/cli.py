@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import threading
 from typing import Any
@@ -30,11 +31,20 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mergeserve {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="boot the model and serve it over HTTP")
-    serve.add_argument("--config", required=True, help="YAML config file (see configs/demo.yaml)")
-    serve.add_argument("--host", help="override server.host")
-    serve.add_argument("--port", type=int, help="override server.port")
-    serve.add_argument("--mode", choices=["merged", "unmerged", "ab"], help="override mode")
-    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    # Containers set these through the environment; a flag given on the command line wins.
+    env = os.environ.get
+    serve.add_argument(
+        "--config", default=env("MERGESERVE_CONFIG"), help="YAML config file (env MERGESERVE_CONFIG; see configs/)"
+    )
+    serve.add_argument("--host", default=env("MERGESERVE_HOST"), help="override server.host (env MERGESERVE_HOST)")
+    serve.add_argument(
+        "--port", type=int, default=env("MERGESERVE_PORT"), help="override server.port (env MERGESERVE_PORT)"
+    )
+    serve.add_argument("--mode", choices=["merged", "unmerged", "ab"], default=env("MERGESERVE_MODE"),
+                       help="override mode (env MERGESERVE_MODE)")  # fmt: skip
+    serve.add_argument(
+        "--log-level", default=env("MERGESERVE_LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"]
+    )
     return parser
 
 
@@ -44,6 +54,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def serve(args: argparse.Namespace) -> int:
+    if not args.config:
+        print("mergeserve: no config given; fix: pass --config FILE or set MERGESERVE_CONFIG", file=sys.stderr)
+        return 2
     try:
         config = load_config(args.config, _overrides(args))
     except ConfigError as exc:

@@ -24,11 +24,30 @@ def free_port() -> int:
 
 
 class LiveServer:
-    def __init__(self, config: Path, *extra: str, boot_timeout: float = 420.0) -> None:
+    def __init__(
+        self,
+        config: Path,
+        *extra: str,
+        boot_timeout: float = 420.0,
+        executable: list[str] | None = None,
+        cwd: Path = REPO,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.args = [sys.executable, "-m", "server", "serve", "--config", str(config), "--host", "127.0.0.1",
-                     "--port", str(self.port), *extra]  # fmt: skip
+        program = executable or [sys.executable, "-m", "server"]
+        self.args = [
+            *program,
+            "serve",
+            "--config",
+            str(config),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            *extra,
+        ]
+        self.cwd, self.env = cwd, env
         self.boot_timeout = boot_timeout
         self.health_history: list[int] = []
         # A file, not a pipe: nobody drains a pipe while the server runs, and a full pipe would block its logging.
@@ -36,9 +55,9 @@ class LiveServer:
         self.proc: subprocess.Popen[str] | None = None
 
     def __enter__(self) -> LiveServer:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**(self.env or os.environ), "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
-            self.args, cwd=REPO, env=env, stdout=self.log_file, stderr=subprocess.STDOUT, text=True
+            self.args, cwd=self.cwd, env=env, stdout=self.log_file, stderr=subprocess.STDOUT, text=True
         )
         self.wait_ready()
         return self

