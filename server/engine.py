@@ -132,12 +132,6 @@ class Engine:
         finally:
             handle.cancel()  # a no-op once finished; otherwise the client left and the slot is freed
 
-    async def generate_async(self, request: PreparedRequest, arm: str | None = None) -> Generation:
-        last = Generation()
-        async for _, gen in self.stream(request, arm):
-            last = gen
-        return last
-
     def warmup(self) -> list[Generation]:
         """One short greedy generation per arm, so the first user request does not pay for lazy initialisation."""
         request = PreparedRequest(input_ids=self.tokenize("Hello"), params=SamplingParams(), max_new_tokens=4)
