@@ -172,3 +172,19 @@ def test_overload_is_429_in_both_shapes(tiny_base: Path, tiny_adapters: dict[str
     text = client.get("/metrics").text
     assert 'mergeserve_request_failures_total{adapter="alpha",error_type="overloaded",mode="merged"} 2.0' in text
     engine.close()
+
+
+def test_error_after_the_first_token_arrives_in_the_stream(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    import server.scheduler
+
+    def broken(*_args: Any, **_kwargs: Any) -> Any:
+        raise RuntimeError("decode exploded")
+
+    monkeypatch.setattr(server.scheduler, "decode_one_token", broken)
+    events = _events(client, "/generate_stream", {"inputs": "Arr", "parameters": {"max_new_tokens": 5}})
+    assert "token" in events[0]  # the prefill token still arrived
+    assert events[-1] == {"error": "Request failed during generation: decode exploded", "error_type": "generation"}
+    r = client.post("/generate", json={"inputs": "Arr", "parameters": {"max_new_tokens": 5}})
+    assert r.status_code == 424 and r.json()["error_type"] == "generation"
+    text = client.get("/metrics").text
+    assert 'mergeserve_request_failures_total{adapter="alpha",error_type="generation",mode="merged"} 2.0' in text
