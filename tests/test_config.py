@@ -61,6 +61,7 @@ def _error(
         (lambda d: d["adapters"][0].update(weight="heavy"), "adapters[0].weight", "valid"),
         (lambda d: d["limits"].update(max_total_tokens="many"), "limits.max_total_tokens", "valid"),
         (lambda d: d["model"].update(path="/nonexistent/model"), "model.path", "does not exist"),
+        (lambda d: d["model"].update(path=5), "model.path", "expected a path string"),
         (lambda d: d["adapters"][0].update(path="/nonexistent/adapter"), "adapters[0].path", "does not exist"),
         (lambda d: d.update(adapters=[]), "adapters", "valid"),
         (lambda d: d.pop("model"), "model", "add it"),
