@@ -31,7 +31,9 @@ import numpy as np
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ab_plots
 import ab_report as ab
+import ab_stats
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -99,9 +101,9 @@ def write_config(model: dict[str, Any], root: Path, rank: int, count: int, path:
     return path
 
 
-def overhead(samples: list[ab.Sample], metric: str, args: argparse.Namespace) -> dict[str, Any]:
+def overhead(samples: list[ab_stats.Sample], metric: str, args: argparse.Namespace) -> dict[str, Any]:
     """unmerged/merged - 1 for the concurrency-1 level, with the bootstrap CI shifted likewise."""
-    r = ab.speedup(samples, metric, [1], args.resamples, args.seed).get("1")
+    r = ab_stats.speedup(samples, metric, [1], args.resamples, args.seed).get("1")
     if r is None:
         return {"overhead": None, "lo": None, "hi": None, "verdict": "no data"}
     return {"overhead": r["ratio"] - 1, "lo": r["lo"] - 1, "hi": r["hi"] - 1, "verdict": r["verdict"]}
@@ -112,19 +114,19 @@ def run_combo(config: Path, rank: int, count: int, args: argparse.Namespace) -> 
     heavy = set(ab.heavy_processes())
     with ab.managed_server(config, args.boot_timeout) as (url, log):
         info = ab.server_info({"ab": url})["ab"]
-        samples = asyncio.run(ab.run_level(dict.fromkeys(ab.ARMS, url), 1, args))
+        samples = asyncio.run(ab.run_level(dict.fromkeys(ab_stats.ARMS, url), 1, args))
     heavy.update(ab.heavy_processes())
-    stats = {arm: ab.arm_stats(samples, 1, arm) for arm in ab.ARMS}
+    stats = {arm: ab_stats.arm_stats(samples, 1, arm) for arm in ab_stats.ARMS}
     row = {
         "rank": rank,
         "count": count,
-        "tpot_ms": {arm: (stats[arm]["tpot_p50"] or float("nan")) * 1000 for arm in ab.ARMS},
-        "latency_ms": {arm: (stats[arm]["latency_p50"] or float("nan")) * 1000 for arm in ab.ARMS},
+        "tpot_ms": {arm: (stats[arm]["tpot_p50"] or float("nan")) * 1000 for arm in ab_stats.ARMS},
+        "latency_ms": {arm: (stats[arm]["latency_p50"] or float("nan")) * 1000 for arm in ab_stats.ARMS},
         "tpot": overhead(samples, "tpot", args),
         "latency": overhead(samples, "latency", args),
-        "n": {arm: stats[arm]["n"] for arm in ab.ARMS},
-        "errors": sum(stats[arm]["errors"] for arm in ab.ARMS),
-        "same_text": ab.same_text(samples, 1),
+        "n": {arm: stats[arm]["n"] for arm in ab_stats.ARMS},
+        "errors": sum(stats[arm]["errors"] for arm in ab_stats.ARMS),
+        "same_text": ab_stats.same_text(samples, 1),
         "parity_max_abs_diff": (info.get("parity") or {}).get("max_abs_diff"),
         "boot_seconds": info.get("boot_seconds"),
         "load": [load_before, os.getloadavg()[0]],
@@ -160,7 +162,7 @@ def markdown(rows: list[dict[str, Any]], settings: dict[str, Any]) -> str:
 
 
 def plot_lines(rows: list[dict[str, Any]], x_key: str, line_key: str, out: Path) -> None:
-    fig, axes = ab.new_figure(1, 7)
+    fig, axes = ab_plots.new_figure(1, 7)
     ax = axes[0]
     lines = sorted({r[line_key] for r in rows})
     for j, value in enumerate(lines):

@@ -24,7 +24,7 @@ pip_quiet() {
 # torch first and pinned: any open range would make pip fetch a multi-GB CUDA build instead of the CPU wheel.
 python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null \
   || pip_quiet torch==2.13.0
-pip_quiet -e ".[test]"
+pip_quiet -e ".[test,bench]"
 # TGI's official client pins huggingface-hub<1, which transformers 5 cannot share; its Client needs only aiohttp
 # and requests (installed with the test extra), so it goes in without its pins.
 pip_quiet --no-deps "text-generation==0.7.0"

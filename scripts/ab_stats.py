@@ -1,0 +1,126 @@
+"""Statistics for the A/B report: one Sample per request, per-arm summaries and bootstrap speed-ups.
+
+Speed-up of merged = median(unmerged) / median(merged) (> 1: merged is faster). Its 95 % CI is a percentile
+bootstrap: each arm's requests are resampled with replacement, independently, and the ratio of the resampled medians
+is taken. Medians, because a few requests that land behind a long prefill make the means jumpy.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+ARMS = ("merged", "unmerged")
+METRICS = ("tpot", "latency", "ttft")
+
+
+@dataclass
+class Sample:
+    """One request as the client saw it; times are perf_counter seconds, made relative to the level's start."""
+
+    level: int
+    arm: str
+    pair: int
+    prompt: int
+    warmup: bool
+    start: float = 0.0
+    end: float = 0.0
+    ttft: float | None = None
+    tokens: int = 0
+    text: str = ""
+    error: str | None = None
+
+    @property
+    def latency(self) -> float:
+        return self.end - self.start
+
+    @property
+    def tpot(self) -> float | None:
+        if self.ttft is None or self.tokens < 2:
+            return None
+        return (self.latency - self.ttft) / (self.tokens - 1)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "latency": self.latency, "tpot": self.tpot}
+
+
+def measured(samples: list[Sample], level: int | None = None, arm: str | None = None) -> list[Sample]:
+    return [
+        s for s in samples if not s.warmup and s.error is None and level in (None, s.level) and arm in (None, s.arm)
+    ]
+
+
+def values(samples: list[Sample], level: int, arm: str, metric: str) -> np.ndarray:
+    got = [getattr(s, metric) for s in measured(samples, level, arm)]
+    return np.array([v for v in got if v is not None], dtype=float)
+
+
+def boot_medians(x: np.ndarray, rng: np.random.Generator, resamples: int) -> np.ndarray:
+    return np.median(x[rng.integers(0, len(x), size=(resamples, len(x)))], axis=1)
+
+
+def verdict(lo: float, hi: float) -> str:
+    if lo <= 1.0 <= hi:
+        return "no significant difference"
+    return "merged significantly faster" if lo > 1.0 else "unmerged significantly faster"
+
+
+def summarize(point: float, draws: np.ndarray) -> dict[str, Any]:
+    lo, hi = (float(v) for v in np.percentile(draws, [2.5, 97.5]))
+    return {"ratio": point, "lo": lo, "hi": hi, "verdict": verdict(lo, hi)}
+
+
+def speedup(samples: list[Sample], metric: str, levels: list[int], resamples: int, seed: int) -> dict[str, Any]:
+    """Median unmerged / median merged per level, plus the geometric mean over levels, each with a bootstrap CI."""
+    rng = np.random.default_rng(seed)
+    out: dict[str, Any] = {}
+    logs: list[tuple[float, np.ndarray]] = []
+    for level in levels:
+        u, m = values(samples, level, "unmerged", metric), values(samples, level, "merged", metric)
+        if len(u) == 0 or len(m) == 0:
+            continue
+        draws = boot_medians(u, rng, resamples) / boot_medians(m, rng, resamples)
+        point = float(np.median(u) / np.median(m))
+        out[str(level)] = {**summarize(point, draws), "n_merged": len(m), "n_unmerged": len(u)}
+        logs.append((math.log(point), np.log(draws)))
+    if len(logs) > 1:
+        point = math.exp(sum(p for p, _ in logs) / len(logs))
+        out["overall"] = summarize(point, np.exp(sum(d for _, d in logs) / len(logs)))
+    return out
+
+
+def pctl(x: np.ndarray | list[float], q: float = 50) -> float | None:
+    return float(np.percentile(x, q)) if len(x) else None
+
+
+def arm_stats(samples: list[Sample], level: int, arm: str) -> dict[str, Any]:
+    ok = measured(samples, level, arm)
+    lat = values(samples, level, arm, "latency")
+    errors = [s for s in samples if s.level == level and s.arm == arm and s.error is not None]
+    return {
+        "n": len(ok), "errors": len(errors), "first_error": errors[0].error if errors else None,
+        "latency_p50": pctl(lat), "latency_p90": pctl(lat, 90),
+        "ttft_p50": pctl(values(samples, level, arm, "ttft")), "tpot_p50": pctl(values(samples, level, arm, "tpot")),
+        "stream_tokens_per_s_p50": pctl([s.tokens / s.latency for s in ok]) or 0.0,
+        "mean_tokens": float(np.mean([s.tokens for s in ok])) if ok else None,
+    }  # fmt: skip
+
+
+def level_throughput(samples: list[Sample], level: int) -> float | None:
+    ok = measured(samples, level)
+    if not ok:
+        return None
+    return sum(s.tokens for s in ok) / (max(s.end for s in ok) - min(s.start for s in ok))
+
+
+def same_text(samples: list[Sample], level: int) -> tuple[int, int]:
+    """Pairs whose merged and unmerged greedy texts are identical, out of complete pairs."""
+    by_pair: dict[int, dict[str, str]] = {}
+    for s in samples:
+        if s.level == level and s.error is None:
+            by_pair.setdefault(s.pair, {})[s.arm] = s.text
+    full = [p for p in by_pair.values() if len(p) == 2]
+    return sum(p["merged"] == p["unmerged"] for p in full), len(full)
