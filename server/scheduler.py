@@ -12,6 +12,7 @@ rounding in the attention sums.
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -24,7 +25,7 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-from server.generation import Generation, PreparedRequest, Token
+from server.generation import Generation, PreparedRequest, TextStream, Token
 from server.sampling import TokenChooser
 
 log = logging.getLogger("mergeserve.scheduler")
@@ -74,6 +75,7 @@ class _Row:
     handle: Handle
     submitted: float
     slots: _Slots
+    text_stream: TextStream
     admitted: float = 0.0
     released: bool = False
     chooser: TokenChooser = field(init=False)
@@ -174,9 +176,8 @@ class _Decoder:
         token_id, logprob = row.chooser.choose(row.all_ids, logits)  # type: ignore[arg-type]
         row.all_ids = torch.cat([row.all_ids, torch.tensor([[token_id]])], dim=1)
         gen, request = row.gen, row.request
-        generated = row.all_ids[0, len(request.input_ids) :].tolist()
         special = token_id in self.special
-        token = Token(token_id, self._token_text(generated), logprob, special)
+        token = Token(token_id, row.text_stream.push(token_id), logprob, special)
         gen.tokens.append(token)
         gen.text += "" if special else token.text
         window = max((len(s) for s in request.stop), default=0) + len(token.text)
@@ -193,13 +194,11 @@ class _Decoder:
             gen.first_token_seconds = now - row.submitted
         if gen.finish_reason is not None:
             row.release()
-        row.emit(token, gen)
+        # A snapshot: the reader runs on the event loop, maybe several steps behind this thread, and must see the
+        # text and finish_reason as of this token, or it would end the stream early and drop the tokens between.
+        # The token list is shared (it is only appended to), so it is complete in the final snapshot.
+        row.emit(token, copy.copy(gen))
         return gen.finish_reason is not None
-
-    def _token_text(self, ids: list[int]) -> str:
-        """The text the last id adds, decoded in context so multi-byte characters and spaces come out right."""
-        before = self.tokenizer.decode(ids[:-1], skip_special_tokens=False)
-        return str(self.tokenizer.decode(ids, skip_special_tokens=False))[len(before) :]
 
 
 class _Lane:
@@ -291,6 +290,7 @@ class Scheduler:
         self._slots = _Slots(max_concurrent_requests)
         self.on_step = on_step  # (lane, batch size, queue size) after each decode step, for metrics
         self._wake = threading.Condition()
+        self._tokenizer = tokenizer
         decoder = _Decoder(tokenizer, eos_ids)
         self.lanes = {name: _Lane(name, model, decoder, self._wake) for name, model in models.items()}
         self._closed = False
@@ -309,7 +309,9 @@ class Scheduler:
         with self._wake:
             self._slots.take()
             handle = Handle()
-            target.waiting.append(_Row(request, emit, handle, time.perf_counter(), self._slots))
+            target.waiting.append(
+                _Row(request, emit, handle, time.perf_counter(), self._slots, TextStream(self._tokenizer))
+            )
             self._wake.notify()
         return handle
 

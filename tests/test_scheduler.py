@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from pathlib import Path
@@ -9,11 +10,12 @@ from typing import Any
 
 import pytest
 import yaml
+from transformers import AutoTokenizer
 
 from server.boot import boot
 from server.config import load_config
 from server.engine import Engine
-from server.generation import Generation, PreparedRequest, Token
+from server.generation import Generation, PreparedRequest, TextStream, Token
 from server.sampling import SamplingParams
 from server.scheduler import Overloaded
 
@@ -110,3 +112,40 @@ def test_overload_past_max_concurrent_requests(engine: Engine) -> None:
     while engine.scheduler.load != (0, 0) and time.monotonic() < deadline:
         time.sleep(0.005)
     assert engine.generate(_request(engine, "Arr", 2)).finish_reason is not None
+
+
+def test_text_stream_decodes_each_token_in_a_short_window(tiny_base: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    text = "Café ☕ au lait, naïve pirate. " * 20  # byte-level BPE splits é, ☕ and ï across tokens
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    windows: list[int] = []
+    decode = tokenizer.decode
+
+    def counting_decode(token_ids: list[int], **kwargs: Any) -> str:
+        windows.append(len(token_ids))
+        return str(decode(token_ids, **kwargs))
+
+    tokenizer.decode = counting_decode
+    stream = TextStream(tokenizer)
+    pieces = [stream.push(i) for i in ids]
+    assert "".join(pieces) == decode(ids)
+    assert "" in pieces and not any("\ufffd" in p for p in pieces)  # partial characters wait for their last byte
+    assert len(ids) > 300 and max(windows) <= 8  # the cost per token does not grow with the generation
+
+
+def test_a_slow_reader_still_gets_every_token(engine: Engine) -> None:
+    """The reader falls behind the scheduler; each event must still describe its own token, not the latest state."""
+
+    async def read_late() -> list[Generation]:
+        stream = engine.stream(_request(engine, "Once upon a time", 8))
+        seen = [(await anext(stream))[1]]
+        while engine.scheduler.load != (0, 0):  # the whole generation finishes before we read on
+            await asyncio.sleep(0.01)
+        seen += [gen async for _, gen in stream]
+        return seen
+
+    seen = asyncio.run(read_late())
+    n = len(seen[-1].tokens)
+    assert n > 1 and len(seen) == n  # before snapshots, a late reader saw the final state at once and stopped
+    assert [g.finish_reason is None for g in seen] == [True] * (n - 1) + [False]
+    assert [len(g.text) for g in seen] == sorted(len(g.text) for g in seen)

@@ -93,6 +93,7 @@ def test_completion_stream_ends_with_done(client: TestClient) -> None:
                                                   "temperature": 0, "stream": True,
                                                   "stream_options": {"include_usage": True}})  # fmt: skip
     assert events[-1] == "[DONE]"
+    assert "usage" in events[-2], json.dumps(events)
     assert events[-2]["usage"]["completion_tokens"] == len(events) - 2
     assert events[-3]["choices"][0]["finish_reason"] in ("stop", "length")
 
