@@ -119,17 +119,28 @@ def _check_all_tensors_used(model: PeftModel, adapter: AdapterConfig, tensors: d
         raise _refuse(adapter, f"no stored weights for '{missing[0]}'", "re-save the adapter with all its tensors")
 
 
-def load_adapters(base: PreTrainedModel, adapters: list[AdapterConfig]) -> tuple[PeftModel, list[AdapterInfo]]:
-    """Attach every adapter as its own PEFT adapter, all active, each scaled by its configured weight."""
+def load_adapters(
+    base: PreTrainedModel, adapters: list[AdapterConfig], on_meta_base: bool = False
+) -> tuple[PeftModel, list[AdapterInfo]]:
+    """Attach every adapter as its own PEFT adapter, all active, each scaled by its configured weight.
+
+    `on_meta_base`: the base is a skeleton on the meta device (the streaming export); the LoRA tensors are then
+    assigned from the file, since PEFT would leave them on the base's (meta) device.
+    """
     model: PeftModel | None = None
     infos = []
     for adapter in adapters:
         peft_config, tensors = _read_adapter(adapter)
         try:
             if model is None:
-                model = PeftModel.from_pretrained(base, str(adapter.path), adapter_name=adapter.name)
+                model = PeftModel.from_pretrained(
+                    base, str(adapter.path), adapter_name=adapter.name, low_cpu_mem_usage=on_meta_base
+                )
             else:
-                model.load_adapter(str(adapter.path), adapter_name=adapter.name)
+                model.load_adapter(str(adapter.path), adapter_name=adapter.name, low_cpu_mem_usage=on_meta_base)
+            if on_meta_base:
+                named = {_model_key(k, adapter.name): v for k, v in tensors.items() if ".lora_" in k}
+                model.load_state_dict(named, strict=False, assign=True)
         except (ValueError, RuntimeError, KeyError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise _refuse(adapter, f"does not fit the base ({first})", "use an adapter trained on this base") from None
