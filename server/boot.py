@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -190,6 +191,27 @@ def _gate(result: ParityResult) -> None:
 
 def boot(config: Config, on_phase: PhaseCallback | None = None) -> Engine:
     timer = PhaseTimer(on_phase)
+    if config.mode == "merged" and config.cache.enabled:
+        from server.cached_boot import boot_merged_with_cache  # it builds on this module
+
+        return boot_merged_with_cache(config, timer)
+    built = build_arms(config, timer)
+    cache = {"enabled": False, "status": "disabled" if config.mode == "merged" else f"not used in {config.mode} mode"}
+    return finish_boot(config, timer, built.arms, built.tokenizer, built.adapter_infos, built.parity, cache)
+
+
+@dataclass
+class BuiltArms:
+    tokenizer: PreTrainedTokenizerBase
+    arms: dict[str, torch.nn.Module]
+    adapter_infos: list[AdapterInfo]
+    parity: ParityResult
+    reference: list[torch.Tensor]  # unmerged probe logits
+    candidate: list[torch.Tensor]  # merged probe logits
+
+
+def build_arms(config: Config, timer: PhaseTimer) -> BuiltArms:
+    """Load, attach, merge as the mode says, and pass the parity gate (or raise BootError)."""
     names = [a.name for a in config.adapters]
     with timer.phase("load_base"):
         tokenizer, base = load_base(config.model)
@@ -222,16 +244,31 @@ def boot(config: Config, on_phase: PhaseCallback | None = None) -> Engine:
         raise BootError(f"merge check failed: {exc}".replace(" | ", "; fix: "), EXIT_CHECK_FAILED) from None
     log.info("parity: %s", parity.summary())
     _gate(parity)
+    return BuiltArms(tokenizer, arms, adapter_infos, parity, reference, candidate)
+
+
+def finish_boot(
+    config: Config,
+    timer: PhaseTimer,
+    arms: dict[str, torch.nn.Module],
+    tokenizer: PreTrainedTokenizerBase,
+    adapter_infos: list[AdapterInfo],
+    parity: ParityResult,
+    cache: dict[str, Any],
+) -> Engine:
+    """The engine over verified arms, warmed up."""
+    model = next(iter(arms.values()))
     info = EngineInfo(
         model_id=config.model.model_id,
         mode=config.mode,
         adapters=adapter_infos,
-        dtype=str(dtype).removeprefix("torch."),
+        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
         dtype_reason="configured" if config.model.dtype != "auto" else "auto: the checkpoint's dtype",
-        device_map=device_summary(next(iter(arms.values()))),
+        device_map=device_summary(model),
         boot_seconds=timer.timings,
         parity=parity,
         base_path=str(Path(config.model.path)),
+        cache=cache,
     )
     engine = Engine(arms, tokenizer, info, config.limits)
     with timer.phase("warmup"):
