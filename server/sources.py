@@ -12,12 +12,12 @@ from __future__ import annotations
 import gc
 import json
 import mmap
+import struct
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from server.checkpoint import TensorSpec
@@ -50,21 +50,35 @@ class SafetensorsSource:
             files = ["model.safetensors"]
         else:
             raise SourceError(f"'{folder}' has no model.safetensors | convert the base to safetensors")
-        self.handles = [safe_open(str(folder / f), framework="pt") for f in files]
-        self.where: dict[str, Any] = {}
+        # Read with plain file reads, not safe_open: its memory map would leave every touched page of the stored
+        # model in our resident set until the end, which is the full model size for a float32 base.
+        self.where: dict[str, tuple[Path, int, int]] = {}  # name -> (file, byte offset, byte length)
         self._specs: list[TensorSpec] = []
-        for handle in self.handles:
-            for name in handle.keys():  # noqa: SIM118 - a safe_open handle is not a dict
-                sl = handle.get_slice(name)
-                dtype = _SAFETENSORS_TO_TORCH[sl.get_dtype()]
-                self._specs.append(TensorSpec(name, tuple(sl.get_shape()), dtype))
-                self.where[name] = handle
+        for file_name in files:
+            path = folder / file_name
+            with open(path, "rb") as f:
+                (header_len,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(header_len))
+            for name, meta in header.items():
+                if name == "__metadata__":
+                    continue
+                begin, end = meta["data_offsets"]
+                self._specs.append(TensorSpec(name, tuple(meta["shape"]), _SAFETENSORS_TO_TORCH[meta["dtype"]]))
+                self.where[name] = (path, 8 + header_len + begin, end - begin)
+        self.shapes = {s.name: s for s in self._specs}
 
     def specs(self) -> list[TensorSpec]:
         return list(self._specs)
 
     def get(self, name: str) -> torch.Tensor:
-        return self.where[name].get_tensor(name)
+        path, offset, length = self.where[name]
+        spec = self.shapes[name]
+        raw = torch.empty(length, dtype=torch.uint8)
+        with open(path, "rb") as f:
+            f.seek(offset)
+            if f.readinto(raw.numpy().data) != length:
+                raise SourceError(f"'{path}' ends inside tensor '{name}' | re-download the base")
+        return raw.view(spec.dtype).reshape(spec.shape)
 
 
 _SAFETENSORS_TO_TORCH = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
