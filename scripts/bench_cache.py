@@ -41,11 +41,14 @@ def child(kind: str, config_path: str) -> None:
 
 
 def measure(kind: str, config: str, cache_dir: Path) -> dict[str, object]:
-    env = {**os.environ, "MERGESERVE_CACHE_DIR": str(cache_dir)}
+    # PYTHONPATH: the child runs this file as a script, and must import `server` from this checkout.
+    env = {**os.environ, "MERGESERVE_CACHE_DIR": str(cache_dir), "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
         [sys.executable, __file__, "--child", kind, "--config", config],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=1200, check=True,
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=1200,
     )  # fmt: skip
+    if proc.returncode != 0:
+        raise SystemExit(f"{kind} run failed:\n{proc.stderr[-3000:]}")
     result: dict[str, object] = json.loads(proc.stdout.strip().splitlines()[-1])
     return result
 
