@@ -186,3 +186,11 @@ def test_disabled_cache_merges_every_time(
     tiny_config_data["cache"] = {"enabled": False}
     engine = boot(load_config(write_config(tiny_config_data)))
     assert engine.info.cache["status"] == "disabled" and not merge_cache.exists()
+
+
+def test_cli_cache_dir_flag_overrides_the_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from server.cli import _overrides, _parser
+
+    monkeypatch.chdir(tmp_path)
+    args = _parser().parse_args(["serve", "--config", "x.yaml", "--cache-dir", "here"])
+    assert _overrides(args)["cache.dir"] == str(tmp_path / "here")
