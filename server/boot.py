@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -119,17 +120,28 @@ def _check_all_tensors_used(model: PeftModel, adapter: AdapterConfig, tensors: d
         raise _refuse(adapter, f"no stored weights for '{missing[0]}'", "re-save the adapter with all its tensors")
 
 
-def load_adapters(base: PreTrainedModel, adapters: list[AdapterConfig]) -> tuple[PeftModel, list[AdapterInfo]]:
-    """Attach every adapter as its own PEFT adapter, all active, each scaled by its configured weight."""
+def load_adapters(
+    base: PreTrainedModel, adapters: list[AdapterConfig], on_meta_base: bool = False
+) -> tuple[PeftModel, list[AdapterInfo]]:
+    """Attach every adapter as its own PEFT adapter, all active, each scaled by its configured weight.
+
+    `on_meta_base`: the base is a skeleton on the meta device (the streaming export); the LoRA tensors are then
+    assigned from the file, since PEFT would leave them on the base's (meta) device.
+    """
     model: PeftModel | None = None
     infos = []
     for adapter in adapters:
         peft_config, tensors = _read_adapter(adapter)
         try:
             if model is None:
-                model = PeftModel.from_pretrained(base, str(adapter.path), adapter_name=adapter.name)
+                model = PeftModel.from_pretrained(
+                    base, str(adapter.path), adapter_name=adapter.name, low_cpu_mem_usage=on_meta_base
+                )
             else:
-                model.load_adapter(str(adapter.path), adapter_name=adapter.name)
+                model.load_adapter(str(adapter.path), adapter_name=adapter.name, low_cpu_mem_usage=on_meta_base)
+            if on_meta_base:
+                named = {_model_key(k, adapter.name): v for k, v in tensors.items() if ".lora_" in k}
+                model.load_state_dict(named, strict=False, assign=True)
         except (ValueError, RuntimeError, KeyError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise _refuse(adapter, f"does not fit the base ({first})", "use an adapter trained on this base") from None
@@ -179,6 +191,27 @@ def _gate(result: ParityResult) -> None:
 
 def boot(config: Config, on_phase: PhaseCallback | None = None) -> Engine:
     timer = PhaseTimer(on_phase)
+    if config.mode == "merged" and config.cache.enabled:
+        from server.cached_boot import boot_merged_with_cache  # it builds on this module
+
+        return boot_merged_with_cache(config, timer)
+    built = build_arms(config, timer)
+    cache = {"enabled": False, "status": "disabled" if config.mode == "merged" else f"not used in {config.mode} mode"}
+    return finish_boot(config, timer, built.arms, built.tokenizer, built.adapter_infos, built.parity, cache)
+
+
+@dataclass
+class BuiltArms:
+    tokenizer: PreTrainedTokenizerBase
+    arms: dict[str, torch.nn.Module]
+    adapter_infos: list[AdapterInfo]
+    parity: ParityResult
+    reference: list[torch.Tensor]  # unmerged probe logits
+    candidate: list[torch.Tensor]  # merged probe logits
+
+
+def build_arms(config: Config, timer: PhaseTimer) -> BuiltArms:
+    """Load, attach, merge as the mode says, and pass the parity gate (or raise BootError)."""
     names = [a.name for a in config.adapters]
     with timer.phase("load_base"):
         tokenizer, base = load_base(config.model)
@@ -211,16 +244,31 @@ def boot(config: Config, on_phase: PhaseCallback | None = None) -> Engine:
         raise BootError(f"merge check failed: {exc}".replace(" | ", "; fix: "), EXIT_CHECK_FAILED) from None
     log.info("parity: %s", parity.summary())
     _gate(parity)
+    return BuiltArms(tokenizer, arms, adapter_infos, parity, reference, candidate)
+
+
+def finish_boot(
+    config: Config,
+    timer: PhaseTimer,
+    arms: dict[str, torch.nn.Module],
+    tokenizer: PreTrainedTokenizerBase,
+    adapter_infos: list[AdapterInfo],
+    parity: ParityResult,
+    cache: dict[str, Any],
+) -> Engine:
+    """The engine over verified arms, warmed up."""
+    model = next(iter(arms.values()))
     info = EngineInfo(
         model_id=config.model.model_id,
         mode=config.mode,
         adapters=adapter_infos,
-        dtype=str(dtype).removeprefix("torch."),
+        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
         dtype_reason="configured" if config.model.dtype != "auto" else "auto: the checkpoint's dtype",
-        device_map=device_summary(next(iter(arms.values()))),
+        device_map=device_summary(model),
         boot_seconds=timer.timings,
         parity=parity,
         base_path=str(Path(config.model.path)),
+        cache=cache,
     )
     engine = Engine(arms, tokenizer, info, config.limits)
     with timer.phase("warmup"):

@@ -1,4 +1,6 @@
-"""Command line: `mergeserve serve --config FILE` (also `python -m server serve ...`).
+"""Command line: `mergeserve serve --config FILE` and `mergeserve merge --config FILE --out DIR`.
+
+`python -m server ...` does the same as the console script.
 
 uvicorn binds the port at once and answers /health with 503 while boot runs in a thread; a boot that refuses the
 model stops the server and exits with the refusal's code (2 bad input, 3 failed check) and one line on stderr.
@@ -11,6 +13,7 @@ import logging
 import os
 import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -43,13 +46,28 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--mode", choices=["merged", "unmerged", "ab"], default=env("MERGESERVE_MODE"),
                        help="override mode (env MERGESERVE_MODE)")  # fmt: skip
     serve.add_argument(
+        "--cache-dir", default=env("MERGESERVE_CACHE_DIR"), help="override cache.dir (env MERGESERVE_CACHE_DIR)"
+    )
+    serve.add_argument(
         "--log-level", default=env("MERGESERVE_LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"]
     )
+    merge = sub.add_parser("merge", help="write the merged model as a Hugging Face checkpoint, without serving")
+    merge.add_argument("--config", default=env("MERGESERVE_CONFIG"), help="YAML config file (env MERGESERVE_CONFIG)")
+    merge.add_argument("--out", required=True, type=Path, help="new folder for the checkpoint")
+    merge.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], help="default: model.dtype")
+    merge.add_argument("--max-shard-size", default="200MB", help="largest safetensors shard, e.g. 200MB or 5GB")
+    merge.add_argument("--log-level", default=env("MERGESERVE_LOG_LEVEL", "info"),
+                       choices=["debug", "info", "warning", "error"])  # fmt: skip
     return parser
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    pairs = {"server.host": args.host, "server.port": args.port, "mode": args.mode}
+    pairs = {
+        "server.host": args.host,
+        "server.port": args.port,
+        "mode": args.mode,
+        "cache.dir": str(Path(args.cache_dir).expanduser().resolve()) if args.cache_dir else None,
+    }
     return {k: v for k, v in pairs.items() if v is not None}
 
 
@@ -99,8 +117,43 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def merge(args: argparse.Namespace) -> int:
+    """Offline export; the last line on stdout names the folder, stderr gets one line on a refusal."""
+    from server.checkpoint import parse_size
+    from server.export import export_merged
+
+    if not args.config:
+        print("mergeserve: no config given; fix: pass --config FILE or set MERGESERVE_CONFIG", file=sys.stderr)
+        return 2
+    try:
+        config = load_config(args.config)
+        max_shard = parse_size(args.max_shard_size)
+    except ConfigError as exc:
+        print(f"mergeserve: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        problem, _, fix = str(exc).partition(" | ")
+        print(f"mergeserve: --max-shard-size: {problem}; fix: {fix}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        result = export_merged(config, args.out.resolve(), args.dtype, max_shard)
+    except BootError as exc:
+        print(f"mergeserve: {exc}", file=sys.stderr)
+        return exc.exit_code
+    peak = "n/a" if result.peak_ratio is None else f"{result.peak_rss_above_baseline / 1e6:.0f} MB"  # type: ignore[operator]
+    ratio = "" if result.peak_ratio is None else f" ({result.peak_ratio:.2f}x the model)"
+    log.info("export: %d files, %s, %.0f MB of weights, peak memory above baseline %s%s, %.1fs",
+             len(result.files), str(result.dtype).removeprefix("torch."), result.model_bytes / 1e6, peak, ratio,
+             result.seconds)  # fmt: skip
+    print(result.out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "serve":
         return serve(args)
+    if args.command == "merge":
+        return merge(args)
     return 2

@@ -8,6 +8,7 @@ key and the fix; the CLI prints it and exits with code 2.
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,6 +19,7 @@ Mode = Literal["merged", "unmerged", "ab"]
 Arm = Literal["merged", "unmerged"]
 DType = Literal["auto", "float32", "float16", "bfloat16"]
 PACKAGE_SCHEME = "package:"
+CACHE_DIR_ENV = "MERGESERVE_CACHE_DIR"
 
 
 class ConfigError(Exception):
@@ -132,6 +134,26 @@ class ABConfig(_Strict):
     seed: int = Field(default=0, description="Seeds the arm choice, so a replayed request sequence gets the same arms.")
 
 
+class CacheConfig(_Strict):
+    enabled: bool = Field(
+        default=True, description="Cache merged checkpoints on disk (merged mode); off merges at boot."
+    )
+    dir: Path | None = Field(
+        default=None,
+        description="Cache folder; null: $MERGESERVE_CACHE_DIR, else ~/.cache/mergeserve. The env var overrides it.",
+    )
+
+    @field_validator("dir", mode="before")
+    @classmethod
+    def _cache_dir(cls, raw: Any, info: ValidationInfo) -> Path | None:
+        return None if raw is None else _resolve(raw, info)
+
+    def resolved_dir(self) -> Path:
+        if self.dir is not None:
+            return self.dir
+        return Path(os.environ.get(CACHE_DIR_ENV) or Path.home() / ".cache" / "mergeserve").expanduser()
+
+
 class Config(_Strict):
     model: ModelConfig = Field(description="The base model.")
     adapters: list[AdapterConfig] = Field(min_length=1, description="LoRA adapters, applied together.")
@@ -143,6 +165,7 @@ class Config(_Strict):
     server: ServerConfig = Field(default=ServerConfig(), description="Where to listen.")
     limits: LimitsConfig = Field(default=LimitsConfig(), description="Per-request token limits, as TGI's.")
     parity: ParityConfig = Field(default=ParityConfig(), description="The merged-vs-unmerged logit gate at boot.")
+    cache: CacheConfig = Field(default=CacheConfig(), description="Merged checkpoints cached on disk by content hash.")
 
     @model_validator(mode="after")
     def _unique_names(self) -> Config:

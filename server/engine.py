@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import queue
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
@@ -46,6 +46,8 @@ class EngineInfo:
     boot_seconds: dict[str, float]
     parity: ParityResult | None
     base_path: str = ""
+    # Merge cache: key, hit or miss, and where the parity figures come from on a hit (see server.cached_boot).
+    cache: dict[str, Any] = field(default_factory=dict)
 
 
 class Engine:

@@ -92,6 +92,14 @@ class Metrics:
         self.parity_top1 = Gauge(
             "mergeserve_parity_top1_agreement", "Merged vs unmerged argmax agreement at boot.", ["mode"], registry=r
         )
+        self.cache_hit = Gauge(
+            "mergeserve_merge_cache_hit", "1 if the merged model came from the merge cache, 0 if merged at boot.",
+            registry=r,
+        )  # fmt: skip
+        self.cache_corrupt = Counter(
+            "mergeserve_merge_cache_corrupt_entries", "Damaged merge cache entries found, discarded and rebuilt.",
+            registry=r,
+        )  # fmt: skip
         self.model_info = Info(
             "mergeserve_model", "What this process serves: base_model, adapters, dtype, device, mode.", registry=r
         )
@@ -110,6 +118,9 @@ class Metrics:
         if info.parity is not None:
             self.parity_diff.labels(mode=info.mode).set(info.parity.max_abs_diff)
             self.parity_top1.labels(mode=info.mode).set(info.parity.top1_agreement)
+        if info.cache.get("enabled"):
+            self.cache_hit.set(1 if info.cache.get("hit") else 0)
+            self.cache_corrupt.inc(info.cache.get("corrupt_entries", 0))
         self.model_info.info(
             {
                 "base_model": info.model_id,

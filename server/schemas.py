@@ -112,3 +112,6 @@ class InfoResponse(BaseModel):
     device_map: dict[str, int] = Field(description="Parameter bytes per device.")
     boot_seconds: dict[str, float]
     parity: dict[str, Any] | None
+    cache: dict[str, Any] | None = Field(
+        default=None, description="Merge cache: key, status (hit, miss, rebuilt, ...), and the parity reference used."
+    )

@@ -5,7 +5,7 @@ Adapters are built with init_lora_weights=False, so B != 0 and a merge that forg
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,8 @@ import yaml
 from peft import LoraConfig, get_peft_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from server.config import CACHE_DIR_ENV
 
 CORPUS = [
     "The capital of France is Paris.",
@@ -75,6 +77,23 @@ def build_adapter(
                 p.mul_(0.2)
     peft_model.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_merge_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Each test module (its module-scoped servers included) gets its own merge cache, never ~/.cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        path = tmp_path_factory.mktemp("merge-cache")
+        mp.setenv(CACHE_DIR_ENV, str(path))
+        yield path
+
+
+@pytest.fixture(autouse=True)
+def merge_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """And each test its own, so no test is served an entry another test built."""
+    path = tmp_path / "merge-cache"
+    monkeypatch.setenv(CACHE_DIR_ENV, str(path))
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,8 @@ from server.boot import boot
 from server.config import Config, load_config
 from server.engine import Engine
 
+MISS_PHASES = ("cache_lookup", "load_base", "load_adapters", "merge", "verify", "cache_store", "warmup")
+
 
 @pytest.fixture(scope="module")
 def tiny(tiny_base: Path, tiny_adapters: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Any:
@@ -187,7 +189,8 @@ def test_info(client: TestClient) -> None:
     assert adapter["name"] == "alpha" and adapter["rank"] == 4 and adapter["alpha"] == 8 and adapter["weight"] == 0.8
     assert set(adapter["target_modules"]) >= {"q_proj", "down_proj"}
     assert info["dtype"] == "float32" and info["device_map"]["cpu"] > 0
-    assert set(info["boot_seconds"]) == {"load_base", "load_adapters", "merge", "verify", "warmup"}
+    assert set(info["boot_seconds"]) == {*MISS_PHASES}
+    assert info["cache"]["status"] == "miss" and info["cache"]["hit"] is False and len(info["cache"]["key"]) == 32
     assert info["parity"]["passed"] is True and info["parity"]["max_abs_diff"] <= info["parity"]["tolerance"]
 
 
@@ -204,9 +207,8 @@ def test_metrics_are_labelled_by_mode(client: TestClient) -> None:
                   "queue_duration_seconds"]  # fmt: skip
     for name in (f"mergeserve_request_{h}_count" for h in histograms):
         assert [s.labels["mode"] for s in _samples(client, name)] == ["merged"], name
-    assert {s.labels["phase"] for s in _samples(client, "mergeserve_boot_phase_duration_seconds")} == {
-        "load_base", "load_adapters", "merge", "verify", "warmup"
-    }  # fmt: skip
+    assert {s.labels["phase"] for s in _samples(client, "mergeserve_boot_phase_duration_seconds")} == {*MISS_PHASES}
+    assert [s.value for s in _samples(client, "mergeserve_merge_cache_hit")] == [0.0]
     (diff,) = _samples(client, "mergeserve_parity_max_abs_logit_diff")
     assert diff.labels == {"mode": "merged"} and 0 <= diff.value < 1e-3
     (info,) = _samples(client, "mergeserve_model_info")

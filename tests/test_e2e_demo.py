@@ -145,8 +145,9 @@ def test_info_describes_the_merge(
     assert adapter["name"] == "pirate" and adapter["weight"] == 1.0 and adapter["rank"] > 0
     assert info["parity"]["passed"] and info["parity"]["top1_agreement"] == 1.0
     assert info["parity"]["max_abs_diff"] <= info["parity"]["tolerance"]
-    phases = {"load_base", "load_adapters", "verify", "warmup"} | ({"merge"} if mode == "merged" else set())
-    assert set(info["boot_seconds"]) == phases
+    merged_only = {"cache_lookup", "merge", "cache_store"} if mode == "merged" else set()
+    assert set(info["boot_seconds"]) == {"load_base", "load_adapters", "verify", "warmup"} | merged_only
+    assert info["cache"]["status"] == ("miss" if mode == "merged" else "not used in unmerged mode")
 
 
 @pytest.mark.parametrize("mode", ["merged", "unmerged"])
@@ -166,7 +167,7 @@ def test_health_and_metrics_answer_while_generating(merged: tuple[LiveServer, di
 
 def test_boot_phases_are_logged_with_durations(merged: tuple[LiveServer, dict[str, Any]]) -> None:
     log = merged[1]["log"]
-    for phase in ("load_base", "load_adapters", "merge", "verify", "warmup"):
+    for phase in ("cache_lookup", "load_base", "load_adapters", "merge", "verify", "cache_store", "warmup"):
         assert re.search(rf"boot phase {phase}: done in \d+\.\d+s", log), phase
     assert "parity: passed" in log
 

@@ -1,0 +1,129 @@
+"""Offline export (`mergeserve merge`): a standard checkpoint that loads with plain transformers and equals the server.
+
+All on the tiny random Llama; the real demo round trip lives in test_cache_demo.py.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+from server.boot import boot
+from server.config import load_config
+from server.export import export_merged
+from tests.conftest import build_adapter
+from tests.live_server import REPO
+
+Writer = Callable[[dict[str, Any]], Path]
+TEXT = "Arr matey, the capital of France is Paris."
+
+
+def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(input_ids=ids).logits  # type: ignore[no-any-return]
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    out: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        out.update(load_file(str(folder / shard)))
+    assert set(out) == set(index["weight_map"])
+    return out
+
+
+def test_export_loads_with_transformers_and_equals_the_served_model(
+    write_config: Writer, tiny_config_data: dict[str, Any], tiny_base: Path, tiny_adapters: dict[str, Path],
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    tiny_config_data["adapters"].append({"name": "beta", "path": str(tiny_adapters["beta"]), "weight": 0.5})
+    tiny_config_data["cache"] = {"enabled": False}
+    config = load_config(write_config(tiny_config_data))
+    out = tmp_path / "merged"
+    result = export_merged(config, out, max_shard_bytes=100_000)
+    files = {p.name for p in out.iterdir()}
+    shards = sorted(f for f in files if f.endswith(".safetensors"))
+    assert len(shards) >= 2 and "model.safetensors.index.json" in files
+    assert {"config.json", "generation_config.json"} <= files
+    assert not any(f.startswith("adapter") for f in files)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).read_bytes() == (tiny_base / name).read_bytes(), name
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["torch_dtype"] == cfg["dtype"] == "float32" and cfg["tie_word_embeddings"] is True
+    assert result.model_bytes == sum(t.numel() * t.element_size() for t in _weights(out).values())
+
+    served = boot(config)
+    exported = AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.tensor([served.tokenize(TEXT)])
+    assert ids[0].tolist() == AutoTokenizer.from_pretrained(out)(TEXT).input_ids and ids.shape[1] > 3
+    assert torch.equal(_logits(served.model, ids), _logits(exported, ids))  # exact, float32
+
+
+def test_float16_export_rounds_the_float32_merge_once(
+    write_config: Writer, tiny_config_data: dict[str, Any], tmp_path: Path
+) -> None:
+    config = load_config(write_config(tiny_config_data))
+    export_merged(config, tmp_path / "f32")
+    export_merged(config, tmp_path / "f16", dtype="float16")
+    wide, narrow = _weights(tmp_path / "f32"), _weights(tmp_path / "f16")
+    assert all(v.dtype == torch.float16 for v in narrow.values())
+    assert all(torch.equal(wide[k].half(), narrow[k]) for k in wide)
+    assert json.loads((tmp_path / "f16" / "config.json").read_text())["torch_dtype"] == "float16"
+
+
+def test_adapter_on_one_side_of_tied_embeddings_unties_them(
+    write_config: Writer, tiny_config_data: dict[str, Any], tiny_base: Path, tmp_path: Path
+) -> None:
+    head = build_adapter(tiny_base, tmp_path / "head", seed=7, targets=["lm_head"])
+    # PEFT also saves the (tied) base matrix of a targeted head; keep only the LoRA tensors, as a trained adapter has.
+    stored = load_file(str(head / "adapter_model.safetensors"))
+    save_file({k: v for k, v in stored.items() if ".lora_" in k}, str(head / "adapter_model.safetensors"))
+    tiny_config_data["adapters"] = [{"name": "head", "path": str(head)}]
+    export_merged(load_config(write_config(tiny_config_data)), tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
+    weights = _weights(tmp_path / "out")
+    base = load_file(str(tiny_base / "model.safetensors"))
+    assert torch.equal(weights["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
+    assert not torch.equal(weights["lm_head.weight"], weights["model.embed_tokens.weight"])
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    unmerged = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tiny_base), head)
+    ids = torch.tensor([AutoTokenizer.from_pretrained(tiny_base)(TEXT).input_ids])
+    assert (_logits(exported, ids) - _logits(unmerged, ids)).abs().max().item() < 1e-4
+
+
+def _merge_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "server", "merge", *args], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_cli_refuses_a_bad_config_and_a_used_folder(
+    write_config: Writer, tiny_config_data: dict[str, Any], tmp_path: Path
+) -> None:
+    tiny_config_data["modle"] = {}
+    proc = _merge_cli("--config", str(write_config(tiny_config_data)), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
+    assert "modle: unknown key; fix:" in proc.stderr and not (tmp_path / "out").exists()
+    del tiny_config_data["modle"]
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "keep.txt").write_text("mine")
+    proc = _merge_cli("--config", str(write_config(tiny_config_data)), "--out", str(tmp_path / "used"))
+    assert proc.returncode == 2 and "not an empty folder" in proc.stderr.strip().splitlines()[-1]
+    assert [p.name for p in (tmp_path / "used").iterdir()] == ["keep.txt"]
+
+
+@pytest.mark.parametrize("size", ["200MB", "1GiB", "5"])
+def test_shard_sizes_parse(size: str) -> None:
+    from server.checkpoint import parse_size
+
+    assert parse_size(size) in (200 * 10**6, 2**30, 5)
