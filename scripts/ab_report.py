@@ -20,7 +20,7 @@ Caveat, measured and stated in the report: an `ab` server runs one decode step p
 with both arms in flight every request waits for the other arm's steps too; at c >= 2 (staggered) the per-arm
 figures describe the mixed deployment, not each arm's own speed.
 
-    python scripts/ab_report.py --config configs/demo.yaml --out /tmp/ab-report [--levels 1,2,4] [--requests 24]
+    python scripts/ab_report.py --config configs/demo-ab.yaml --out /tmp/ab-report [--levels 1,2,4] [--requests 24]
     python scripts/ab_report.py --url http://127.0.0.1:8080 ...
     python scripts/ab_report.py --merged-url http://127.0.0.1:8081 --unmerged-url http://127.0.0.1:8082 ...
     python scripts/ab_report.py --sweep ...   (runs scripts/ab_sweep.py; see its docstring)

@@ -140,3 +140,9 @@ def test_cli_bad_config_exits_2_with_one_line(
     assert len(lines) == 1, proc.stderr
     assert "Traceback" not in proc.stderr
     assert str(path) in lines[0] and "surprise" in lines[0] and "fix:" in lines[0]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path: Path) -> None:
+    config = load_config(path)
+    assert config.adapters and all((a.path / "adapter_config.json").is_file() for a in config.adapters)
