@@ -11,8 +11,8 @@ Method
     other, so every decode batch holds a single arm. The first --warmup pairs of each level are sent, not counted.
   * Per request (client clock): latency = send to last event; TTFT = send to first token event;
     TPOT = (latency - TTFT) / (tokens - 1).
-  * Speed-up of merged = median(unmerged) / median(merged), for TPOT, latency and TTFT (> 1: merged is faster).
-    95 % CI by percentile bootstrap: each arm's requests resampled with replacement (--resamples, seed --seed).
+  * Speed-up of merged = median over pairs of unmerged / merged, for TPOT, latency and TTFT (> 1: merged is
+    faster); 95 % CI by percentile bootstrap over pairs (--resamples, seed --seed). Why paired: see scripts/ab_stats.py.
     Overall: geometric mean of the per-level ratios, bootstrapped by resampling within each level. A CI that holds
     1 is reported as "no significant difference".
 
@@ -23,6 +23,7 @@ figures describe the mixed deployment, not each arm's own speed.
     python scripts/ab_report.py --config configs/demo-ab.yaml --out /tmp/ab-report [--levels 1,2,4] [--requests 24]
     python scripts/ab_report.py --url http://127.0.0.1:8080 ...
     python scripts/ab_report.py --merged-url http://127.0.0.1:8081 --unmerged-url http://127.0.0.1:8082 ...
+    python scripts/ab_report.py --reanalyse --out /tmp/ab-report    (statistics and plots again from report.json)
     python scripts/ab_report.py --sweep ...   (runs scripts/ab_sweep.py; see its docstring)
 """
 
@@ -294,12 +295,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"ab_report: level {level} done, load {os.getloadavg()[0]:.2f}", file=sys.stderr)
     env.update(load_after=os.getloadavg(), heavy_seen=sorted(heavy), server_log=str(log) if log else None)
     source = f"ab server started from {args.config}" if args.config else f"{urls}"
-    report = {"source": source, "settings": {**settings, "levels": levels}, "environment": env, "server_info": info}
-    report.update(analyse(samples, args, levels))
-    for level, means in queue.items():
-        report["levels"][level]["queue"] = means
+    report: dict[str, Any] = {"source": source, "settings": {**settings, "levels": levels}, "environment": env,
+                              "server_info": info, **analyse(samples, args, levels)}  # fmt: skip
+    for key, means in queue.items():
+        report["levels"][key]["queue"] = means
     write_outputs(report, samples, Path(args.out))
     (Path(args.out) / "samples.partial.json").unlink(missing_ok=True)
+    return report
+
+
+def reanalyse(out: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Statistics, page and plots again from the samples in OUT/report.json; the measured data is not touched."""
+    report = json.loads((out / "report.json").read_text())
+    fields = set(Sample.__dataclass_fields__)
+    samples = [Sample(**{k: v for k, v in s.items() if k in fields}) for s in report.pop("samples")]
+    queue = {key: level.get("queue") for key, level in report["levels"].items()}
+    report["settings"].update(resamples=args.resamples, seed=args.seed)
+    report.update(analyse(samples, args, report["settings"]["levels"]))
+    for key, means in queue.items():
+        report["levels"][key]["queue"] = means
+    write_outputs(report, samples, out)
     return report
 
 
@@ -309,6 +324,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     src.add_argument("--url", help="an ab-mode server (loopback)")
     src.add_argument("--config", help="start an ab server from this config here, on a free port")
     src.add_argument("--merged-url", help="a merged-mode server; needs --unmerged-url")
+    src.add_argument("--reanalyse", action="store_true", help="recompute statistics and plots from OUT/report.json")
     p.add_argument("--unmerged-url", help="an unmerged-mode server, with --merged-url")
     p.add_argument("--sweep", action="store_true", help="run the synthetic-adapter sweep (scripts/ab_sweep.py)")
     p.add_argument("--out", default="report", help="output folder")
@@ -336,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
         import ab_sweep
 
         return ab_sweep.main([a for a in argv if a != "--sweep"])
-    report = run(parse(argv))
+    args = parse(argv)
+    report = reanalyse(Path(args.out), args) if args.reanalyse else run(args)
     sys.stdout.write(markdown(report))
     return 0
 

@@ -1,8 +1,10 @@
 """Statistics for the A/B report: one Sample per request, per-arm summaries and bootstrap speed-ups.
 
-Speed-up of merged = median(unmerged) / median(merged) (> 1: merged is faster). Its 95 % CI is a percentile
-bootstrap: each arm's requests are resampled with replacement, independently, and the ratio of the resampled medians
-is taken. Medians, because a few requests that land behind a long prefill make the means jumpy.
+Speed-up of merged, per level = the median over pairs of unmerged / merged (> 1: merged is faster). A pair is the
+same prompt sent to both arms back to back, so its two requests generate the same greedy tokens and see nearly the
+same machine: the paired ratio cancels both the spread between prompts (answer lengths differ several-fold) and slow
+drift in machine load, which an unpaired ratio of medians would carry into its interval. Its 95 % CI is a
+percentile bootstrap over pairs. The median, because a request that lands behind another's prefill is an outlier.
 """
 
 from __future__ import annotations
@@ -73,18 +75,28 @@ def summarize(point: float, draws: np.ndarray) -> dict[str, Any]:
     return {"ratio": point, "lo": lo, "hi": hi, "verdict": verdict(lo, hi)}
 
 
+def paired_ratios(samples: list[Sample], level: int, metric: str) -> np.ndarray:
+    """unmerged / merged for each complete, counted pair of the level."""
+    by_pair: dict[int, dict[str, float]] = {}
+    for s in measured(samples, level):
+        value = getattr(s, metric)
+        if value is not None:
+            by_pair.setdefault(s.pair, {})[s.arm] = value
+    return np.array([p["unmerged"] / p["merged"] for p in by_pair.values() if len(p) == 2 and p["merged"] > 0])
+
+
 def speedup(samples: list[Sample], metric: str, levels: list[int], resamples: int, seed: int) -> dict[str, Any]:
-    """Median unmerged / median merged per level, plus the geometric mean over levels, each with a bootstrap CI."""
+    """Median paired ratio per level, plus the geometric mean over levels, each with a bootstrap CI over pairs."""
     rng = np.random.default_rng(seed)
     out: dict[str, Any] = {}
     logs: list[tuple[float, np.ndarray]] = []
     for level in levels:
-        u, m = values(samples, level, "unmerged", metric), values(samples, level, "merged", metric)
-        if len(u) == 0 or len(m) == 0:
+        ratios = paired_ratios(samples, level, metric)
+        if len(ratios) == 0:
             continue
-        draws = boot_medians(u, rng, resamples) / boot_medians(m, rng, resamples)
-        point = float(np.median(u) / np.median(m))
-        out[str(level)] = {**summarize(point, draws), "n_merged": len(m), "n_unmerged": len(u)}
+        draws = boot_medians(ratios, rng, resamples)
+        point = float(np.median(ratios))
+        out[str(level)] = {**summarize(point, draws), "pairs": len(ratios)}
         logs.append((math.log(point), np.log(draws)))
     if len(logs) > 1:
         point = math.exp(sum(p for p, _ in logs) / len(logs))

@@ -9,12 +9,14 @@ Method
   * Combination (r, k): adapters r{r}_0 .. r{r}_{k-1}, each with weight 1/k, served together by one `ab` server that
     ab_report starts (loopback, free port), then a concurrency-1 A/B from ab_report: merged, unmerged, merged, ...
     on the same 8 prompts, greedy, --warmup pairs excluded, --requests per arm, --max-new-tokens.
-  * Unmerged overhead = median TPOT unmerged / median TPOT merged - 1, with ab_report's percentile bootstrap 95 % CI
-    (each arm's requests resampled, seed --seed) shifted by -1; request latency likewise. Combinations run one after
-    another, so slow drift in machine speed is not spread evenly over them; each row records the load it saw.
+  * Unmerged overhead = ab_stats' paired speed-up - 1: the median over prompt pairs of TPOT unmerged / merged, with
+    its percentile bootstrap 95 % CI over pairs (seed --seed) shifted by -1; request latency likewise. Combinations
+    run one after another, so slow drift in machine speed is not spread evenly over them; each row records the
+    load it saw.
 
     python scripts/ab_sweep.py --config FILE --out /tmp/ab-sweep [--ranks 8,64,256] [--counts 1,2,4]
     python scripts/ab_report.py --sweep --config FILE --out /tmp/ab-sweep       (the same)
+    python scripts/ab_sweep.py --reanalyse --out /tmp/ab-sweep    (statistics, page and plots again from sweep.json)
 """
 
 from __future__ import annotations
@@ -155,9 +157,9 @@ def markdown(rows: list[dict[str, Any]], settings: dict[str, Any]) -> str:
             f"{r['same_text'][0]}/{r['same_text'][1]} | {r['parity_max_abs_diff']:.2g} | "
             f"{r['load'][0]:.2f}-{r['load'][1]:.2f} | {len(r['heavy_seen'])} |"
         )
-    lines += ["", "Overhead = median unmerged / median merged - 1 (positive: unmerged slower). Each count-k row serves "
-              "k adapters of that rank, each with weight 1/k. Plots: sweep_vs_rank.png, sweep_vs_count.png. Method: "
-              "docstring of scripts/ab_sweep.py."]  # fmt: skip
+    lines += ["", "Overhead = median over prompt pairs of unmerged / merged - 1 (positive: unmerged slower). Each "
+              "count-k row serves k adapters of that rank, each with weight 1/k. Plots: sweep_vs_rank.png, "
+              "sweep_vs_count.png. Method: docstring of scripts/ab_sweep.py."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -197,6 +199,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--b-scale", type=float, default=0.01, help="multiplies every random lora_B")
     p.add_argument("--resamples", type=int, default=4000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reanalyse", action="store_true", help="only recompute the statistics from OUT/sweep.json")
     p.add_argument("--boot-timeout", type=float, default=900.0)
     p.add_argument("--request-timeout", type=float, default=600.0)
     args = p.parse_args(argv)
@@ -206,8 +209,33 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def write_outputs(
+    settings: dict[str, Any], rows: list[dict[str, Any]], samples: list[dict[str, Any]], out: Path
+) -> None:
+    (out / "sweep.json").write_text(json.dumps({"settings": settings, "rows": rows, "samples": samples}, indent=1))
+    (out / "sweep.md").write_text(markdown(rows, {k: v for k, v in settings.items() if k != "git"}))
+    plot_lines(rows, "rank", "count", out)
+    plot_lines(rows, "count", "rank", out)
+
+
+def reanalyse(out: Path, args: argparse.Namespace) -> None:
+    """Recompute every row's overheads from the samples kept in sweep.json (e.g. after a change of statistic)."""
+    saved = json.loads((out / "sweep.json").read_text())
+    fields = {f for f in ab_stats.Sample.__dataclass_fields__}
+    for row in saved["rows"]:
+        got = [ab_stats.Sample(**{k: v for k, v in s.items() if k in fields})
+               for s in saved["samples"] if (s["rank"], s["count"]) == (row["rank"], row["count"])]  # fmt: skip
+        row.update(tpot=overhead(got, "tpot", args), latency=overhead(got, "latency", args))
+    saved["settings"].update(resamples=args.resamples, seed=args.seed)
+    write_outputs(saved["settings"], saved["rows"], saved["samples"], out)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(list(sys.argv[1:] if argv is None else argv))
+    if args.reanalyse:
+        reanalyse(Path(args.out), args)
+        sys.stdout.write((Path(args.out) / "sweep.md").read_text())
+        return 0
     ranks, counts = [int(v) for v in args.ranks.split(",")], [int(v) for v in args.counts.split(",")]
     out, config = Path(args.out), Path(args.config)
     model = model_section(config)
@@ -222,10 +250,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ab_sweep: r={rank} k={count}: TPOT overhead {pct(row['tpot']['overhead'])}", file=sys.stderr)
     settings = {k: getattr(args, k) for k in ("requests", "warmup", "max_new_tokens", "b_scale", "resamples", "seed")}
     settings.update(ranks=ranks, counts=counts, base=model["path"], git=ab.git_state())
-    (out / "sweep.json").write_text(json.dumps({"settings": settings, "rows": rows, "samples": samples}, indent=1))
-    (out / "sweep.md").write_text(markdown(rows, {k: v for k, v in settings.items() if k != "git"}))
-    plot_lines(rows, "rank", "count", out)
-    plot_lines(rows, "count", "rank", out)
+    write_outputs(settings, rows, samples, out)
     sys.stdout.write((out / "sweep.md").read_text())
     return 0
 

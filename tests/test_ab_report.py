@@ -94,3 +94,22 @@ def test_report_files_are_written(tmp_path: Path) -> None:
     saved = json.loads((tmp_path / "report.json").read_text())
     assert len(saved["samples"]) == len(samples)
     assert saved["levels"]["2"]["same_text"] == [12, 12]
+    again = ab_report.reanalyse(tmp_path, args)  # from report.json alone: same statistics, queue table kept
+    assert again["speedup"] == json.loads(json.dumps(report["speedup"]))
+    assert again["levels"]["1"]["queue"] == report["levels"]["1"]["queue"]
+
+
+def test_pairs_cancel_the_spread_between_prompts() -> None:
+    """Answer lengths vary 8x between prompts and unmerged is 5% slower on each pair: the paired CI excludes 1."""
+    rng = np.random.default_rng(1)
+    samples = []
+    for pair in range(24):
+        tokens = [8, 16, 32, 64][pair % 4]
+        for arm, slower in (("merged", 1.0), ("unmerged", 1.05)):
+            s = ab_stats.Sample(1, arm, pair, pair % 8, warmup=False, ttft=0.05, tokens=tokens)
+            s.end = 0.05 + tokens * 0.02 * slower * rng.uniform(0.99, 1.01)
+            samples.append(s)
+    paired = ab_stats.speedup(samples, "latency", [1], resamples=2000, seed=0)["1"]
+    assert paired["lo"] > 1.0 and paired["pairs"] == 24
+    unpaired = [np.median(ab_stats.values(samples, 1, arm, "latency")) for arm in ("unmerged", "merged")]
+    assert unpaired[0] / unpaired[1] == pytest.approx(paired["ratio"], abs=0.05)  # same effect, seen either way
