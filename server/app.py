@@ -13,7 +13,8 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sse_starlette import EventSourceResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -21,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from server import __version__
 from server.config import Config
 from server.engine import Engine, Generation
+from server.guards import Lifecycle, RequestGuard
 from server.metrics import Metrics
 from server.openai_api import openai_error, openai_router
 from server.schemas import (
@@ -33,14 +35,29 @@ from server.schemas import (
     InfoResponse,
     Token,
 )
-from server.serving import ArmChooser, ServedError, TokenStream, Tracker, open_stream, run_to_end
+from server.security import KeyChecker, load_api_keys
+from server.serving import (
+    ArmChooser,
+    ServedError,
+    TokenStream,
+    Tracker,
+    generation_failure,
+    open_stream,
+    run_to_end,
+)
 from server.validation import InputValidationError, validate
 
+# Every status a route can answer besides 200, so the OpenAPI schema is honest (schemathesis checks it).
+GUARDED: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorResponse, "description": "Missing or invalid API key (when keys are configured)"},
+    503: {"model": ErrorResponse, "description": "Model is loading, or the server is shutting down"},
+}
 ERRORS: dict[int | str, dict[str, Any]] = {
+    **GUARDED,
+    413: {"model": ErrorResponse, "description": "Request body too large"},
     422: {"model": ErrorResponse, "description": "Input validation error"},
-    424: {"model": ErrorResponse, "description": "Generation error"},
+    424: {"model": ErrorResponse, "description": "Generation error or timeout"},
     429: {"model": ErrorResponse, "description": "Model is overloaded"},
-    503: {"model": ErrorResponse, "description": "Model is loading"},
 }
 
 
@@ -130,6 +147,25 @@ def create_app(engine: Engine | None, config: Config) -> FastAPI:
     if engine is not None:
         attach_engine(app, engine)
 
+    app.state.lifecycle = lifecycle = Lifecycle()
+    sec = config.security
+    keys = KeyChecker(load_api_keys(sec))
+    # Added innermost first: ModeHeader wraps CORS, which wraps the guard, so refusals get both sets of headers.
+    app.add_middleware(
+        RequestGuard,
+        lifecycle=lifecycle,
+        keys=keys,
+        max_body_bytes=sec.max_body_bytes,
+        metrics_need_key=sec.metrics_need_key,
+    )
+    if sec.cors_allow_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=sec.cors_allow_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["authorization", "content-type", "x-merge-mode"],
+            expose_headers=["x-merge-mode"],
+        )
     app.add_middleware(ModeHeader, mode=config.mode)
 
     @app.exception_handler(ServedError)
@@ -148,9 +184,11 @@ def create_app(engine: Engine | None, config: Config) -> FastAPI:
             return openai_error(400, message, "BadRequestError", where)
         return JSONResponse({"error": message, "error_type": "validation"}, status_code=422)
 
-    @app.get("/health", responses={503: {"model": ErrorResponse, "description": "Still booting"}})
+    @app.get("/health", responses={503: {"model": ErrorResponse, "description": "Booting or shutting down"}})
     async def health() -> Response:
-        """200 with an empty body once the model is loaded, merged and verified; 503 until then."""
+        """200 with an empty body once the model is loaded, merged and verified; 503 until then and while draining."""
+        if lifecycle.draining:
+            return JSONResponse({"error": "shutting down", "error_type": "healthcheck"}, status_code=503)
         if app.state.engine is None:
             return JSONResponse({"error": "loading", "error_type": "healthcheck"}, status_code=503)
         return Response(status_code=200)
@@ -176,7 +214,11 @@ def create_app(engine: Engine | None, config: Config) -> FastAPI:
             parity=e.parity.as_dict() if e.parity else None,
         )
 
-    @app.get("/metrics")
+    @app.get(
+        "/metrics",
+        response_class=PlainTextResponse,
+        responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {}}}, **GUARDED},
+    )
     async def prometheus() -> Response:
         """Prometheus text exposition of this app's registry."""
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -190,7 +232,7 @@ def create_app(engine: Engine | None, config: Config) -> FastAPI:
             tracker.fail("validation")
             raise ServedError(422, str(exc), "validation") from None
         tracker.validated = time.perf_counter()
-        return engine, tracker, await open_stream(engine, prepared, tracker)
+        return engine, tracker, await open_stream(engine, prepared, tracker, config.limits.request_timeout_seconds)
 
     async def generate_one(request: Request, body: GenerateRequest) -> tuple[GenerateResponse, dict[str, str]]:
         engine, tracker, stream = await start(request, body)
@@ -220,8 +262,9 @@ def create_app(engine: Engine | None, config: Config) -> FastAPI:
                                             "seed": gen.seed, "input_length": gen.prompt_tokens}  # fmt: skip
                 yield json.dumps(event)
         except Exception as exc:  # after the 200 is sent, errors travel inside the stream
-            tracker.fail("generation")
-            yield json.dumps({"error": f"Request failed during generation: {exc}", "error_type": "generation"})
+            error = generation_failure(exc)
+            tracker.fail(error.error_type)
+            yield json.dumps({"error": error.message, "error_type": error.error_type})
             return
         finally:
             if tracker.open and gen.finish_reason is None:

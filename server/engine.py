@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import queue
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,7 +110,9 @@ class Engine:
             if gen.finish_reason is not None:
                 return self._finish(gen)
 
-    async def stream(self, request: PreparedRequest, arm: str | None = None) -> AsyncIterator[tuple[Token, Generation]]:
+    async def stream(
+        self, request: PreparedRequest, arm: str | None = None
+    ) -> AsyncGenerator[tuple[Token, Generation], None]:
         """Yield (token, generation so far); leaving the loop early cancels the request and frees its slot."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[Token | BaseException, Generation]] = asyncio.Queue()

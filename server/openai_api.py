@@ -22,7 +22,7 @@ from server.engine import Engine
 from server.generation import Generation
 from server.metrics import Metrics
 from server.schemas import Parameters
-from server.serving import ServedError, TokenStream, Tracker, open_stream, run_to_end
+from server.serving import ServedError, TokenStream, Tracker, generation_failure, open_stream, run_to_end
 from server.validation import InputValidationError, validate
 
 FINISH = {"eos_token": "stop", "stop_sequence": "stop", "length": "length"}
@@ -114,14 +114,19 @@ def openai_router(
             tracker.fail("validation")
             return openai_error(400, str(exc), "BadRequestError")
         try:
-            return engine, tracker, await open_stream(engine, prepared, tracker)
+            timeout = config.limits.request_timeout_seconds
+            return engine, tracker, await open_stream(engine, prepared, tracker, timeout)
         except ServedError as exc:
             return openai_error(exc.status, exc.message, exc.error_type)
 
     def sse(chunks: AsyncIterator[dict[str, Any]], mode: str) -> EventSourceResponse:
         async def lines() -> AsyncIterator[str]:
-            async for chunk in chunks:
-                yield json.dumps(chunk)
+            try:
+                async for chunk in chunks:
+                    yield json.dumps(chunk)
+            except ServedError as exc:  # after the 200, a failure is the stream's last event, as vLLM sends it
+                yield json.dumps({"error": {"message": exc.message, "type": exc.error_type, "param": None,
+                                            "code": exc.status}})  # fmt: skip
             yield "[DONE]"
 
         return EventSourceResponse(lines(), headers={"x-merge-mode": mode}, sep="\n")
@@ -131,6 +136,10 @@ def openai_router(
         try:
             async for token, gen in stream:
                 yield ("" if token.special else token.text), gen
+        except Exception as exc:
+            error = generation_failure(exc)
+            tracker.fail(error.error_type)
+            raise error from exc
         finally:
             if tracker.open and gen.finish_reason is None:
                 tracker.cancelled()
