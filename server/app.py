@@ -174,6 +174,15 @@ def create_app(engine: Engine | None, config: Config) -> FastAPI:
             return openai_error(exc.status, exc.message, exc.error_type)
         return JSONResponse({"error": exc.message, "error_type": exc.error_type}, status_code=exc.status)
 
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # A bug, not a refusal: the client still gets TGI's error shape (the traceback goes to the log).
+        metrics.failures.labels(mode=config.mode, adapter=served_adapter, error_type="internal").inc()
+        message = f"Internal server error ({type(exc).__name__}); see the server log"
+        if request.url.path.startswith("/v1/"):
+            return openai_error(500, message, "InternalServerError")
+        return JSONResponse({"error": message, "error_type": "internal"}, status_code=500)
+
     @app.exception_handler(RequestValidationError)
     async def _bad_body(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0]

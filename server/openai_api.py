@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse
 
 from server.config import Config
@@ -29,6 +29,8 @@ FINISH = {"eos_token": "stop", "stop_sequence": "stop", "length": "length"}
 
 
 class _Common(BaseModel):
+    model_config = ConfigDict(allow_inf_nan=False)  # NaN compares false with every bound, so it passes range checks
+
     model: str
     max_tokens: int | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)

@@ -12,8 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class Parameters(BaseModel):
-    # Unknown keys are refused: a misspelt parameter silently ignored is a wrong answer nobody notices.
-    model_config = ConfigDict(extra="forbid")
+    # Unknown keys are refused: a misspelt parameter silently ignored is a wrong answer nobody notices. NaN and
+    # Infinity (which Python's JSON parser accepts) would slip past every range check below, so they are refused too.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     max_new_tokens: int | None = Field(default=None, description="null: the configured default, else TGI's rule.")
     temperature: float | None = None
