@@ -58,7 +58,15 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     422: {"model": ErrorResponse, "description": "Input validation error"},
     424: {"model": ErrorResponse, "description": "Generation error or timeout"},
     429: {"model": ErrorResponse, "description": "Model is overloaded"},
+    500: {"model": ErrorResponse, "description": "Internal error (a bug: see the server log)"},
 }
+# Each server-sent event, as OpenAPI tools read a stream: its `data` holds one JSON token event or error.
+SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+}
+SSE = {"text/event-stream": {"schema": SSE_EVENT}}
 
 
 class ModeHeader:
@@ -193,7 +201,14 @@ def create_app(engine: Engine | None, config: Config) -> FastAPI:
             return openai_error(400, message, "BadRequestError", where)
         return JSONResponse({"error": message, "error_type": "validation"}, status_code=422)
 
-    @app.get("/health", responses={503: {"model": ErrorResponse, "description": "Booting or shutting down"}})
+    @app.get(
+        "/health",
+        response_class=Response,
+        responses={
+            200: {"description": "Ready: an empty body", "content": None},
+            503: {"model": ErrorResponse, "description": "Booting or shutting down"},
+        },
+    )
     async def health() -> Response:
         """200 with an empty body once the model is loaded, merged and verified; 503 until then and while draining."""
         if lifecycle.draining:
@@ -291,12 +306,16 @@ def create_app(engine: Engine | None, config: Config) -> FastAPI:
         headers = {"x-merge-mode": tracker.mode, "x-accel-buffering": "no"}
         return EventSourceResponse(sse_events(body, tracker, stream), headers=headers, sep="\n")
 
-    @app.post("/generate_stream", responses=ERRORS, response_class=EventSourceResponse)
+    @app.post(
+        "/generate_stream",
+        responses={200: {"description": "Server-sent events, one per token", "content": SSE}, **ERRORS},
+        response_class=EventSourceResponse,
+    )
     async def generate_stream(request: Request, body: GenerateRequest) -> EventSourceResponse:
         """TGI's server-sent events: one `data:` event per token; the last carries `generated_text` and `details`."""
         return await stream_response(request, body)
 
-    @app.post("/", response_model=list[GenerateResponse], responses=ERRORS)
+    @app.post("/", response_model=list[GenerateResponse], responses={200: {"content": SSE}, **ERRORS})
     async def compat_generate(request: Request, body: CompatGenerateRequest) -> Response:
         """TGI's compat route: `stream: true` streams as /generate_stream, otherwise a one-element JSON array."""
         if body.stream:

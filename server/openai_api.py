@@ -29,7 +29,8 @@ FINISH = {"eos_token": "stop", "stop_sequence": "stop", "length": "length"}
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(allow_inf_nan=False)  # NaN compares false with every bound, so it passes range checks
+    # NaN compares false with every bound, so it would pass range checks; strict: `0` is not a boolean.
+    model_config = ConfigDict(allow_inf_nan=False, strict=True)
 
     model: str
     max_tokens: int | None = None
@@ -52,6 +53,8 @@ class CompletionRequest(_Common):
 
 
 class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str
 
@@ -59,6 +62,37 @@ class ChatMessage(BaseModel):
 class ChatRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
+
+
+class OpenAIErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: int
+
+
+class OpenAIError(BaseModel):
+    error: OpenAIErrorBody
+
+
+_ERROR_CASES = {
+    400: "Invalid request (validation)",
+    401: "Missing or invalid API key (when keys are configured)",
+    404: "Unknown model",
+    413: "Request body too large",
+    424: "Generation error or timeout",
+    429: "Model is overloaded",
+    500: "Internal error (a bug: see the server log)",
+    503: "Model is loading, or the server is shutting down",
+}
+OPENAI_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": OpenAIError, "description": text} for status, text in _ERROR_CASES.items()
+}
+
+# With `stream: true` the 200 is server-sent events instead of JSON.
+STREAMED: dict[int | str, dict[str, Any]] = {
+    200: {"description": "JSON, or server-sent events", "content": {"application/json": {}, "text/event-stream": {}}}
+}
 
 
 def _usage(gen: Generation) -> dict[str, int]:
@@ -89,7 +123,7 @@ def openai_router(
     current_engine: Callable[[Request], Engine],
     current_arm: Callable[[Request], str],
 ) -> APIRouter:
-    router = APIRouter(prefix="/v1", tags=["openai"])
+    router = APIRouter(prefix="/v1", tags=["openai"], responses=OPENAI_ERRORS)
     model_id = config.model.model_id
     served_adapter = "+".join(a.name for a in config.adapters)
     created = int(time.time())
@@ -154,7 +188,7 @@ def openai_router(
                  for name in dict.fromkeys([model_id, served_adapter])]  # fmt: skip
         return {"object": "list", "data": cards}
 
-    @router.post("/completions", response_model=None)
+    @router.post("/completions", response_model=None, responses=STREAMED)
     async def completions(request: Request, body: CompletionRequest) -> Response:
         """OpenAI text completion; `prompt` is raw text, as in /generate."""
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
@@ -189,7 +223,7 @@ def openai_router(
 
         return sse(chunks(), tracker.mode)
 
-    @router.post("/chat/completions", response_model=None)
+    @router.post("/chat/completions", response_model=None, responses=STREAMED)
     async def chat_completions(request: Request, body: ChatRequest) -> Response:
         """OpenAI chat completion, prompted through the tokenizer's chat template."""
         engine = current_engine(request)

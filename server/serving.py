@@ -148,9 +148,13 @@ async def open_stream(
         try:
             tracker.token(first[1])
             yield first
-            gen = first[1]
-            while gen.finish_reason is None:
-                token, gen = await next_token()
+            # Until the engine's stream ends: `gen` is shared with the scheduler thread, which may have finished it
+            # while tokens are still queued, so its finish_reason cannot tell when to stop.
+            while True:
+                try:
+                    token, gen = await next_token()
+                except StopAsyncIteration:
+                    return
                 tracker.token(gen)
                 yield token, gen
         finally:
