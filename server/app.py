@@ -17,6 +17,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sse_starlette import EventSourceResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server import __version__
@@ -181,6 +182,17 @@ def create_app(engine: Engine | None, config: Config) -> FastAPI:
         if request.url.path.startswith("/v1/"):
             return openai_error(exc.status, exc.message, exc.error_type)
         return JSONResponse({"error": exc.message, "error_type": exc.error_type}, status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Unknown routes (404) and methods (405) answer in the same shapes as every other error.
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http")
+        if request.url.path.startswith("/v1/"):
+            response = openai_error(exc.status_code, str(exc.detail), "NotFoundError" if kind == "not_found" else kind)
+        else:
+            response = JSONResponse({"error": str(exc.detail), "error_type": kind}, status_code=exc.status_code)
+        response.headers.update(exc.headers or {})
+        return response
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

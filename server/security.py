@@ -68,9 +68,16 @@ def input_problems(config: Config) -> Iterator[Problem]:
                 )
     try:
         load_api_keys(sec)
-    except ValueError as exc:
-        problem, _, fix = str(exc).partition(" | ")
-        yield ("security.api_keys_env" if "environment" in problem else "security.api_keys_file"), problem, fix
+    except KeySourceError as exc:
+        yield exc.key, exc.problem, exc.fix
+
+
+class KeySourceError(ValueError):
+    """A configured key source that gives no key; `key` is the config key that names it."""
+
+    def __init__(self, key: str, problem: str, fix: str) -> None:
+        super().__init__(f"{key}: {problem}; fix: {fix}")
+        self.key, self.problem, self.fix = key, problem, fix
 
 
 def load_api_keys(sec: SecurityConfig) -> list[str]:
@@ -82,19 +89,20 @@ def load_api_keys(sec: SecurityConfig) -> list[str]:
     if sec.api_keys_env is not None:
         from_env = [k.strip() for k in os.environ.get(sec.api_keys_env, "").split(",") if k.strip()]
         if not from_env:
-            raise ValueError(
-                f"environment variable {sec.api_keys_env} is unset or holds no key | export it (comma-separated keys)"
-            )
+            problem = f"environment variable {sec.api_keys_env} is unset or holds no key"
+            raise KeySourceError("security.api_keys_env", problem, "export it (comma-separated keys)")
         keys += from_env
     if sec.api_keys_file is not None:
         try:
             lines = sec.api_keys_file.read_text().splitlines()
         except OSError as exc:
             problem = f"cannot read '{sec.api_keys_file}' ({exc.strerror})"
-            raise ValueError(f"{problem} | create it, one key a line") from None
+            raise KeySourceError("security.api_keys_file", problem, "create it, one key a line") from None
         from_file = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
         if not from_file:
-            raise ValueError(f"'{sec.api_keys_file}' holds no key | write one key a line")
+            raise KeySourceError(
+                "security.api_keys_file", f"'{sec.api_keys_file}' holds no key", "write one key a line"
+            )
         keys += from_file
     return keys
 

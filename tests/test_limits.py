@@ -161,3 +161,13 @@ def test_a_bug_is_500_in_tgi_shape(tiny: tuple[Config, Engine], monkeypatch: pyt
     monkeypatch.undo()
     assert client.post("/generate", json={"inputs": "Arr", "parameters": {"max_new_tokens": 2}}).status_code == 200
     assert _metric(client, "mergeserve_request_failures_total", error_type="internal") == 1
+
+
+def test_unknown_route_and_method_answer_in_the_error_shapes(tiny: tuple[Config, Engine]) -> None:
+    client = TestClient(create_app(tiny[1], tiny[0]))
+    r = client.get("/nowhere")
+    assert r.status_code == 404 and r.json() == {"error": "Not Found", "error_type": "not_found"}
+    r = client.get("/generate")
+    assert r.status_code == 405 and r.json()["error_type"] == "method_not_allowed" and "allow" in r.headers
+    r = client.get("/v1/nowhere")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "NotFoundError"
