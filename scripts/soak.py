@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import ipaddress
 import json
+import os
 import random
 import signal
 import socket
@@ -114,6 +115,12 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process, from /proc (fields 14 and 15 of its stat line)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def in_flight(url: str) -> float:
     text = httpx.get(f"{url}/metrics", timeout=30).text
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
@@ -159,15 +166,25 @@ def chat_served(url: str, model: str) -> bool:
     return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120).status_code == 200
 
 
-def report(soak: Soak, args: argparse.Namespace, start: float, rss: dict[str, float]) -> dict[str, Any]:
+def report(
+    soak: Soak, args: argparse.Namespace, start: float, rss: dict[str, float], samples: list[dict[str, float]]
+) -> dict[str, Any]:
     results = Counter(o.result for o in soak.outcomes)
     intervals = []
     for i in range(int(args.duration // args.interval) + 1):
         lo, hi = start + i * args.interval, start + (i + 1) * args.interval
         done = [o.seconds for o in soak.outcomes if lo <= o.started + o.seconds < hi and o.result == "ok"]
-        if done:
-            p50, p99 = round(percentile(done, 50), 3), round(percentile(done, 99), 3)
-            intervals.append({"from_s": round(i * args.interval), "answered": len(done), "p50_s": p50, "p99_s": p99})
+        if not done:
+            continue
+        p50, p99 = round(percentile(done, 50), 3), round(percentile(done, 99), 3)
+        row: dict[str, Any] = {"from_s": round(i * args.interval), "answered": len(done), "p50_s": p50, "p99_s": p99}
+        if i + 1 < len(samples):
+            a, b = samples[i], samples[i + 1]
+            row["load_avg"] = round(b["load"], 2)
+            if "cpu_s" in a:  # cores the server used over the interval (2.0 = both cores of this machine)
+                row["server_cores"] = round((b["cpu_s"] - a["cpu_s"]) / (b["t"] - a["t"]), 2)
+                row["rss_mb"] = round(b["rss_mb"], 1)
+        intervals.append(row)
     answered = sum(
         n for r, n in results.items() if r in ("ok", "hangup") or r.startswith("http_") or r == "stream_error"
     )
@@ -195,19 +212,35 @@ def missed_targets(summary: dict[str, Any], max_growth: float) -> list[str]:
     return missed
 
 
+async def sample(pid: int | None, start: float, interval: float, until: float, out: list[dict[str, float]]) -> None:
+    """At every interval boundary: the server's CPU seconds and RSS, and the machine's load average, so a slow
+    interval can be told apart from a busy machine (on a shared CPU, the server's share of it moves)."""
+    while True:
+        out.append(
+            {"t": time.monotonic() - start, "load": os.getloadavg()[0]}
+            | ({"cpu_s": cpu_seconds(pid), "rss_mb": rss_mb(pid)} if pid is not None else {})
+        )
+        if time.monotonic() >= until:
+            return
+        await asyncio.sleep(interval - (time.monotonic() - start) % interval)
+
+
 async def run(soak: Soak, args: argparse.Namespace, pid: int | None) -> dict[str, Any]:
     start = time.monotonic()
     until, budget = start + args.duration, [args.max_requests]
     clients = [asyncio.create_task(soak.client(i, until, budget)) for i in range(args.clients)]
+    samples: list[dict[str, float]] = []
+    sampler = asyncio.create_task(sample(pid, start, args.interval, until, samples))
     rss: dict[str, float] = {}
     if pid is not None:
         await asyncio.sleep(min(args.warmup, args.duration))
         rss["start"] = rss_mb(pid)
         print(f"soak: warm-up over, server RSS {rss['start']:.1f} MB", flush=True)
     await asyncio.gather(*clients)
+    sampler.cancel()
     if pid is not None:
         rss["end"] = rss_mb(pid)
-    return report(soak, args, start, rss)
+    return report(soak, args, start, rss, samples)
 
 
 def main() -> int:

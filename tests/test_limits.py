@@ -111,8 +111,12 @@ def test_timeout_ends_generation_and_frees_the_slot(slow: tuple[Any, Engine]) ->
     with client.stream("POST", "/generate_stream", json={"inputs": "Arr", "parameters": {"max_new_tokens": 60}}) as s:
         events = [json.loads(line[5:]) for line in s.iter_lines() if line.startswith("data:")]
     assert events[-1]["error_type"] == "timeout" and len(events) > 1  # tokens first, then the error
+    body = {"model": "tiny-llama", "prompt": "Arr", "max_tokens": 60, "stream": True}
+    with client.stream("POST", "/v1/completions", json=body) as s:
+        chunks = [line[5:].strip() for line in s.iter_lines() if line.startswith("data:")]
+    assert chunks[-1] == "[DONE]" and json.loads(chunks[-2])["error"]["type"] == "timeout"
     assert client.post("/generate", json={"inputs": "Arr", "parameters": {"max_new_tokens": 2}}).status_code == 200
-    assert _metric(client, "mergeserve_request_failures_total", error_type="timeout") == 2
+    assert _metric(client, "mergeserve_request_failures_total", error_type="timeout") == 3
     assert _metric(client, "mergeserve_requests_in_flight") == 0
     deadline = time.monotonic() + 5
     while engine.scheduler.load != (0, 0) and time.monotonic() < deadline:
