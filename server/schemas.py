@@ -76,7 +76,7 @@ class PrefillToken(BaseModel):
 class Details(BaseModel):
     finish_reason: Literal["length", "eos_token", "stop_sequence"]
     generated_tokens: int
-    seed: int | None
+    seed: int | None = None  # left out when decoding is greedy, as TGI does
     prefill: list[PrefillToken] = Field(default_factory=list)
     tokens: list[Token] = Field(default_factory=list)
 

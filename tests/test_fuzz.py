@@ -7,6 +7,7 @@ requests within about a minute in all.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from schemathesis.checks import (
 
 from tests.live_server import LiveServer
 
-FUZZ_EXAMPLES = 30
+FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "30"))
 
 
 @pytest.fixture(scope="module")
