@@ -13,14 +13,17 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sse_starlette import EventSourceResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server import __version__
 from server.config import Config
 from server.engine import Engine, Generation
+from server.guards import Lifecycle, RequestGuard
 from server.metrics import Metrics
 from server.openai_api import openai_error, openai_router
 from server.schemas import (
@@ -33,15 +36,38 @@ from server.schemas import (
     InfoResponse,
     Token,
 )
-from server.serving import ArmChooser, ServedError, TokenStream, Tracker, open_stream, run_to_end
+from server.security import KeyChecker, load_api_keys
+from server.serving import (
+    ArmChooser,
+    ServedError,
+    TokenStream,
+    Tracker,
+    generation_failure,
+    open_stream,
+    run_to_end,
+)
 from server.validation import InputValidationError, validate
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    422: {"model": ErrorResponse, "description": "Input validation error"},
-    424: {"model": ErrorResponse, "description": "Generation error"},
-    429: {"model": ErrorResponse, "description": "Model is overloaded"},
-    503: {"model": ErrorResponse, "description": "Model is loading"},
+# Every status a route can answer besides 200, so the OpenAPI schema is honest (schemathesis checks it).
+GUARDED: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorResponse, "description": "Missing or invalid API key (when keys are configured)"},
+    503: {"model": ErrorResponse, "description": "Model is loading, or the server is shutting down"},
 }
+ERRORS: dict[int | str, dict[str, Any]] = {
+    **GUARDED,
+    413: {"model": ErrorResponse, "description": "Request body too large"},
+    422: {"model": ErrorResponse, "description": "Input validation error"},
+    424: {"model": ErrorResponse, "description": "Generation error or timeout"},
+    429: {"model": ErrorResponse, "description": "Model is overloaded"},
+    500: {"model": ErrorResponse, "description": "Internal error (a bug: see the server log)"},
+}
+# Each server-sent event, as OpenAPI tools read a stream: its `data` holds one JSON token event or error.
+SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+}
+SSE = {"text/event-stream": {"schema": SSE_EVENT}}
 
 
 class ModeHeader:
@@ -130,6 +156,25 @@ def create_app(engine: Engine | None, config: Config) -> FastAPI:
     if engine is not None:
         attach_engine(app, engine)
 
+    app.state.lifecycle = lifecycle = Lifecycle()
+    sec = config.security
+    keys = KeyChecker(load_api_keys(sec))
+    # Added innermost first: ModeHeader wraps CORS, which wraps the guard, so refusals get both sets of headers.
+    app.add_middleware(
+        RequestGuard,
+        lifecycle=lifecycle,
+        keys=keys,
+        max_body_bytes=sec.max_body_bytes,
+        metrics_need_key=sec.metrics_need_key,
+    )
+    if sec.cors_allow_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=sec.cors_allow_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["authorization", "content-type", "x-merge-mode"],
+            expose_headers=["x-merge-mode"],
+        )
     app.add_middleware(ModeHeader, mode=config.mode)
 
     @app.exception_handler(ServedError)
@@ -137,6 +182,26 @@ def create_app(engine: Engine | None, config: Config) -> FastAPI:
         if request.url.path.startswith("/v1/"):
             return openai_error(exc.status, exc.message, exc.error_type)
         return JSONResponse({"error": exc.message, "error_type": exc.error_type}, status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Unknown routes (404) and methods (405) answer in the same shapes as every other error.
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http")
+        if request.url.path.startswith("/v1/"):
+            response = openai_error(exc.status_code, str(exc.detail), "NotFoundError" if kind == "not_found" else kind)
+        else:
+            response = JSONResponse({"error": str(exc.detail), "error_type": kind}, status_code=exc.status_code)
+        response.headers.update(exc.headers or {})
+        return response
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # A bug, not a refusal: the client still gets TGI's error shape (the traceback goes to the log).
+        metrics.failures.labels(mode=config.mode, adapter=served_adapter, error_type="internal").inc()
+        message = f"Internal server error ({type(exc).__name__}); see the server log"
+        if request.url.path.startswith("/v1/"):
+            return openai_error(500, message, "InternalServerError")
+        return JSONResponse({"error": message, "error_type": "internal"}, status_code=500)
 
     @app.exception_handler(RequestValidationError)
     async def _bad_body(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -148,9 +213,18 @@ def create_app(engine: Engine | None, config: Config) -> FastAPI:
             return openai_error(400, message, "BadRequestError", where)
         return JSONResponse({"error": message, "error_type": "validation"}, status_code=422)
 
-    @app.get("/health", responses={503: {"model": ErrorResponse, "description": "Still booting"}})
+    @app.get(
+        "/health",
+        response_class=Response,
+        responses={
+            200: {"description": "Ready: an empty body", "content": None},
+            503: {"model": ErrorResponse, "description": "Booting or shutting down"},
+        },
+    )
     async def health() -> Response:
-        """200 with an empty body once the model is loaded, merged and verified; 503 until then."""
+        """200 with an empty body once the model is loaded, merged and verified; 503 until then and while draining."""
+        if lifecycle.draining:
+            return JSONResponse({"error": "shutting down", "error_type": "healthcheck"}, status_code=503)
         if app.state.engine is None:
             return JSONResponse({"error": "loading", "error_type": "healthcheck"}, status_code=503)
         return Response(status_code=200)
@@ -177,7 +251,11 @@ def create_app(engine: Engine | None, config: Config) -> FastAPI:
             cache=e.cache or None,
         )
 
-    @app.get("/metrics")
+    @app.get(
+        "/metrics",
+        response_class=PlainTextResponse,
+        responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {}}}, **GUARDED},
+    )
     async def prometheus() -> Response:
         """Prometheus text exposition of this app's registry."""
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -191,7 +269,7 @@ def create_app(engine: Engine | None, config: Config) -> FastAPI:
             tracker.fail("validation")
             raise ServedError(422, str(exc), "validation") from None
         tracker.validated = time.perf_counter()
-        return engine, tracker, await open_stream(engine, prepared, tracker)
+        return engine, tracker, await open_stream(engine, prepared, tracker, config.limits.request_timeout_seconds)
 
     async def generate_one(request: Request, body: GenerateRequest) -> tuple[GenerateResponse, dict[str, str]]:
         engine, tracker, stream = await start(request, body)
@@ -221,8 +299,9 @@ def create_app(engine: Engine | None, config: Config) -> FastAPI:
                                             "seed": gen.seed, "input_length": gen.prompt_tokens}  # fmt: skip
                 yield json.dumps(event)
         except Exception as exc:  # after the 200 is sent, errors travel inside the stream
-            tracker.fail("generation")
-            yield json.dumps({"error": f"Request failed during generation: {exc}", "error_type": "generation"})
+            error = generation_failure(exc)
+            tracker.fail(error.error_type)
+            yield json.dumps({"error": error.message, "error_type": error.error_type})
             return
         finally:
             if tracker.open and gen.finish_reason is None:
@@ -240,12 +319,16 @@ def create_app(engine: Engine | None, config: Config) -> FastAPI:
         headers = {"x-merge-mode": tracker.mode, "x-accel-buffering": "no"}
         return EventSourceResponse(sse_events(body, tracker, stream), headers=headers, sep="\n")
 
-    @app.post("/generate_stream", responses=ERRORS, response_class=EventSourceResponse)
+    @app.post(
+        "/generate_stream",
+        responses={200: {"description": "Server-sent events, one per token", "content": SSE}, **ERRORS},
+        response_class=EventSourceResponse,
+    )
     async def generate_stream(request: Request, body: GenerateRequest) -> EventSourceResponse:
         """TGI's server-sent events: one `data:` event per token; the last carries `generated_text` and `details`."""
         return await stream_response(request, body)
 
-    @app.post("/", response_model=list[GenerateResponse], responses=ERRORS)
+    @app.post("/", response_model=list[GenerateResponse], responses={200: {"content": SSE}, **ERRORS})
     async def compat_generate(request: Request, body: CompatGenerateRequest) -> Response:
         """TGI's compat route: `stream: true` streams as /generate_stream, otherwise a one-element JSON array."""
         if body.stream:

@@ -7,6 +7,7 @@ inputs (an adapter that does not fit the base), 3 for a merge that fails its che
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -57,16 +58,21 @@ def _torch_dtype(dtype: str) -> Any:
     return "auto" if dtype == "auto" else getattr(torch, dtype)
 
 
-def load_base(cfg: ModelConfig) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
-    """Tokenizer and model from a local folder or a GGUF file (which transformers dequantizes)."""
+def load_base(cfg: ModelConfig, allow_pickle: bool = False) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+    """Tokenizer and model from a local folder or a GGUF file (which transformers dequantizes).
+
+    Pickle checkpoints are read only when allowed, and then with weights_only=True (tensors, no code).
+    """
+    weights: dict[str, Any] = {}
     if cfg.path.suffix == ".gguf":
-        where, extra = str(cfg.path.parent), {"gguf_file": cfg.path.name}
+        where, files = str(cfg.path.parent), {"gguf_file": cfg.path.name}
     else:
-        where, extra = str(cfg.path), {}
-    common = {"trust_remote_code": cfg.trust_remote_code, "local_files_only": True, **extra}
+        where, files = str(cfg.path), {}
+        weights["use_safetensors"] = None if allow_pickle else True  # None: safetensors first, else .bin
+    common = {"trust_remote_code": cfg.trust_remote_code, "local_files_only": True, **files}
     tokenizer = AutoTokenizer.from_pretrained(where, **common)
     model = AutoModelForCausalLM.from_pretrained(
-        where, dtype=_torch_dtype(cfg.dtype), device_map=cfg.device_map, **common
+        where, dtype=_torch_dtype(cfg.dtype), device_map=cfg.device_map, weights_only=True, **common, **weights
     )
     model.eval()
     return tokenizer, model
@@ -83,20 +89,42 @@ def _refuse(adapter: AdapterConfig, problem: str, fix: str) -> BootError:
     return BootError(f"adapter '{adapter.name}' ({adapter.path}): {problem}; fix: {fix}", EXIT_BAD_INPUT)
 
 
-def _read_adapter(adapter: AdapterConfig) -> tuple[PeftConfig, dict[str, torch.Tensor]]:
+def _read_adapter(adapter: AdapterConfig, allow_pickle: bool) -> tuple[PeftConfig, dict[str, torch.Tensor]]:
+    try:
+        raw = json.loads((adapter.path / "adapter_config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise _refuse(adapter, f"cannot read adapter_config.json ({exc})", "re-save the adapter") from None
+    if not isinstance(raw, dict):
+        raise _refuse(adapter, "adapter_config.json is not a JSON object", "re-save the adapter")
+    if raw.get("megatron_config"):
+        # PEFT would import the module that `megatron_core` names: config must never choose code to run.
+        raise _refuse(adapter, "adapter_config.json sets megatron_config", "remove megatron_config and megatron_core")
     peft_config = PeftConfig.from_pretrained(str(adapter.path))
     if str(peft_config.peft_type) not in ("LORA", "PeftType.LORA"):
         raise _refuse(adapter, f"peft_type is {peft_config.peft_type}, not LORA", "give a LoRA adapter")
     if getattr(peft_config, "modules_to_save", None):
         raise _refuse(adapter, "modules_to_save is not supported yet", "retrain without modules_to_save")
-    weights = adapter.path / "adapter_model.safetensors"
-    if not weights.is_file():
-        raise _refuse(adapter, "no adapter_model.safetensors", "save the adapter with safe_serialization=True")
-    try:
-        tensors = load_file(str(weights))
-    except Exception as exc:  # safetensors raises its own error types for corrupt headers
-        raise _refuse(adapter, f"cannot read adapter_model.safetensors ({exc})", "re-save the adapter") from None
+    tensors = _read_weights(adapter, allow_pickle)
+    for key, value in tensors.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise _refuse(adapter, f"tensor '{key}' holds NaN or Inf", "retrain or re-export the adapter")
     return peft_config, tensors
+
+
+def _read_weights(adapter: AdapterConfig, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    weights, pickled = adapter.path / "adapter_model.safetensors", adapter.path / "adapter_model.bin"
+    try:
+        if weights.is_file():
+            return load_file(str(weights))
+        if allow_pickle and pickled.is_file():
+            loaded = torch.load(str(pickled), map_location="cpu", weights_only=True)
+            if not isinstance(loaded, dict):
+                raise ValueError("not a dict of tensors")
+            return loaded
+    except Exception as exc:  # safetensors and torch.load raise their own error types for corrupt files
+        name = weights.name if weights.is_file() else pickled.name
+        raise _refuse(adapter, f"cannot read {name} ({exc})", "re-save the adapter") from None
+    raise _refuse(adapter, "no adapter_model.safetensors", "save the adapter with safe_serialization=True")
 
 
 def _check_all_tensors_used(model: PeftModel, adapter: AdapterConfig, tensors: dict[str, torch.Tensor]) -> None:
@@ -121,7 +149,7 @@ def _check_all_tensors_used(model: PeftModel, adapter: AdapterConfig, tensors: d
 
 
 def load_adapters(
-    base: PreTrainedModel, adapters: list[AdapterConfig], on_meta_base: bool = False
+    base: PreTrainedModel, adapters: list[AdapterConfig], on_meta_base: bool = False, allow_pickle: bool = False
 ) -> tuple[PeftModel, list[AdapterInfo]]:
     """Attach every adapter as its own PEFT adapter, all active, each scaled by its configured weight.
 
@@ -131,7 +159,7 @@ def load_adapters(
     model: PeftModel | None = None
     infos = []
     for adapter in adapters:
-        peft_config, tensors = _read_adapter(adapter)
+        peft_config, tensors = _read_adapter(adapter, allow_pickle)
         try:
             if model is None:
                 model = PeftModel.from_pretrained(
@@ -214,10 +242,10 @@ def build_arms(config: Config, timer: PhaseTimer) -> BuiltArms:
     """Load, attach, merge as the mode says, and pass the parity gate (or raise BootError)."""
     names = [a.name for a in config.adapters]
     with timer.phase("load_base"):
-        tokenizer, base = load_base(config.model)
+        tokenizer, base = load_base(config.model, config.security.allow_pickle)
     dtype = cast(torch.dtype, base.dtype)
     with timer.phase("load_adapters"):
-        peft_model, adapter_infos = load_adapters(base, config.adapters)
+        peft_model, adapter_infos = load_adapters(base, config.adapters, allow_pickle=config.security.allow_pickle)
     probes, parity_cfg = config.parity.probes, config.parity
     try:
         if config.mode == "merged":

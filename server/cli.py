@@ -4,6 +4,7 @@
 
 uvicorn binds the port at once and answers /health with 503 while boot runs in a thread; a boot that refuses the
 model stops the server and exits with the refusal's code (2 bad input, 3 failed check) and one line on stderr.
+SIGTERM or Ctrl-C drains in-flight requests (see server.shutdown) and exits 0.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from server import __version__
 from server.app import attach_engine, create_app
 from server.boot import BootError, boot
 from server.config import ConfigError, load_config
+from server.shutdown import GracefulServer
 
 log = logging.getLogger("mergeserve")
 EXIT_UNEXPECTED = 1
@@ -82,9 +84,11 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(None, config)
-    server = uvicorn.Server(
-        uvicorn.Config(app, host=config.server.host, port=config.server.port, log_level=args.log_level)
+    # The drain (server.shutdown_grace_seconds) comes first; uvicorn's own timeout only cuts what outlives it.
+    uv_config = uvicorn.Config(
+        app, host=config.server.host, port=config.server.port, log_level=args.log_level, timeout_graceful_shutdown=2
     )
+    server = GracefulServer(uv_config, app.state.lifecycle, config.server.shutdown_grace_seconds)
     failure: list[tuple[str, int]] = []
 
     def run_boot() -> None:

@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from server.security import input_problems
+
 Mode = Literal["merged", "unmerged", "ab"]
 Arm = Literal["merged", "unmerged"]
 DType = Literal["auto", "float32", "float16", "bfloat16"]
@@ -92,6 +94,9 @@ class AdapterConfig(_Strict):
 class ServerConfig(_Strict):
     host: str = Field(default="0.0.0.0", description="Address to listen on.")
     port: int = Field(default=8080, ge=1, le=65535, description="Port to listen on.")
+    shutdown_grace_seconds: float = Field(
+        default=25.0, ge=0, description="After SIGTERM: how long in-flight requests may run on while new ones get 503."
+    )
 
 
 class LimitsConfig(_Strict):
@@ -104,6 +109,9 @@ class LimitsConfig(_Strict):
     max_batch_size: int = Field(default=8, gt=0, description="Most requests decoded together in one forward pass.")
     max_concurrent_requests: int = Field(
         default=128, gt=0, description="Running plus waiting requests; past it, 429 Model is overloaded."
+    )
+    request_timeout_seconds: float | None = Field(
+        default=300.0, gt=0, description="A request still generating after this long ends with a timeout error."
     )
 
     @model_validator(mode="after")
@@ -154,6 +162,40 @@ class CacheConfig(_Strict):
         return Path(os.environ.get(CACHE_DIR_ENV) or Path.home() / ".cache" / "mergeserve").expanduser()
 
 
+class SecurityConfig(_Strict):
+    allow_pickle: bool = Field(
+        default=False, description="Accept .bin/.pt weights (read with weights_only=True); off: safetensors/GGUF only."
+    )
+    allowed_roots: list[Path] | None = Field(
+        default=None, description="Folders the model and adapter paths must resolve into; null: anywhere."
+    )
+    api_keys_env: str | None = Field(
+        default=None, description="Environment variable holding API keys (comma-separated); set: keys required."
+    )
+    api_keys_file: Path | None = Field(
+        default=None, description="File of API keys, one a line (# comments); set: keys required."
+    )
+    metrics_need_key: bool = Field(default=False, description="Ask /metrics for an API key too; /health stays open.")
+    max_body_bytes: int = Field(default=1_048_576, gt=0, description="Largest request body; a larger one gets 413.")
+    cors_allow_origins: list[str] = Field(
+        default=[], description="Origins a browser may call from (CORS); empty: no CORS headers at all."
+    )
+
+    @field_validator("allowed_roots", mode="before")
+    @classmethod
+    def _roots(cls, raw: Any, info: ValidationInfo) -> list[Path] | None:
+        if raw is None:
+            return None
+        if not isinstance(raw, list):
+            raise ValueError("expected a list of folders | write allowed_roots: [/models, /adapters]")
+        return [_resolve(item, info) for item in raw]
+
+    @field_validator("api_keys_file", mode="before")
+    @classmethod
+    def _keys_file(cls, raw: Any, info: ValidationInfo) -> Path | None:
+        return None if raw is None else _resolve(raw, info)
+
+
 class Config(_Strict):
     model: ModelConfig = Field(description="The base model.")
     adapters: list[AdapterConfig] = Field(min_length=1, description="LoRA adapters, applied together.")
@@ -166,6 +208,9 @@ class Config(_Strict):
     limits: LimitsConfig = Field(default=LimitsConfig(), description="Per-request token limits, as TGI's.")
     parity: ParityConfig = Field(default=ParityConfig(), description="The merged-vs-unmerged logit gate at boot.")
     cache: CacheConfig = Field(default=CacheConfig(), description="Merged checkpoints cached on disk by content hash.")
+    security: SecurityConfig = Field(
+        default=SecurityConfig(), description="Weight formats, path roots, API keys, body size and CORS."
+    )
 
     @model_validator(mode="after")
     def _unique_names(self) -> Config:
@@ -220,6 +265,10 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Co
             node = node.setdefault(part, {})
         node[leaf] = value
     try:
-        return Config.model_validate(data, context={"base_dir": Path(path).resolve().parent})
+        config = Config.model_validate(data, context={"base_dir": Path(path).resolve().parent})
     except ValidationError as exc:
         raise _first_error(file, exc) from None
+    # Checks that read the filesystem or the environment, each naming the key at fault.
+    for key, problem, fix in input_problems(config):
+        raise ConfigError(file, key, problem, fix)
+    return config

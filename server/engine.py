@@ -7,8 +7,9 @@ arm is a scheduler lane, so an A/B engine never puts both arms in one batch.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import queue
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,13 +113,18 @@ class Engine:
             if gen.finish_reason is not None:
                 return self._finish(gen)
 
-    async def stream(self, request: PreparedRequest, arm: str | None = None) -> AsyncIterator[tuple[Token, Generation]]:
+    async def stream(
+        self, request: PreparedRequest, arm: str | None = None
+    ) -> AsyncGenerator[tuple[Token, Generation], None]:
         """Yield (token, generation so far); leaving the loop early cancels the request and frees its slot."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[Token | BaseException, Generation]] = asyncio.Queue()
 
         def emit(item: Token | BaseException, gen: Generation) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, (item, gen))
+            # The scheduler thread goes on writing `gen` while this event waits in the queue: a shallow copy keeps
+            # the finish_reason (None) that this token was emitted with, so no reader sees a later token's finish.
+            event = gen if gen.finish_reason is not None else dataclasses.replace(gen)
+            loop.call_soon_threadsafe(events.put_nowait, (item, event))
 
         handle = self.submit(request, emit, arm)
         try:

@@ -85,7 +85,9 @@ def export_merged(
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(source.config, trust_remote_code=config.model.trust_remote_code)
     embed_name, head_name = tied_names(skeleton)
-    peft_model, _ = load_adapters(skeleton, config.adapters, on_meta_base=True)
+    peft_model, _ = load_adapters(
+        skeleton, config.adapters, on_meta_base=True, allow_pickle=config.security.allow_pickle
+    )
     names = [a.name for a in config.adapters]
     try:
         check_mergeable(peft_model, names)

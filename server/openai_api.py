@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse
 
 from server.config import Config
@@ -22,13 +22,16 @@ from server.engine import Engine
 from server.generation import Generation
 from server.metrics import Metrics
 from server.schemas import Parameters
-from server.serving import ServedError, TokenStream, Tracker, open_stream, run_to_end
+from server.serving import ServedError, TokenStream, Tracker, generation_failure, open_stream, run_to_end
 from server.validation import InputValidationError, validate
 
 FINISH = {"eos_token": "stop", "stop_sequence": "stop", "length": "length"}
 
 
 class _Common(BaseModel):
+    # NaN compares false with every bound, so it would pass range checks; strict: `0` is not a boolean.
+    model_config = ConfigDict(allow_inf_nan=False, strict=True)
+
     model: str
     max_tokens: int | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
@@ -50,6 +53,8 @@ class CompletionRequest(_Common):
 
 
 class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str
 
@@ -57,6 +62,37 @@ class ChatMessage(BaseModel):
 class ChatRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
+
+
+class OpenAIErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: int
+
+
+class OpenAIError(BaseModel):
+    error: OpenAIErrorBody
+
+
+_ERROR_CASES = {
+    400: "Invalid request (validation)",
+    401: "Missing or invalid API key (when keys are configured)",
+    404: "Unknown model",
+    413: "Request body too large",
+    424: "Generation error or timeout",
+    429: "Model is overloaded",
+    500: "Internal error (a bug: see the server log)",
+    503: "Model is loading, or the server is shutting down",
+}
+OPENAI_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": OpenAIError, "description": text} for status, text in _ERROR_CASES.items()
+}
+
+# With `stream: true` the 200 is server-sent events instead of JSON.
+STREAMED: dict[int | str, dict[str, Any]] = {
+    200: {"description": "JSON, or server-sent events", "content": {"application/json": {}, "text/event-stream": {}}}
+}
 
 
 def _usage(gen: Generation) -> dict[str, int]:
@@ -87,7 +123,7 @@ def openai_router(
     current_engine: Callable[[Request], Engine],
     current_arm: Callable[[Request], str],
 ) -> APIRouter:
-    router = APIRouter(prefix="/v1", tags=["openai"])
+    router = APIRouter(prefix="/v1", tags=["openai"], responses=OPENAI_ERRORS)
     model_id = config.model.model_id
     served_adapter = "+".join(a.name for a in config.adapters)
     created = int(time.time())
@@ -114,14 +150,19 @@ def openai_router(
             tracker.fail("validation")
             return openai_error(400, str(exc), "BadRequestError")
         try:
-            return engine, tracker, await open_stream(engine, prepared, tracker)
+            timeout = config.limits.request_timeout_seconds
+            return engine, tracker, await open_stream(engine, prepared, tracker, timeout)
         except ServedError as exc:
             return openai_error(exc.status, exc.message, exc.error_type)
 
     def sse(chunks: AsyncIterator[dict[str, Any]], mode: str) -> EventSourceResponse:
         async def lines() -> AsyncIterator[str]:
-            async for chunk in chunks:
-                yield json.dumps(chunk)
+            try:
+                async for chunk in chunks:
+                    yield json.dumps(chunk)
+            except ServedError as exc:  # after the 200, a failure is the stream's last event, as vLLM sends it
+                yield json.dumps({"error": {"message": exc.message, "type": exc.error_type, "param": None,
+                                            "code": exc.status}})  # fmt: skip
             yield "[DONE]"
 
         return EventSourceResponse(lines(), headers={"x-merge-mode": mode}, sep="\n")
@@ -131,6 +172,10 @@ def openai_router(
         try:
             async for token, gen in stream:
                 yield ("" if token.special else token.text), gen
+        except Exception as exc:
+            error = generation_failure(exc)
+            tracker.fail(error.error_type)
+            raise error from exc
         finally:
             if tracker.open and gen.finish_reason is None:
                 tracker.cancelled()
@@ -143,7 +188,7 @@ def openai_router(
                  for name in dict.fromkeys([model_id, served_adapter])]  # fmt: skip
         return {"object": "list", "data": cards}
 
-    @router.post("/completions", response_model=None)
+    @router.post("/completions", response_model=None, responses=STREAMED)
     async def completions(request: Request, body: CompletionRequest) -> Response:
         """OpenAI text completion; `prompt` is raw text, as in /generate."""
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
@@ -178,7 +223,7 @@ def openai_router(
 
         return sse(chunks(), tracker.mode)
 
-    @router.post("/chat/completions", response_model=None)
+    @router.post("/chat/completions", response_model=None, responses=STREAMED)
     async def chat_completions(request: Request, body: ChatRequest) -> Response:
         """OpenAI chat completion, prompted through the tokenizer's chat template."""
         engine = current_engine(request)

@@ -201,6 +201,12 @@ class _Decoder:
         return gen.finish_reason is not None
 
 
+def _fail_row(row: _Row, exc: BaseException) -> None:
+    log.warning("request failed alone: %s: %s", type(exc).__name__, exc)
+    row.release()
+    row.emit(exc, row.gen)
+
+
 class _Lane:
     """One model's running batch. Lanes never share a batch, so an A/B process never mixes arms in a forward."""
 
@@ -237,10 +243,15 @@ class _Lane:
     def _prefill_and_join(self, row: _Row) -> None:
         row.admitted = time.perf_counter()
         row.gen.queue_seconds = row.admitted - row.submitted
-        logits, cache = prefill(self.model, row.all_ids.to(self.device))
-        mask = torch.ones(1, row.all_ids.shape[1], dtype=torch.long)
-        if self.decoder.advance(row, logits):
+        try:
+            logits, cache = prefill(self.model, row.all_ids.to(self.device))
+            done = self.decoder.advance(row, logits)
+        except Exception as exc:  # the prefill ran alone: only this request fails, the batch goes on
+            _fail_row(row, exc)
+            return
+        if done:
             return  # done after one token
+        mask = torch.ones(1, row.all_ids.shape[1], dtype=torch.long)
         if self.cache is None:
             self.cache, self.mask = cache, mask
         else:
@@ -254,7 +265,7 @@ class _Lane:
         tokens = torch.tensor([[row.all_ids[0, -1].item()] for row in self.rows], device=self.device)  # (B, 1)
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)  # (B, S + 1)
         logits = decode_one_token(self.model, tokens, self.cache, self.mask.to(self.device))  # (B, V)
-        keep = [i for i, row in enumerate(self.rows) if not self.decoder.advance(row, logits[i : i + 1])]
+        keep = [i for i, row in enumerate(self.rows) if not self._advance(row, logits[i : i + 1])]
         if len(keep) < len(self.rows):
             self.mask = _keep(self.cache, self.mask, keep) if keep else self.mask[:0, :0]
             with self.lock:
@@ -262,6 +273,14 @@ class _Lane:
             if not keep:
                 self.cache = None
         return len(tokens)
+
+    def _advance(self, row: _Row, logits: torch.Tensor) -> bool:
+        """Choose one row's token; a failure there (its own sampling) fails that row alone."""
+        try:
+            return self.decoder.advance(row, logits)
+        except Exception as exc:
+            _fail_row(row, exc)
+            return True
 
     def fail(self, exc: BaseException) -> None:
         failed = self.rows + ([self.admitting] if self.admitting else [])

@@ -11,33 +11,47 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 
-class Parameters(BaseModel):
-    # Unknown keys are refused: a misspelt parameter silently ignored is a wrong answer nobody notices.
-    model_config = ConfigDict(extra="forbid")
+def _range(
+    min: float | None = None, max: float | None = None, above: float | None = None, below: float | None = None
+) -> dict[str, Any]:
+    """The bounds `server.validation` enforces, stated in the OpenAPI schema only, so the errors stay TGI's own."""
+    bounds = {"minimum": min, "maximum": max, "exclusiveMinimum": above, "exclusiveMaximum": below}
+    return {k: v for k, v in bounds.items() if v is not None}
 
-    max_new_tokens: int | None = Field(default=None, description="null: the configured default, else TGI's rule.")
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    typical_p: float | None = None
-    repetition_penalty: float | None = None
-    frequency_penalty: float | None = None
+
+class Parameters(BaseModel):
+    # Unknown keys are refused: a misspelt parameter silently ignored is a wrong answer nobody notices. NaN and
+    # Infinity (which Python's JSON parser accepts) would slip past every range check below, so they are refused too.
+    # Strict, as TGI's serde is: `0` is not a boolean and `"3"` is not a number.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
+
+    max_new_tokens: int | None = Field(
+        default=None, description="null: the configured default, else TGI's rule.", json_schema_extra=_range(min=1)
+    )
+    temperature: float | None = Field(default=None, json_schema_extra=_range(above=0))
+    top_p: float | None = Field(default=None, json_schema_extra=_range(above=0, below=1))
+    top_k: int | None = Field(default=None, json_schema_extra=_range(min=1))
+    typical_p: float | None = Field(default=None, json_schema_extra=_range(above=0, below=1))
+    repetition_penalty: float | None = Field(default=None, json_schema_extra=_range(above=0))
+    frequency_penalty: float | None = Field(default=None, json_schema_extra=_range(min=-2, max=2))
     do_sample: bool = False
     seed: int | None = Field(default=None, ge=0, lt=2**64)
     stop: list[str] = Field(default_factory=list)
     return_full_text: bool | None = False
     details: bool = False
     decoder_input_details: bool = False
-    truncate: int | None = None
-    best_of: int | None = None
-    top_n_tokens: int | None = None
+    truncate: int | None = Field(default=None, json_schema_extra=_range(min=1))
+    best_of: int | None = Field(default=None, json_schema_extra=_range(min=1, max=1))
+    top_n_tokens: int | None = Field(default=None, json_schema_extra=_range(max=0))
     watermark: bool = False
     grammar: Any | None = None
     adapter_id: str | None = None
 
 
 class GenerateRequest(BaseModel):
-    inputs: str
+    model_config = ConfigDict(strict=True)
+
+    inputs: str = Field(json_schema_extra={"minLength": 1})  # checked by validation, with TGI's message
     # TGI samples when `parameters` is left out entirely, and decodes greedily when it is present but silent.
     parameters: Parameters = Field(default_factory=lambda: Parameters(do_sample=True))
 
@@ -62,7 +76,7 @@ class PrefillToken(BaseModel):
 class Details(BaseModel):
     finish_reason: Literal["length", "eos_token", "stop_sequence"]
     generated_tokens: int
-    seed: int | None
+    seed: int | None = None  # left out when decoding is greedy, as TGI does
     prefill: list[PrefillToken] = Field(default_factory=list)
     tokens: list[Token] = Field(default_factory=list)
 

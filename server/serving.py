@@ -6,6 +6,7 @@ and waits for the first token, so overload and early failures still become prope
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from collections.abc import AsyncIterator
@@ -25,6 +26,17 @@ class ServedError(Exception):
     def __init__(self, status: int, message: str, error_type: str) -> None:
         super().__init__(message)
         self.status, self.message, self.error_type = status, message, error_type
+
+
+class RequestTimeout(Exception):
+    """A request still generating at its deadline (limits.request_timeout_seconds); its slot is freed."""
+
+
+def generation_failure(exc: BaseException) -> ServedError:
+    """TGI's 424 for a request that failed after validation; a timeout says so in its message and error_type."""
+    if isinstance(exc, RequestTimeout):
+        return ServedError(424, str(exc), "timeout")
+    return ServedError(424, f"Request failed during generation: {exc}", "generation")
 
 
 class ArmChooser:
@@ -100,24 +112,53 @@ class Tracker:
             self.metrics.requests.labels(**self.labels, finish_reason="cancelled").inc()
 
 
-async def open_stream(engine: Engine, prepared: PreparedRequest, tracker: Tracker) -> TokenStream:
-    """Submit to the tracker's arm and wait for the first token; later tokens follow through the iterator."""
+async def open_stream(
+    engine: Engine, prepared: PreparedRequest, tracker: Tracker, timeout: float | None = None
+) -> TokenStream:
+    """Submit to the tracker's arm and wait for the first token; later tokens follow through the iterator.
+
+    With a timeout, every wait for a token is bounded by the request's deadline (counted from its arrival); past it
+    the engine's stream is closed, which cancels the request and frees its batch slot, and RequestTimeout is raised.
+    """
     tokens = engine.stream(prepared, tracker.mode)
+    deadline = None if timeout is None else tracker.start + timeout
+
+    async def next_token() -> tuple[Token, Generation]:
+        if deadline is None:
+            return await anext(tokens)
+        try:
+            return await asyncio.wait_for(anext(tokens), max(deadline - time.perf_counter(), 0.0))
+        except TimeoutError:
+            await tokens.aclose()
+            raise RequestTimeout(
+                f"Request timed out: still generating after {timeout:g}s (limits.request_timeout_seconds)"
+            ) from None
+
     try:
-        first = await anext(tokens)
+        first = await next_token()
     except Overloaded:
         tracker.fail("overloaded")
         raise ServedError(429, "Model is overloaded", "overloaded") from None
     except Exception as exc:
-        tracker.fail("generation")
-        raise ServedError(424, f"Request failed during generation: {exc}", "generation") from exc
+        error = generation_failure(exc)
+        tracker.fail(error.error_type)
+        raise error from exc
 
     async def rest() -> TokenStream:
-        tracker.token(first[1])
-        yield first
-        async for token, gen in tokens:
-            tracker.token(gen)
-            yield token, gen
+        try:
+            tracker.token(first[1])
+            yield first
+            # Until the engine's stream ends: `gen` is shared with the scheduler thread, which may have finished it
+            # while tokens are still queued, so its finish_reason cannot tell when to stop.
+            while True:
+                try:
+                    token, gen = await next_token()
+                except StopAsyncIteration:
+                    return
+                tracker.token(gen)
+                yield token, gen
+        finally:
+            await tokens.aclose()  # a consumer that stops early (client gone) cancels the request now, not at GC
 
     return rest()
 
@@ -129,8 +170,9 @@ async def run_to_end(stream: TokenStream, tracker: Tracker) -> Generation:
         async for _, step in stream:
             gen = step
     except Exception as exc:
-        tracker.fail("generation")
-        raise ServedError(424, f"Request failed during generation: {exc}", "generation") from exc
+        error = generation_failure(exc)
+        tracker.fail(error.error_type)
+        raise error from exc
     finally:
         if tracker.open and gen.finish_reason is None:
             tracker.cancelled()  # the task was cancelled (client gone, or shutdown)

@@ -66,6 +66,12 @@ def validate(
     _check_ranges(p, limits, served_adapter)
     if not inputs:
         raise InputValidationError("`inputs` cannot be empty")
+    if not inputs.isascii():
+        # JSON's "\ud800" escape decodes to a lone surrogate, which no tokenizer takes.
+        try:
+            inputs.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InputValidationError(f"`inputs` is not valid Unicode (lone surrogate at {exc.start})") from None
     ids = tokenize(inputs)
     if p.truncate is not None:
         if not 0 < p.truncate <= limits.max_input_tokens:

@@ -82,3 +82,7 @@ def test_tiny_server_serves_over_http(write_config: Writer, tiny_config_data: di
         r = httpx.post(f"{server.url}/generate", json={"inputs": "Arr", "parameters": {"max_new_tokens": 3}})
         assert r.status_code == 200 and r.headers["x-merge-mode"] == "unmerged"
         assert httpx.get(f"{server.url}/info").json()["mode"] == "unmerged"
+    # LiveServer stops it with SIGINT (Ctrl-C): a drain and exit 0, not a KeyboardInterrupt traceback.
+    assert server.proc is not None and server.proc.returncode == 0
+    log = server.read_log()
+    assert "SIGINT: draining" in log and "Traceback" not in log and "KeyboardInterrupt" not in log
