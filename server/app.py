@@ -174,6 +174,7 @@ def create_app(engine: Engine | None, config: Config) -> FastAPI:
             device_map=e.device_map,
             boot_seconds=e.boot_seconds,
             parity=e.parity.as_dict() if e.parity else None,
+            combine=e.combine,
         )
 
     @app.get("/metrics")

@@ -19,9 +19,28 @@ from peft import PeftConfig, PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from server.adapter_checks import (
+    QUANTIZED_MERGE_FIX,
+    adapter_tokenizer,
+    config_refusal,
+    kinds,
+    quantization_method,
+    resize_vocab,
+    unfilled_rows,
+)
 from server.config import AdapterConfig, Config, ModelConfig
 from server.engine import AdapterInfo, Engine, EngineInfo
-from server.merge import MergeError, lora_layers, merge_and_unload, merged_twin, temporarily_merged
+from server.merge import (
+    MergeError,
+    check_mergeable,
+    lora_layers,
+    merge_and_unload,
+    merged_twin,
+    plan,
+    served_embeddings,
+    temporarily_merged,
+)
+from server.mixing import MixSpec, deltas_on_the_side
 from server.parity import ParityResult, compare_logits, probe_logits
 
 log = logging.getLogger("mergeserve.boot")
@@ -72,10 +91,21 @@ def load_base(cfg: ModelConfig) -> tuple[PreTrainedTokenizerBase, PreTrainedMode
 
 
 def _model_key(file_key: str, adapter: str) -> str:
-    """PEFT stores `...q_proj.lora_A.weight` on disk and `...q_proj.lora_A.<adapter>.weight` in the model."""
+    """Where PEFT puts a stored tensor: `...q_proj.lora_A.weight` goes to `...q_proj.lora_A.<adapter>.weight`.
+
+    DoRA's `...lora_magnitude_vector` is a module's weight; `...embed_tokens.base_layer.weight` (embedding layers saved
+    with the adapter) lands in the base as is; any other tensor is a modules_to_save copy, `X.modules_to_save.<a>.w`.
+    """
     parts = file_key.split(".")
-    at = next(i for i, p in enumerate(parts) if p.startswith("lora_"))
-    return ".".join([*parts[: at + 1], adapter, *parts[at + 1 :]])
+    at = next((i for i, p in enumerate(parts) if p.startswith("lora_")), None)
+    if at is not None:
+        tail = parts[at + 1 :]
+        if parts[at] == "lora_magnitude_vector" and not tail:
+            tail = ["weight"]  # a module's weight, stored without its `.weight`
+        return ".".join([*parts[: at + 1], adapter, *tail])
+    if "base_layer" in parts:
+        return file_key
+    return ".".join([*parts[:-1], "modules_to_save", adapter, parts[-1]])
 
 
 def _refuse(adapter: AdapterConfig, problem: str, fix: str) -> BootError:
@@ -86,8 +116,12 @@ def _read_adapter(adapter: AdapterConfig) -> tuple[PeftConfig, dict[str, torch.T
     peft_config = PeftConfig.from_pretrained(str(adapter.path))
     if str(peft_config.peft_type) not in ("LORA", "PeftType.LORA"):
         raise _refuse(adapter, f"peft_type is {peft_config.peft_type}, not LORA", "give a LoRA adapter")
-    if getattr(peft_config, "modules_to_save", None):
-        raise _refuse(adapter, "modules_to_save is not supported yet", "retrain without modules_to_save")
+    refusal = config_refusal(peft_config)
+    if refusal:
+        raise _refuse(adapter, *refusal)
+    if getattr(peft_config, "modules_to_save", None) and adapter.weight != 1.0:
+        # A saved module replaces the base's whole; PEFT's unmerged forward cannot scale a replacement.
+        raise _refuse(adapter, "modules_to_save replaces whole modules, which a weight cannot scale", "use weight 1.0")
     weights = adapter.path / "adapter_model.safetensors"
     if not weights.is_file():
         raise _refuse(adapter, "no adapter_model.safetensors", "save the adapter with safe_serialization=True")
@@ -103,9 +137,9 @@ def _check_all_tensors_used(model: PeftModel, adapter: AdapterConfig, tensors: d
 
     PEFT only warns on either mismatch; an adapter half-applied that way would be served silently wrong.
     """
-    params = dict(model.named_parameters())
-    expected = {_model_key(k, adapter.name): v for k, v in tensors.items() if ".lora_" in k}
-    unused = sorted(set(tensors) - {k for k in tensors if ".lora_" in k})
+    params = dict(model.named_parameters(remove_duplicate=False))  # tied embeddings appear under both names
+    expected = {_model_key(k, adapter.name): v for k, v in tensors.items()}
+    unused: list[str] = []
     for key, value in expected.items():
         param = params.get(key)
         if param is None:
@@ -114,7 +148,9 @@ def _check_all_tensors_used(model: PeftModel, adapter: AdapterConfig, tensors: d
             raise _refuse(adapter, f"tensor '{key}' did not load as stored", "check the adapter matches the base")
     if unused:
         raise _refuse(adapter, f"tensor '{unused[0]}' matches no module of the base", "use the adapter's own base")
-    missing = [k for k in params if f".{adapter.name}." in k and ".lora_" in k and k not in expected]
+    mine = [f".lora_{p}.{adapter.name}" for p in ("A", "B", "embedding_A", "embedding_B", "magnitude_vector")]
+    mine.append(f".modules_to_save.{adapter.name}")
+    missing = [k for k in params if k not in expected and any(f"{m}." in k or k.endswith(m) for m in mine)]
     if missing:
         raise _refuse(adapter, f"no stored weights for '{missing[0]}'", "re-save the adapter with all its tensors")
 
@@ -136,6 +172,10 @@ def load_adapters(base: PreTrainedModel, adapters: list[AdapterConfig]) -> tuple
         _check_all_tensors_used(model, adapter, tensors)
         infos.append(_adapter_info(adapter, peft_config))
     assert model is not None  # Config requires at least one adapter
+    try:
+        check_mergeable(model, [a.name for a in adapters])
+    except MergeError as exc:
+        raise BootError(f"{exc}".replace(" | ", "; fix: "), EXIT_BAD_INPUT) from None
     cast(Any, model.base_model).set_adapter([a.name for a in adapters])
     for _, layer in lora_layers(model):
         for adapter in adapters:
@@ -155,6 +195,7 @@ def _adapter_info(adapter: AdapterConfig, cfg: Any) -> AdapterInfo:
         rank=cfg.r,
         alpha=cfg.lora_alpha,
         use_rslora=bool(cfg.use_rslora),
+        kinds=kinds(cfg),
         target_modules=sorted(targets) if isinstance(targets, (set, list)) else [str(targets)],
     )
 
@@ -177,20 +218,69 @@ def _gate(result: ParityResult) -> None:
         )
 
 
+def _refuse_quantized_merge(config: Config) -> None:
+    method = quantization_method(config.model.path)
+    if method and config.mode != "unmerged":
+        names = ", ".join(f"'{a.name}'" for a in config.adapters)
+        raise BootError(
+            f"adapters {names}: the base '{config.model.path}' is {method}-quantized, and merging into quantized "
+            f"weights re-quantizes away the adapters' change (mode {config.mode}); fix: {QUANTIZED_MERGE_FIX}",
+            EXIT_BAD_INPUT,
+        )
+
+
+def serving_tokenizer(
+    adapters: list[AdapterConfig], tokenizer: PreTrainedTokenizerBase, base: PreTrainedModel
+) -> tuple[PreTrainedTokenizerBase, bool]:
+    """The adapter's own tokenizer (added tokens, chat template) if it ships one, with the base grown to fit it.
+
+    Returns the tokenizer to serve and whether the base's vocabulary was resized.
+    """
+    shipped = [(a, tok) for a in adapters if (tok := adapter_tokenizer(a.path)) is not None]
+    if not shipped:
+        return tokenizer, False
+    first, chosen = shipped[0]
+    for adapter, tok in shipped[1:]:
+        if tok.get_vocab() != chosen.get_vocab():
+            raise _refuse(adapter, f"its tokenizer differs from adapter '{first.name}'s", "serve them separately")
+    return chosen, resize_vocab(base, len(chosen))
+
+
+def _merge_with(peft_model: PeftModel, names: list[str], spec: MixSpec, tokenizer: Any, probes: list[str]) -> Any:
+    """(reference logits, merged model). The exact sum is checked against the unmerged model itself; TIES/DARE,
+    which change the function on purpose, against the base with the same combined deltas on the side."""
+    if spec.method == "linear":
+        return probe_logits(peft_model, tokenizer, probes), merge_and_unload(peft_model, names)
+    deltas = plan(peft_model, names, spec)
+    with deltas_on_the_side(peft_model, [(layer, deltas[n]) for n, layer in lora_layers(peft_model)]) as side:
+        reference = probe_logits(side, tokenizer, probes)
+    return reference, merge_and_unload(peft_model, names, deltas)
+
+
 def boot(config: Config, on_phase: PhaseCallback | None = None) -> Engine:
     timer = PhaseTimer(on_phase)
     names = [a.name for a in config.adapters]
+    _refuse_quantized_merge(config)
     with timer.phase("load_base"):
         tokenizer, base = load_base(config.model)
+        tokenizer, resized = serving_tokenizer(config.adapters, tokenizer, base)
     dtype = cast(torch.dtype, base.dtype)
     with timer.phase("load_adapters"):
         peft_model, adapter_infos = load_adapters(base, config.adapters)
+        if resized and (where := unfilled_rows(served_embeddings(peft_model, names))):
+            raise BootError(
+                f"adapters {names}: the adapter tokenizer adds tokens, but no adapter ships their rows of the {where}; "
+                "fix: save the adapter with save_embedding_layers=True or modules_to_save",
+                EXIT_BAD_INPUT,
+            )
     probes, parity_cfg = config.parity.probes, config.parity
+    combine = config.combine
+    spec = MixSpec(combine.method, combine.density or 1.0, combine.seed)
     try:
         if config.mode == "merged":
             with timer.phase("merge"):
-                reference = probe_logits(peft_model, tokenizer, probes)
-                arms: dict[str, torch.nn.Module] = {"merged": merge_and_unload(peft_model, names)}
+                reference, merged = _merge_with(peft_model, names, spec, tokenizer, probes)
+                arms: dict[str, torch.nn.Module] = {"merged": merged}
             with timer.phase("verify"):
                 candidate = probe_logits(arms["merged"], tokenizer, probes)
         elif config.mode == "ab":
@@ -221,6 +311,7 @@ def boot(config: Config, on_phase: PhaseCallback | None = None) -> Engine:
         boot_seconds=timer.timings,
         parity=parity,
         base_path=str(Path(config.model.path)),
+        combine=combine.model_dump(),
     )
     engine = Engine(arms, tokenizer, info, config.limits)
     with timer.phase("warmup"):

@@ -132,6 +132,26 @@ class ABConfig(_Strict):
     seed: int = Field(default=0, description="Seeds the arm choice, so a replayed request sequence gets the same arms.")
 
 
+class CombineConfig(_Strict):
+    method: Literal["linear", "ties", "dare_linear", "dare_ties"] = Field(
+        default="linear",
+        description="How several adapters' deltas combine: linear is the exact weighted sum; ties/dare_* are opt-in "
+        "task-vector merges (merged mode only).",
+    )
+    density: float | None = Field(
+        default=None, gt=0, le=1, description="ties/dare: share of each delta's entries kept; required for them."
+    )
+    seed: int = Field(default=0, description="Seeds DARE's random drop, so a boot is reproducible.")
+
+    @model_validator(mode="after")
+    def _density_given(self) -> CombineConfig:
+        if self.method != "linear" and self.density is None:
+            raise ValueError(f"method {self.method} needs a density | set combine.density, e.g. 0.5")
+        if self.method == "linear" and self.density is not None:
+            raise ValueError("density applies to ties/dare only | remove combine.density or pick a method")
+        return self
+
+
 class Config(_Strict):
     model: ModelConfig = Field(description="The base model.")
     adapters: list[AdapterConfig] = Field(min_length=1, description="LoRA adapters, applied together.")
@@ -143,12 +163,19 @@ class Config(_Strict):
     server: ServerConfig = Field(default=ServerConfig(), description="Where to listen.")
     limits: LimitsConfig = Field(default=LimitsConfig(), description="Per-request token limits, as TGI's.")
     parity: ParityConfig = Field(default=ParityConfig(), description="The merged-vs-unmerged logit gate at boot.")
+    combine: CombineConfig = Field(default=CombineConfig(), description="How the adapters' deltas are combined.")
 
     @model_validator(mode="after")
     def _unique_names(self) -> Config:
         names = [a.name for a in self.adapters]
         if len(set(names)) != len(names):
             raise ValueError("adapter names must be unique | rename the duplicate adapter")
+        if self.combine.method != "linear" and self.mode != "merged":
+            # The unmerged arm computes the exact weighted sum; TIES/DARE change the function by design.
+            raise ValueError(
+                f"combine.method {self.combine.method} has no unmerged form, so mode {self.mode} cannot serve it | "
+                "use mode: merged, or combine.method: linear"
+            )
         return self
 
 

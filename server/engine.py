@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import queue
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
@@ -33,6 +33,7 @@ class AdapterInfo:
     alpha: float
     use_rslora: bool
     target_modules: list[str]
+    kinds: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -46,6 +47,7 @@ class EngineInfo:
     boot_seconds: dict[str, float]
     parity: ParityResult | None
     base_path: str = ""
+    combine: dict[str, Any] = field(default_factory=lambda: {"method": "linear", "density": None, "seed": 0})
 
 
 class Engine:

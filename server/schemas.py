@@ -85,6 +85,7 @@ class AdapterOut(BaseModel):
     alpha: float
     use_rslora: bool
     target_modules: list[str]
+    kinds: list[str] = Field(default_factory=list, description="Adapter settings beyond plain LoRA, e.g. dora.")
 
 
 class InfoResponse(BaseModel):
@@ -112,3 +113,4 @@ class InfoResponse(BaseModel):
     device_map: dict[str, int] = Field(description="Parameter bytes per device.")
     boot_seconds: dict[str, float]
     parity: dict[str, Any] | None
+    combine: dict[str, Any] | None = Field(default=None, description="How the adapters were combined (method...).")
