@@ -34,9 +34,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 QUANTIZED_MERGE_FIX = "merge into the float16/bfloat16 base checkpoint, or serve with mode: unmerged"
 
 
-def config_refusal(cfg: Any) -> tuple[str, str] | None:
-    """(problem, fix) if this adapter_config cannot be merged exactly, else None."""
-    init = cfg.init_lora_weights
+def config_refusal(raw: dict[str, Any]) -> tuple[str, str] | None:
+    """(problem, fix) if this adapter_config.json (as read, before PEFT parses it) cannot be merged exactly."""
+    if str(raw.get("peft_type", "")).upper() not in ("LORA", ""):
+        return f"peft_type is {raw.get('peft_type')}, not LORA", "give a LoRA adapter (or serve this one with PEFT)"
+    init = raw.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(_BASE_MODIFYING_INITS):
         return (
             f"init_lora_weights is '{init}', so the adapter only fits the base that initialisation modified",
@@ -44,9 +46,22 @@ def config_refusal(cfg: Any) -> tuple[str, str] | None:
             "plain LoRA",
         )
     for key, what in _UNSUPPORTED.items():
-        if getattr(cfg, key, None):
+        if raw.get(key):
             return f"{what} is not supported", "serve it with PEFT, or retrain as plain LoRA"
     return None
+
+
+def missing_targets(cfg: Any, model: Any) -> list[str]:
+    """Names in the adapter's target_modules list that match no module of the base (PEFT matches name suffixes).
+
+    PEFT only fails when nothing matches; a partial match would silently drop what the adapter meant for the rest.
+    A regex string is PEFT's to match; the tensor check still catches what it leaves out.
+    """
+    targets = cfg.target_modules
+    if not isinstance(targets, (list, set)):
+        return []
+    names = [name for name, _ in model.named_modules()]
+    return sorted(t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names))
 
 
 def kinds(cfg: Any) -> list[str]:

@@ -7,6 +7,7 @@ inputs (an adapter that does not fit the base), 3 for a merge that fails its che
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +25,7 @@ from server.adapter_checks import (
     adapter_tokenizer,
     config_refusal,
     kinds,
+    missing_targets,
     quantization_method,
     resize_vocab,
     unfilled_rows,
@@ -113,12 +115,16 @@ def _refuse(adapter: AdapterConfig, problem: str, fix: str) -> BootError:
 
 
 def _read_adapter(adapter: AdapterConfig) -> tuple[PeftConfig, dict[str, torch.Tensor]]:
-    peft_config = PeftConfig.from_pretrained(str(adapter.path))
+    try:
+        raw = json.loads((adapter.path / "adapter_config.json").read_text())
+        refusal = config_refusal(raw) if isinstance(raw, dict) else ("it is not a JSON object", "re-save the adapter")
+        if refusal:
+            raise _refuse(adapter, *refusal)
+        peft_config = PeftConfig.from_pretrained(str(adapter.path))
+    except (OSError, ValueError, TypeError) as exc:  # json and PEFT's own config validation
+        raise _refuse(adapter, f"cannot read adapter_config.json ({_first_line(exc)})", "re-save the adapter") from None
     if str(peft_config.peft_type) not in ("LORA", "PeftType.LORA"):
         raise _refuse(adapter, f"peft_type is {peft_config.peft_type}, not LORA", "give a LoRA adapter")
-    refusal = config_refusal(peft_config)
-    if refusal:
-        raise _refuse(adapter, *refusal)
     if getattr(peft_config, "modules_to_save", None) and adapter.weight != 1.0:
         # A saved module replaces the base's whole; PEFT's unmerged forward cannot scale a replacement.
         raise _refuse(adapter, "modules_to_save replaces whole modules, which a weight cannot scale", "use weight 1.0")
@@ -130,6 +136,13 @@ def _read_adapter(adapter: AdapterConfig) -> tuple[PeftConfig, dict[str, torch.T
     except Exception as exc:  # safetensors raises its own error types for corrupt headers
         raise _refuse(adapter, f"cannot read adapter_model.safetensors ({exc})", "re-save the adapter") from None
     return peft_config, tensors
+
+
+def _first_line(exc: BaseException) -> str:
+    """The most telling line of a (possibly multi-line) error: torch puts the size mismatch on the second."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    telling = [line for line in lines if "size mismatch" in line or "not found" in line]
+    return (telling or lines or [type(exc).__name__])[0]
 
 
 def _check_all_tensors_used(model: PeftModel, adapter: AdapterConfig, tensors: dict[str, torch.Tensor]) -> None:
@@ -167,8 +180,10 @@ def load_adapters(base: PreTrainedModel, adapters: list[AdapterConfig]) -> tuple
             else:
                 model.load_adapter(str(adapter.path), adapter_name=adapter.name)
         except (ValueError, RuntimeError, KeyError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = _first_line(exc)
             raise _refuse(adapter, f"does not fit the base ({first})", "use an adapter trained on this base") from None
+        if missing := missing_targets(peft_config, base):
+            raise _refuse(adapter, f"target module '{missing[0]}' is not in the base", "use the adapter's own base")
         _check_all_tensors_used(model, adapter, tensors)
         infos.append(_adapter_info(adapter, peft_config))
     assert model is not None  # Config requires at least one adapter
@@ -269,7 +284,7 @@ def boot(config: Config, on_phase: PhaseCallback | None = None) -> Engine:
         peft_model, adapter_infos = load_adapters(base, config.adapters)
         if resized and (where := unfilled_rows(served_embeddings(peft_model, names))):
             raise BootError(
-                f"adapters {names}: the adapter tokenizer adds tokens, but no adapter ships their rows of the {where}; "
+                f"adapters {', '.join(repr(n) for n in names)}: the adapter tokenizer adds tokens, but no adapter ships their rows of the {where}; "
                 "fix: save the adapter with save_embedding_layers=True or modules_to_save",
                 EXIT_BAD_INPUT,
             )

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from server.boot import boot, load_adapters
 from server.config import AdapterConfig, load_config
@@ -156,4 +156,53 @@ def test_kind_through_boot(
     assert set(engine.arms) == ({"merged", "unmerged"} if mode == "ab" else {mode})
     for arm in engine.arms.values():
         assert (_logits(arm) - want).abs().max().item() < 1e-4
+    engine.close()
+
+
+def make_added_token_adapter(base_dir: Path, out: Path, ship_rows: bool = True) -> Path:
+    """An adapter trained with two added tokens: its tokenizer (with a chat template) is saved beside it."""
+    torch.manual_seed(11)
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    tok.add_tokens(["<ship>", "<parrot>"])
+    tok.chat_template = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    base.resize_token_embeddings(len(tok))
+    with torch.no_grad():
+        base.get_input_embeddings().weight[-2:].normal_(0, 0.05)  # the rows training gave the new tokens
+    targets = ["q_proj", "embed_tokens"] if ship_rows else ["q_proj"]
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "lora_embedding_B" in name:
+                p.mul_(0.2)
+    # The embedding LoRA makes PEFT save the whole (resized) embedding too: the added rows travel with the adapter.
+    model.save_pretrained(out, save_embedding_layers=ship_rows)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["merged", "unmerged"])
+def test_added_tokens_resize_the_base_and_serve_the_adapters_tokenizer(
+    mode: str, tiny_base: Path, tmp_path_factory: pytest.TempPathFactory, write_config: Writer
+) -> None:
+    path = make_added_token_adapter(tiny_base, tmp_path_factory.mktemp("added"))
+    data = {
+        "model": {"path": str(tiny_base), "dtype": "float32"},
+        "adapters": [{"name": "tokens", "path": str(path)}],
+        "mode": mode,
+        "limits": {"max_input_tokens": 32, "max_total_tokens": 64, "max_new_tokens": 4},
+    }
+    engine = boot(load_config(write_config(data)))
+    shipped = AutoTokenizer.from_pretrained(path)
+    assert len(engine.tokenizer) == len(shipped) and engine.tokenizer.chat_template == shipped.chat_template
+    ids = torch.tensor([engine.tokenize("Arr <ship> and <parrot>")])
+    assert ids.max().item() >= len(AutoTokenizer.from_pretrained(tiny_base))  # the added tokens are used
+
+    reference = AutoModelForCausalLM.from_pretrained(tiny_base)
+    reference.resize_token_embeddings(len(shipped))
+    theirs = PeftModel.from_pretrained(reference, path).eval()
+    with torch.inference_mode():
+        want = theirs(input_ids=ids).logits
+        got = engine.model(input_ids=ids).logits
+    assert torch.isfinite(got).all() and (got - want).abs().max().item() < 1e-4
     engine.close()
