@@ -283,9 +283,10 @@ def boot(config: Config, on_phase: PhaseCallback | None = None) -> Engine:
     with timer.phase("load_adapters"):
         peft_model, adapter_infos = load_adapters(base, config.adapters)
         if resized and (where := unfilled_rows(served_embeddings(peft_model, names))):
+            listed = ", ".join(repr(n) for n in names)
             raise BootError(
-                f"adapters {', '.join(repr(n) for n in names)}: the adapter tokenizer adds tokens, but no adapter ships their rows of the {where}; "
-                "fix: save the adapter with save_embedding_layers=True or modules_to_save",
+                f"adapters {listed}: the adapter tokenizer adds tokens, but no adapter ships their rows of the "
+                f"{where}; fix: save the adapter with save_embedding_layers=True or modules_to_save",
                 EXIT_BAD_INPUT,
             )
     probes, parity_cfg = config.parity.probes, config.parity
