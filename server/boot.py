@@ -43,7 +43,8 @@ from server.merge import (
     temporarily_merged,
 )
 from server.mixing import MixSpec, deltas_on_the_side
-from server.parity import ParityResult, compare_logits, probe_logits
+from server.parity import ParityResult, compare_logits, probe_logits, with_float32_reference
+from server.precision import can_upcast, pick_dtype, upcast
 
 log = logging.getLogger("mergeserve.boot")
 PhaseCallback = Callable[[str, float], None]
@@ -74,7 +75,7 @@ class PhaseTimer:
 
 
 def _torch_dtype(dtype: str) -> Any:
-    return "auto" if dtype == "auto" else getattr(torch, dtype)
+    return "auto" if dtype in ("auto", "checkpoint") else getattr(torch, dtype)
 
 
 def load_base(cfg: ModelConfig) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
@@ -261,23 +262,42 @@ def serving_tokenizer(
     return chosen, resize_vocab(base, len(chosen))
 
 
-def _merge_with(peft_model: PeftModel, names: list[str], spec: MixSpec, tokenizer: Any, probes: list[str]) -> Any:
-    """(reference logits, merged model). The exact sum is checked against the unmerged model itself; TIES/DARE,
-    which change the function on purpose, against the base with the same combined deltas on the side."""
+def _references(model: Any, tokenizer: Any, probes: list[str], float32: bool) -> tuple[list[Any], list[Any] | None]:
+    """Unmerged logits in the serving dtype, and (if asked and possible) in float32 too."""
+    reference = probe_logits(model, tokenizer, probes)
+    if not float32:
+        return reference, None
+    if model.dtype == torch.float32:
+        return reference, reference
+    with upcast(model):
+        return reference, probe_logits(model, tokenizer, probes)
+
+
+def _merge_with(
+    peft_model: PeftModel, names: list[str], spec: MixSpec, tokenizer: Any, probes: list[str], float32: bool
+) -> tuple[list[Any], list[Any] | None, Any]:
+    """(reference logits, float32 reference, merged model). The exact sum is checked against the unmerged model
+    itself; TIES/DARE, which change the function on purpose, against the base with the combined deltas on the side."""
     if spec.method == "linear":
-        return probe_logits(peft_model, tokenizer, probes), merge_and_unload(peft_model, names)
+        return (*_references(peft_model, tokenizer, probes, float32), merge_and_unload(peft_model, names))
     deltas = plan(peft_model, names, spec)
     with deltas_on_the_side(peft_model, [(layer, deltas[n]) for n, layer in lora_layers(peft_model)]) as side:
-        reference = probe_logits(side, tokenizer, probes)
-    return reference, merge_and_unload(peft_model, names, deltas)
+        reference, reference32 = _references(side, tokenizer, probes, float32)
+    return reference, reference32, merge_and_unload(peft_model, names, deltas)
 
 
 def boot(config: Config, on_phase: PhaseCallback | None = None) -> Engine:
     timer = PhaseTimer(on_phase)
     names = [a.name for a in config.adapters]
     _refuse_quantized_merge(config)
+    model_cfg, dtype_reason = config.model, f"configured: {config.model.dtype}"
+    if model_cfg.dtype == "auto":
+        chosen, dtype_reason = pick_dtype()
+        model_cfg = model_cfg.model_copy(update={"dtype": chosen})
+    elif model_cfg.dtype == "checkpoint":
+        dtype_reason = "checkpoint: the checkpoint's own dtype"
     with timer.phase("load_base"):
-        tokenizer, base = load_base(config.model)
+        tokenizer, base = load_base(model_cfg)
         tokenizer, resized = serving_tokenizer(config.adapters, tokenizer, base)
     dtype = cast(torch.dtype, base.dtype)
     with timer.phase("load_adapters"):
@@ -292,10 +312,11 @@ def boot(config: Config, on_phase: PhaseCallback | None = None) -> Engine:
     probes, parity_cfg = config.parity.probes, config.parity
     combine = config.combine
     spec = MixSpec(combine.method, combine.density or 1.0, combine.seed)
+    float32 = parity_cfg.float32_reference and can_upcast(peft_model)
     try:
         if config.mode == "merged":
             with timer.phase("merge"):
-                reference, merged = _merge_with(peft_model, names, spec, tokenizer, probes)
+                reference, reference32, merged = _merge_with(peft_model, names, spec, tokenizer, probes, float32)
                 arms: dict[str, torch.nn.Module] = {"merged": merged}
             with timer.phase("verify"):
                 candidate = probe_logits(arms["merged"], tokenizer, probes)
@@ -304,15 +325,17 @@ def boot(config: Config, on_phase: PhaseCallback | None = None) -> Engine:
                 # The merged arm shares every tensor the adapters leave alone with the unmerged arm.
                 arms = {"merged": merged_twin(peft_model, names), "unmerged": peft_model}
             with timer.phase("verify"):
-                reference = probe_logits(peft_model, tokenizer, probes)
+                reference, reference32 = _references(peft_model, tokenizer, probes, float32)
                 candidate = probe_logits(arms["merged"], tokenizer, probes)
         else:
             arms = {"unmerged": peft_model}
             with timer.phase("verify"):
-                reference = probe_logits(peft_model, tokenizer, probes)
+                reference, reference32 = _references(peft_model, tokenizer, probes, float32)
                 with temporarily_merged(peft_model, names) as merged_view:
                     candidate = probe_logits(merged_view, tokenizer, probes)
         parity = compare_logits(reference, candidate, parity_cfg, dtype)
+        if reference32 is not None:
+            parity = with_float32_reference(parity, reference32, reference, candidate)
     except MergeError as exc:
         raise BootError(f"merge check failed: {exc}".replace(" | ", "; fix: "), EXIT_CHECK_FAILED) from None
     log.info("parity: %s", parity.summary())
@@ -322,7 +345,7 @@ def boot(config: Config, on_phase: PhaseCallback | None = None) -> Engine:
         mode=config.mode,
         adapters=adapter_infos,
         dtype=str(dtype).removeprefix("torch."),
-        dtype_reason="configured" if config.model.dtype != "auto" else "auto: the checkpoint's dtype",
+        dtype_reason=dtype_reason,
         device_map=device_summary(next(iter(arms.values()))),
         boot_seconds=timer.timings,
         parity=parity,

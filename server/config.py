@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 Mode = Literal["merged", "unmerged", "ab"]
 Arm = Literal["merged", "unmerged"]
-DType = Literal["auto", "float32", "float16", "bfloat16"]
+DType = Literal["auto", "checkpoint", "float32", "float16", "bfloat16"]
 PACKAGE_SCHEME = "package:"
 
 
@@ -50,7 +50,10 @@ def _resolve(raw: Any, info: ValidationInfo) -> Path:
 class ModelConfig(_Strict):
     path: Path = Field(description="Local Hugging Face model folder, a .gguf file, or package:<pkg>/<file>.")
     id: str | None = Field(default=None, description="model_id reported by /info; defaults to the path's name.")
-    dtype: DType = Field(default="auto", description="Serving dtype; auto keeps the checkpoint's dtype.")
+    dtype: DType = Field(
+        default="auto",
+        description="Serving dtype; auto: the fastest on this device, measured at boot; checkpoint: the file's own.",
+    )
     device_map: str | dict[str, Any] = Field(default="auto", description="Passed to from_pretrained.")
     trust_remote_code: bool = Field(default=False, description="Never run model code from the checkpoint unless set.")
 
@@ -122,6 +125,10 @@ class ParityConfig(_Strict):
         default=["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far away,"],
         min_length=1,
         description="Fixed prompts whose logits are compared at boot.",
+    )
+    float32_reference: bool = Field(
+        default=True,
+        description="Also measure the logit error against the unmerged model in float32 (upcasts it briefly).",
     )
 
 

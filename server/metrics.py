@@ -92,6 +92,12 @@ class Metrics:
         self.parity_top1 = Gauge(
             "mergeserve_parity_top1_agreement", "Merged vs unmerged argmax agreement at boot.", ["mode"], registry=r
         )
+        self.parity_float32 = Gauge(
+            "mergeserve_parity_float32_max_abs_logit_diff",
+            "Max abs logit diff at boot against the unmerged model run in float32, per arm: the serving dtype's cost.",
+            ["mode", "arm"],
+            registry=r,
+        )
         self.model_info = Info(
             "mergeserve_model", "What this process serves: base_model, adapters, dtype, device, mode.", registry=r
         )
@@ -110,6 +116,12 @@ class Metrics:
         if info.parity is not None:
             self.parity_diff.labels(mode=info.mode).set(info.parity.max_abs_diff)
             self.parity_top1.labels(mode=info.mode).set(info.parity.top1_agreement)
+            for arm, value in (
+                ("merged", info.parity.float32_merged_max_abs_diff),
+                ("unmerged", info.parity.float32_unmerged_max_abs_diff),
+            ):
+                if value is not None:
+                    self.parity_float32.labels(mode=info.mode, arm=arm).set(value)
         self.model_info.info(
             {
                 "base_model": info.model_id,
