@@ -109,9 +109,14 @@ def deltas_on_the_side(peft_model: nn.Module, layers: list[tuple[LoraLayer, Laye
             return out + extra.to(out.dtype)
 
         handles.append(base.register_forward_hook(side))
+    # Only the LoRA layers step aside: modules_to_save copies stay in use, as they do in the merged model.
+    for layer, _ in layers:
+        layer.enable_adapters(False)
     try:
-        with cast(Any, peft_model).disable_adapter():
-            yield peft_model
+        yield peft_model
     finally:
         for handle in handles:
             handle.remove()
+        for layer, _ in layers:
+            layer.enable_adapters(True)
+            cast(nn.Module, layer).requires_grad_(False)  # enable_adapters(True) made the adapter trainable

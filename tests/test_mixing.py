@@ -9,11 +9,13 @@ from typing import Any
 import pytest
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
 from server.boot import boot
 from server.config import ConfigError, load_config
 from server.mixing import MixSpec, combine
+from tests.conftest import build_adapter
 
 Writer = Callable[[dict[str, Any]], Path]
 METHODS = ["linear", "ties", "dare_linear", "dare_ties"]
@@ -83,6 +85,23 @@ def test_ties_and_dare_merge_reproducibly_and_pass_their_gate(
     assert not torch.allclose(first.model.state_dict()[q], exact.model.state_dict()[q], atol=1e-6)
     for engine in (first, second, exact):
         engine.close()
+
+
+def test_ties_keeps_modules_to_save_in_its_reference(
+    write_config: Writer, tiny_config_data: dict[str, Any], tiny_base: Path, tmp_path: Path
+) -> None:
+    """The side-path reference disables only the LoRA layers, so a saved lm_head counts on both sides of the gate."""
+    head = build_adapter(tiny_base, tmp_path / "head", seed=3, targets=["q_proj"], modules_to_save=["lm_head"])
+    tensors = load_file(str(head / "adapter_model.safetensors"))
+    saved = tensors["base_model.model.lm_head.weight"]
+    tensors["base_model.model.lm_head.weight"] = saved + 0.05 * torch.randn_like(saved)  # a trained head
+    save_file(tensors, str(head / "adapter_model.safetensors"))
+    tiny_config_data["adapters"].append({"name": "head", "path": str(head)})
+    tiny_config_data["combine"] = {"method": "ties", "density": 0.5}
+    engine = boot(load_config(write_config(tiny_config_data)))
+    assert engine.info.parity is not None and engine.info.parity.passed
+    assert not torch.equal(engine.model.lm_head.weight, engine.model.model.embed_tokens.weight)
+    engine.close()
 
 
 def test_linear_mix_runs_the_same_weights_unmerged(
