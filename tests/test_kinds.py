@@ -54,6 +54,7 @@ KINDS = [
     Kind("dora_rslora", "llama", {"target_modules": ["k_proj", "o_proj"], "use_dora": True, "use_rslora": True}),
     Kind("embedding_tied", "llama", {"target_modules": ["embed_tokens", "q_proj"]}, peft_merge_is_right=False),
     Kind("lm_head_tied", "llama", {"target_modules": ["lm_head"]}, peft_merge_is_right=False),
+    Kind("both_sides_tied", "llama", {"target_modules": ["embed_tokens", "lm_head"]}, peft_merge_is_right=False),
     Kind("dora_embedding_tied", "llama", {"target_modules": ["embed_tokens"], "use_dora": True}, False),
     Kind("modules_to_save", "llama", {"target_modules": ["q_proj"], "modules_to_save": ["lm_head"]}),
     Kind("fan_in_fan_out", "gpt2", {"target_modules": GPT2_ALL, "fan_in_fan_out": True}),
