@@ -160,6 +160,25 @@ def test_kind_through_boot(
     engine.close()
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("name", ["embedding_tied", "dora_embedding_tied", "modules_to_save", "dora_conv1d"])
+def test_kind_in_half_dtypes(
+    name: str, dtype: str, kind_adapter: Callable[[Kind], tuple[Path, Path]], write_config: Writer
+) -> None:
+    """Float32 tensors saved with the adapter (embedding copies, saved modules) load rounded into a half base."""
+    base_dir, path = kind_adapter(BY_NAME[name])
+    data = {
+        "model": {"path": str(base_dir), "dtype": dtype},
+        "adapters": [{"name": name, "path": str(path)}],
+        "limits": {"max_input_tokens": 32, "max_total_tokens": 64, "max_new_tokens": 4},
+    }
+    engine = boot(load_config(write_config(data)))
+    assert engine.info.parity is not None and engine.info.parity.passed
+    assert engine.info.parity.float32_merged_max_abs_diff is not None
+    assert engine.info.parity.float32_merged_max_abs_diff < 0.05  # tiny logits (~1): a few half-dtype ulps
+    engine.close()
+
+
 def make_added_token_adapter(base_dir: Path, out: Path, ship_rows: bool = True) -> Path:
     """An adapter trained with two added tokens: its tokenizer (with a chat template) is saved beside it."""
     torch.manual_seed(11)
