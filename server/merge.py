@@ -1,10 +1,10 @@
 """LoRA merge math, in one place.
 
-A LoRA layer computes  y = W0 x + sum_i delta_i x, where delta_i is one adapter's exact change to that layer
-(`server.merge_kinds`: s_i * B_i A_i for plain LoRA, the DoRA rescaling, embeddings, Conv1D, lora_bias), with s_i
-already multiplied by the adapter's configured weight w_i when the adapters were loaded. Merging writes
-W = W0 + combine(delta_1, delta_2, ...) into the base weight (`server.mixing`: the exact sum by default), so the model
-answers the same without the side path. `modules_to_save` tensors replace their module whole.
+A LoRA layer computes  y = W0 x + sum_i s_i B_i A_i x  (`server.merge_kinds` has every kind: DoRA's rescaling,
+embeddings, Conv1D, lora_bias, and how DoRA composes with other adapters), with s_i already multiplied by the
+adapter's configured weight w_i when the adapters were loaded. Merging writes that exact change into the base weight
+(or, as an opt-in, a TIES/DARE combination of the adapters' task vectors, `server.mixing`), so the model answers the
+same without the side path. `modules_to_save` tensors replace their module whole.
 
 Numerics: the deltas are small against W0 (often < 0.1 % of |W0|), so the sum is formed in float32 and rounded to the
 serving dtype once. Rounding each delta, or adding them one by one in bf16/fp16, loses most of their low bits.
@@ -28,7 +28,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, onload_layer
 from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 
-from server.merge_kinds import LayerDelta, adapter_delta, has_adapter, layer_kind_problem
+from server.merge_kinds import LayerDelta, adapter_delta, composed_delta, has_adapter, layer_kind_problem
 from server.mixing import MixSpec, combine
 
 LINEAR = MixSpec()
@@ -78,6 +78,8 @@ def layer_delta(
 ) -> LayerDelta:
     """The combined float32 change to one layer's weight (and bias) from every adapter that targets it."""
     w0 = base_weight(layer).data
+    if spec.method == "linear":
+        return composed_delta(layer, adapters, w0)
     parts = [adapter_delta(layer, a, w0) for a in adapters if has_adapter(layer, a)]
     weight = combine([p.weight for p in parts], spec, generator)
     biases = [p.bias for p in parts if p.bias is not None]

@@ -6,11 +6,14 @@ Every kind reduces to a float32 delta shaped like the stored base weight (and, w
   `layer.scaling` (alpha/r, or alpha/sqrt(r) for rsLoRA), and boot multiplied in the configured weight w.
 - fan_in_fan_out (GPT-2's Conv1D stores W as (in, out)) and embeddings (A is (r, vocab), B is (dim, r), the table is
   (vocab, dim)): the same product, transposed into the stored layout.
-- DoRA: W' = m * (W0 + sBA) / ||W0 + sBA||, the norm taken per output feature over the input axis, on the *unmerged*
-  W0 (as PEFT's forward does; the norm is detached there, which only matters for training). As a delta that is
-  (f - 1) * W0 + f * sBA with f = m / norm, which is exactly what PEFT's unmerged forward adds to the base output,
-  so several adapters on one layer still sum (PEFT's sequential merge renormalises the already-merged weight instead).
-- lora_bias: B carries a bias b_B; the base bias moves by s * b_B (times f under DoRA, where B's output is scaled).
+- DoRA: W' = f * (W + sBA) with f = m / ||W0 + sBA||, the norm taken per output feature over the input axis on the
+  *unmerged* W0 (as PEFT's forward does; it detaches the norm, which only matters for training).
+- lora_bias: B carries a bias b_B; the base bias moves by s * b_B.
+
+Several adapters on one layer compose the way PEFT's unmerged forward runs them, in the configured order: a plain
+adapter adds its product; a DoRA adapter rescales everything accumulated so far (the forward scales the running
+output, base bias excluded) and adds its own. Without DoRA that is the plain sum. `adapter_delta` is one adapter's
+change on its own (its task vector, for TIES/DARE); `composed_delta` is the exact change of all of them together.
 """
 
 from __future__ import annotations
@@ -69,23 +72,39 @@ def lora_product(layer: LoraLayer, adapter: str) -> torch.Tensor:
     return (delta.T if out_axis(layer) == 1 else delta) * s
 
 
-def adapter_delta(layer: LoraLayer, adapter: str, w0: torch.Tensor) -> LayerDelta:
-    """What merging `adapter` alone adds to this layer, given the unmerged base weight `w0`."""
-    product = lora_product(layer, adapter).to(w0.device)
-    bias = None
+def _apply(
+    layer: LoraLayer, adapter: str, w0f: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One adapter's step on the running float32 weight (and bias change), given the unmerged base weight w0f."""
+    product = lora_product(layer, adapter).to(w0f.device)
     if uses_bias(layer, adapter):
-        bias = cast(torch.Tensor, layer.lora_B[adapter].bias).float().to(w0.device) * layer.scaling[adapter]
+        own = cast(torch.Tensor, layer.lora_B[adapter].bias).float().to(w0f.device) * layer.scaling[adapter]
+        bias = own if bias is None else bias + own
     if not uses_dora(layer, adapter):
-        return LayerDelta(product, bias)
+        return weight + product, bias
     axis = out_axis(layer)
-    w0f = w0.float()
     # Norm per output feature, over the input axis: ||W0 + sBA||_c in the DoRA paper, computed in float32.
     norm = torch.linalg.vector_norm(w0f + product, dim=1 - axis)
-    magnitude = _weight(layer.lora_magnitude_vector[adapter]).float().to(w0.device)
-    factor = magnitude / norm
+    factor = _weight(layer.lora_magnitude_vector[adapter]).float().to(w0f.device) / norm
     shaped = factor.view(-1, 1) if axis == 0 else factor.view(1, -1)
-    weight = (shaped - 1) * w0f + shaped * product
-    return LayerDelta(weight, None if bias is None else factor * bias)
+    return shaped * (weight + product), None if bias is None else factor * bias
+
+
+def adapter_delta(layer: LoraLayer, adapter: str, w0: torch.Tensor) -> LayerDelta:
+    """What merging `adapter` alone adds to this layer, given the unmerged base weight `w0`."""
+    w0f = w0.float()
+    weight, bias = _apply(layer, adapter, w0f, w0f, None)
+    return LayerDelta(weight - w0f, bias)
+
+
+def composed_delta(layer: LoraLayer, adapters: list[str], w0: torch.Tensor) -> LayerDelta:
+    """The exact change of `adapters` together, in order, as PEFT's unmerged forward composes them."""
+    w0f = w0.float()
+    weight, bias = w0f, None
+    for adapter in adapters:
+        if has_adapter(layer, adapter):
+            weight, bias = _apply(layer, adapter, w0f, weight, bias)
+    return LayerDelta(weight - w0f, bias)
 
 
 def layer_kind_problem(layer: LoraLayer, adapter: str) -> str | None:

@@ -226,3 +226,40 @@ def test_added_tokens_resize_the_base_and_serve_the_adapters_tokenizer(
         got = engine.model(input_ids=ids).logits
     assert torch.isfinite(got).all() and (got - want).abs().max().item() < 1e-4
     engine.close()
+
+
+def test_dora_composes_with_other_adapters_as_peft_runs_them(
+    tiny_base: Path, tmp_path: Path, write_config: Writer
+) -> None:
+    """PEFT's forward lets a DoRA adapter rescale what earlier adapters added to the same layer; so must the merge."""
+    specs = [
+        ("plain", Kind("plain", "llama", {"target_modules": ["q_proj", "v_proj", "up_proj"]})),
+        ("dora1", Kind("dora1", "llama", {"target_modules": ["q_proj", "up_proj"], "use_dora": True})),
+        ("dora2", Kind("dora2", "llama", {"target_modules": ["q_proj", "v_proj"], "use_dora": True, "r": 2})),
+    ]
+    paths = {name: make_adapter(tiny_base, tmp_path / name, kind, seed=i) for i, (name, kind) in enumerate(specs)}
+    theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), paths["plain"], "plain")
+    for name in ("dora1", "dora2"):
+        theirs.load_adapter(str(paths[name]), adapter_name=name)
+    theirs.base_model.set_adapter(list(paths))
+    want = _logits(theirs.eval())
+
+    configs = [AdapterConfig(name=n, path=str(p)) for n, p in paths.items()]
+    ours, _ = load_adapters(AutoModelForCausalLM.from_pretrained(tiny_base), configs)
+    merged = merge_and_unload(ours, list(paths))
+    assert (_logits(merged) - want).abs().max().item() < 1e-4
+    mine = merged.state_dict()
+    for key, value in theirs.merge_and_unload(adapter_names=list(paths)).state_dict().items():
+        assert torch.allclose(mine[key], value, atol=1e-5, rtol=0), key
+
+    data = {
+        "model": {"path": str(tiny_base), "dtype": "float32"},
+        "adapters": [
+            {"name": n, "path": str(p), "weight": w} for (n, p), w in zip(paths.items(), (0.7, 0.5, 1.3), strict=True)
+        ],
+        "limits": {"max_input_tokens": 32, "max_total_tokens": 64, "max_new_tokens": 4},
+    }
+    for mode in ("merged", "ab"):
+        engine = boot(load_config(write_config({**data, "mode": mode})))
+        assert engine.info.parity is not None and engine.info.parity.passed, engine.info.parity
+        engine.close()
