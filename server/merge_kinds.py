@@ -73,38 +73,43 @@ def lora_product(layer: LoraLayer, adapter: str) -> torch.Tensor:
 
 
 def _apply(
-    layer: LoraLayer, adapter: str, w0f: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    layer: LoraLayer, adapter: str, w0f: torch.Tensor, delta: torch.Tensor, bias: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One adapter's step on the running float32 weight (and bias change), given the unmerged base weight w0f."""
+    """One adapter's step on the running float32 change to the weight (and bias), given the unmerged base w0f.
+
+    Kept as a change, never as W0 + change: a delta far below W0's float32 resolution must survive to the
+    "did the weight change" check instead of vanishing in W0 + delta - W0.
+    """
     product = lora_product(layer, adapter).to(w0f.device)
     if uses_bias(layer, adapter):
         own = cast(torch.Tensor, layer.lora_B[adapter].bias).float().to(w0f.device) * layer.scaling[adapter]
         bias = own if bias is None else bias + own
     if not uses_dora(layer, adapter):
-        return weight + product, bias
+        return delta + product, bias
     axis = out_axis(layer)
     # Norm per output feature, over the input axis: ||W0 + sBA||_c in the DoRA paper, computed in float32.
     norm = torch.linalg.vector_norm(w0f + product, dim=1 - axis)
     factor = _weight(layer.lora_magnitude_vector[adapter]).float().to(w0f.device) / norm
     shaped = factor.view(-1, 1) if axis == 0 else factor.view(1, -1)
-    return shaped * (weight + product), None if bias is None else factor * bias
+    # f * (W0 + delta + sBA) - W0
+    return (shaped - 1) * w0f + shaped * (delta + product), None if bias is None else factor * bias
 
 
 def adapter_delta(layer: LoraLayer, adapter: str, w0: torch.Tensor) -> LayerDelta:
     """What merging `adapter` alone adds to this layer, given the unmerged base weight `w0`."""
     w0f = w0.float()
-    weight, bias = _apply(layer, adapter, w0f, w0f, None)
-    return LayerDelta(weight - w0f, bias)
+    weight, bias = _apply(layer, adapter, w0f, torch.zeros_like(w0f), None)
+    return LayerDelta(weight, bias)
 
 
 def composed_delta(layer: LoraLayer, adapters: list[str], w0: torch.Tensor) -> LayerDelta:
     """The exact change of `adapters` together, in order, as PEFT's unmerged forward composes them."""
     w0f = w0.float()
-    weight, bias = w0f, None
+    delta, bias = torch.zeros_like(w0f), None
     for adapter in adapters:
         if has_adapter(layer, adapter):
-            weight, bias = _apply(layer, adapter, w0f, weight, bias)
-    return LayerDelta(weight - w0f, bias)
+            delta, bias = _apply(layer, adapter, w0f, delta, bias)
+    return LayerDelta(delta, bias)
 
 
 def layer_kind_problem(layer: LoraLayer, adapter: str) -> str | None:

@@ -21,7 +21,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from server.boot import boot, load_adapters
 from server.config import AdapterConfig, load_config
-from server.merge import merge_and_unload
+from server.merge import lora_layers, merge_and_unload
+from server.merge_kinds import composed_delta, lora_product
 from tests.conftest import TARGETS
 
 Writer = Callable[[dict[str, Any]], Path]
@@ -263,3 +264,12 @@ def test_dora_composes_with_other_adapters_as_peft_runs_them(
         engine = boot(load_config(write_config({**data, "mode": mode})))
         assert engine.info.parity is not None and engine.info.parity.passed, engine.info.parity
         engine.close()
+
+
+def test_a_delta_below_float32_resolution_of_w0_is_kept(tiny_base: Path, tiny_adapters: dict[str, Path]) -> None:
+    """The change is accumulated on its own, never as W0 + change - W0, so the rounds-away check can see it."""
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), tiny_adapters["alpha"])
+    _, layer = next(iter(lora_layers(peft_model)))
+    layer.scaling["default"] = 1e-12
+    delta = composed_delta(layer, ["default"], layer.get_base_layer().weight)
+    assert delta.weight.any() and torch.equal(delta.weight, lora_product(layer, "default"))
