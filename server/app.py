@@ -249,6 +249,7 @@ def create_app(engine: Engine | None, config: Config) -> FastAPI:
             boot_seconds=e.boot_seconds,
             parity=e.parity.as_dict() if e.parity else None,
             cache=e.cache or None,
+            combine=e.combine,
         )
 
     @app.get(

@@ -8,8 +8,9 @@ Layout under the cache folder:
     tmp-*/ trash-*/       entries being written (renamed into entries/ when complete) or being deleted
 
 The key covers the base files, every adapter file, each adapter's weight and order, the dtype, the merge method and
-MERGE_FORMAT_VERSION, the parity probes (their logits are stored in the entry) and the transformers and PEFT
-versions (the GGUF dequantizer and PEFT's scaling rules live there). Keying on an adapter's name alone goes stale.
+MERGE_FORMAT_VERSION, the combine method (with its density and seed), the parity probes (their logits are stored in
+the entry) and the transformers and PEFT versions (the GGUF dequantizer and PEFT's scaling rules live there).
+Keying on an adapter's name alone goes stale.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ from server.config import Config
 from server.model_files import tied_names, write_model_files
 
 # Bump when the merge math or the entry layout changes: old entries then simply stop matching.
-MERGE_FORMAT_VERSION = 1
-MERGE_METHOD = "W0 + sum(w_i * s_i * B_i @ A_i), float32 sum, rounded once"
+# 2: per-kind deltas (DoRA, biases, saved modules, untied embeddings) and the combine method joined the key.
+MERGE_FORMAT_VERSION = 2
+MERGE_METHOD = "W0 + per-kind float32 delta (combine: see the key), rounded once"
 MANIFEST = "mergeserve-manifest.json"
 PROBES = "mergeserve-probes.safetensors"
 SHARD_BYTES = 200 * 10**6
@@ -94,6 +96,7 @@ class MergeCache:
         inputs = {
             "format": MERGE_FORMAT_VERSION,
             "method": MERGE_METHOD,
+            "combine": config.combine.model_dump(),  # TIES/DARE give other weights than the exact sum
             "dtype": config.model.dtype,
             "base": _tree_digests(config.model.path, hashes),
             "adapters": [{"weight": a.weight, "files": _tree_digests(a.path, hashes)} for a in config.adapters],

@@ -39,6 +39,10 @@ class DamagedEntry(Exception):
     pass
 
 
+# The entry was written in the dtype resolved when it was built (a `dtype: auto` choice included).
+HIT_DTYPE_REASON = "cache hit: the dtype the entry was built in"
+
+
 def _serve_hit(config: Config, timer: PhaseTimer, cache: MergeCache, key: str) -> tuple[Any, ...]:
     folder = str(cache.entry(key))
     common = {"local_files_only": True, "trust_remote_code": config.model.trust_remote_code}
@@ -75,7 +79,9 @@ def boot_merged_with_cache(config: Config, timer: PhaseTimer) -> Engine:
         cache_log.warning("merge cache: cannot use %s (%s); merging without it", root, exc)
         built = build_arms(config, timer)
         report.update(status="unavailable", hit=False, problem=str(exc))
-        return finish_boot(config, timer, built.arms, built.tokenizer, built.adapter_infos, built.parity, report)
+        return finish_boot(
+            config, timer, built.arms, built.tokenizer, built.adapter_infos, built.parity, report, built.dtype_reason
+        )
     with timer.phase("cache_lookup"):
         key, inputs = cache.key(config)
         lock = cache.lock(key)
@@ -93,7 +99,7 @@ def boot_merged_with_cache(config: Config, timer: PhaseTimer) -> Engine:
                     "stored: unmerged probe logits recorded when the entry was built, compared with the loaded "
                     "merged model"), built_at=manifest.get("created"))  # fmt: skip
                 cache_log.info("merge cache: hit %s (%s)", key, cache.entry(key))
-                return finish_boot(config, timer, {"merged": model}, tokenizer, infos, parity, report)
+                return finish_boot(config, timer, {"merged": model}, tokenizer, infos, parity, report, HIT_DTYPE_REASON)
         if problem is not None:
             cache_log.warning("merge cache: entry %s is damaged (%s); discarding it and merging again", key, problem)
             report.update(corrupt_entries=1, problem=problem)
@@ -116,4 +122,6 @@ def boot_merged_with_cache(config: Config, timer: PhaseTimer) -> Engine:
                 report["problem"] = f"store failed: {exc}"
     finally:
         lock.release()
-    return finish_boot(config, timer, built.arms, built.tokenizer, built.adapter_infos, built.parity, report)
+    return finish_boot(
+        config, timer, built.arms, built.tokenizer, built.adapter_infos, built.parity, report, built.dtype_reason
+    )

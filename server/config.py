@@ -19,7 +19,7 @@ from server.security import input_problems
 
 Mode = Literal["merged", "unmerged", "ab"]
 Arm = Literal["merged", "unmerged"]
-DType = Literal["auto", "float32", "float16", "bfloat16"]
+DType = Literal["auto", "checkpoint", "float32", "float16", "bfloat16"]
 PACKAGE_SCHEME = "package:"
 CACHE_DIR_ENV = "MERGESERVE_CACHE_DIR"
 
@@ -54,7 +54,10 @@ def _resolve(raw: Any, info: ValidationInfo) -> Path:
 class ModelConfig(_Strict):
     path: Path = Field(description="Local Hugging Face model folder, a .gguf file, or package:<pkg>/<file>.")
     id: str | None = Field(default=None, description="model_id reported by /info; defaults to the path's name.")
-    dtype: DType = Field(default="auto", description="Serving dtype; auto keeps the checkpoint's dtype.")
+    dtype: DType = Field(
+        default="auto",
+        description="Serving dtype; auto: the fastest on this device, measured at boot; checkpoint: the file's own.",
+    )
     device_map: str | dict[str, Any] = Field(default="auto", description="Passed to from_pretrained.")
     trust_remote_code: bool = Field(default=False, description="Never run model code from the checkpoint unless set.")
 
@@ -133,6 +136,10 @@ class ParityConfig(_Strict):
         min_length=1,
         description="Fixed prompts whose logits are compared at boot.",
     )
+    float32_reference: bool = Field(
+        default=True,
+        description="Also measure the logit error against the unmerged model in float32 (upcasts it briefly).",
+    )
 
 
 class ABConfig(_Strict):
@@ -196,6 +203,26 @@ class SecurityConfig(_Strict):
         return None if raw is None else _resolve(raw, info)
 
 
+class CombineConfig(_Strict):
+    method: Literal["linear", "ties", "dare_linear", "dare_ties"] = Field(
+        default="linear",
+        description="How several adapters' deltas combine: linear is the exact weighted sum; ties/dare_* are opt-in "
+        "task-vector merges (merged mode only).",
+    )
+    density: float | None = Field(
+        default=None, gt=0, le=1, description="ties/dare: share of each delta's entries kept; required for them."
+    )
+    seed: int = Field(default=0, description="Seeds DARE's random drop, so a boot is reproducible.")
+
+    @model_validator(mode="after")
+    def _density_given(self) -> CombineConfig:
+        if self.method != "linear" and self.density is None:
+            raise ValueError(f"method {self.method} needs a density | set combine.density, e.g. 0.5")
+        if self.method == "linear" and self.density is not None:
+            raise ValueError("density applies to ties/dare only | remove combine.density or pick a method")
+        return self
+
+
 class Config(_Strict):
     model: ModelConfig = Field(description="The base model.")
     adapters: list[AdapterConfig] = Field(min_length=1, description="LoRA adapters, applied together.")
@@ -211,12 +238,19 @@ class Config(_Strict):
     security: SecurityConfig = Field(
         default=SecurityConfig(), description="Weight formats, path roots, API keys, body size and CORS."
     )
+    combine: CombineConfig = Field(default=CombineConfig(), description="How the adapters' deltas are combined.")
 
     @model_validator(mode="after")
     def _unique_names(self) -> Config:
         names = [a.name for a in self.adapters]
         if len(set(names)) != len(names):
             raise ValueError("adapter names must be unique | rename the duplicate adapter")
+        if self.combine.method != "linear" and self.mode != "merged":
+            # The unmerged arm computes the exact weighted sum; TIES/DARE change the function by design.
+            raise ValueError(
+                f"combine.method {self.combine.method} has no unmerged form, so mode {self.mode} cannot serve it | "
+                "use mode: merged, or combine.method: linear"
+            )
         return self
 
 

@@ -34,6 +34,7 @@ class AdapterInfo:
     alpha: float
     use_rslora: bool
     target_modules: list[str]
+    kinds: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -49,6 +50,7 @@ class EngineInfo:
     base_path: str = ""
     # Merge cache: key, hit or miss, and where the parity figures come from on a hit (see server.cached_boot).
     cache: dict[str, Any] = field(default_factory=dict)
+    combine: dict[str, Any] = field(default_factory=lambda: {"method": "linear", "density": None, "seed": 0})
 
 
 class Engine:

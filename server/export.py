@@ -2,8 +2,8 @@
 
 Memory: the base is never materialised. The model is built on the meta device (shapes only), the small LoRA tensors
 are attached to it, and the stored base is read tensor by tensor: each adapted weight is merged in float32 with the
-same `delta_weight` the server uses, rounded once to the output dtype, written and freed. Peak memory is about the
-largest tensor in float32 plus its rounded copy, not the model.
+same per-kind delta (`merge_kinds.composed_delta`) the server uses, rounded once to the output dtype, written and
+freed. Peak memory is about the largest tensor in float32 plus its rounded copy, not the model.
 
 Numerics versus the server: with the output dtype equal to the stored dtype (or float32), the written weights equal
 the server's merged weights bit for bit. When the output dtype is narrower than the stored one, the server rounds
@@ -26,7 +26,8 @@ from transformers import AutoModelForCausalLM
 from server.boot import BootError, load_adapters
 from server.checkpoint import TensorSpec, write_sharded
 from server.config import Config
-from server.merge import MergeError, check_mergeable, delta_weight, lora_layers
+from server.merge import MergeError, check_mergeable, lora_layers, saved_modules
+from server.merge_kinds import composed_delta, uses_bias
 from server.model_files import resolve_dtype, tied_names, write_model_files
 from server.sources import SourceError, open_source
 
@@ -68,6 +69,19 @@ def _refuse(message: str) -> BootError:
     return BootError(message.replace(" | ", "; fix: "), EXIT_BAD_INPUT)
 
 
+def _refuse_unstreamable(config: Config, peft_model: torch.nn.Module, names: list[str]) -> None:
+    """What the tensor-by-tensor export does not write yet; the server merges all of it, and so does its cache."""
+    problem = None
+    if config.combine.method != "linear":
+        problem = f"combine.method {config.combine.method} (its deltas need every base weight at once)"
+    elif any(True for _ in saved_modules(peft_model, names)):
+        problem = "modules_to_save (whole replacement modules)"
+    elif any(uses_bias(layer, a) for _, layer in lora_layers(peft_model) for a in names if a in layer.lora_A):
+        problem = "lora_bias (changes to the base biases)"
+    if problem:
+        raise _refuse(f"adapters {names}: export does not stream {problem} yet; fix: serve in merged mode instead")
+
+
 def export_merged(
     config: Config, out: Path, dtype: str | None = None, max_shard_bytes: int = 200 * 10**6
 ) -> ExportResult:
@@ -93,6 +107,7 @@ def export_merged(
         check_mergeable(peft_model, names)
     except MergeError as exc:
         raise BootError(f"merge check failed: {exc}".replace(" | ", "; fix: "), 3) from None
+    _refuse_unstreamable(config, peft_model, names)
     adapted = {name.removeprefix("base_model.model.") + ".weight": layer for name, layer in lora_layers(peft_model)}
     tie = bool(getattr(source.config, "tie_word_embeddings", False))
     specs = source.specs()
@@ -109,11 +124,8 @@ def export_merged(
         weight = source.get(embed_name if untied_head and embed_name else spec.name)
         layer = adapted.get(spec.name)
         if layer is not None:
-            acc = weight.float()  # a fresh tensor from the source, so adding in place is safe
-            for adapter in names:
-                if adapter in layer.lora_A or adapter in layer.lora_embedding_A:
-                    acc += delta_weight(layer, adapter)
-            weight = acc
+            # W0 comes from the source, not the (meta) skeleton: DoRA's column norms are taken of W0 + delta.
+            weight = weight.float() + composed_delta(layer, names, weight).weight
         return weight.to(spec.dtype)
 
     partial = out.parent / f".{out.name}.partial-{os.getpid()}"

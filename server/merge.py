@@ -1,12 +1,17 @@
 """LoRA merge math, in one place.
 
-A LoRA layer computes  y = W0 x + sum_i s_i * B_i (A_i x)  where s_i = alpha_i / r_i (or alpha_i / sqrt(r_i) for
-rsLoRA), already multiplied by the adapter's configured weight w_i when the adapters were loaded. Merging writes
-W = W0 + sum_i s_i * B_i A_i  into the base weight, so the model answers the same without the side path.
+A LoRA layer computes  y = W0 x + sum_i s_i B_i A_i x  (`server.merge_kinds` has every kind: DoRA's rescaling,
+embeddings, Conv1D, lora_bias, and how DoRA composes with other adapters), with s_i already multiplied by the
+adapter's configured weight w_i when the adapters were loaded. Merging writes that exact change into the base weight
+(or, as an opt-in, a TIES/DARE combination of the adapters' task vectors, `server.mixing`), so the model answers the
+same without the side path. `modules_to_save` tensors replace their module whole.
 
 Numerics: the deltas are small against W0 (often < 0.1 % of |W0|), so the sum is formed in float32 and rounded to the
 serving dtype once. Rounding each delta, or adding them one by one in bf16/fp16, loses most of their low bits.
 PEFT's `add_weighted_adapter(..., "linear")` is not used: it mixes A and B separately, which adds cross terms B_i A_j.
+
+Tied embeddings: when the input and output embeddings share one tensor and an adapter changes either side, the
+merged side gets its own tensor and the config is untied, so one trained matrix never overwrites the other.
 """
 
 from __future__ import annotations
@@ -14,13 +19,19 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import cast
+from typing import Any, cast
 
 import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer, onload_layer
+from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
+
+from server.merge_kinds import LayerDelta, adapter_delta, composed_delta, has_adapter, layer_kind_problem
+from server.mixing import MixSpec, combine
+
+LINEAR = MixSpec()
 
 
 class MergeError(Exception):
@@ -33,103 +44,167 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
             yield name, module
 
 
+def saved_modules(model: nn.Module, adapters: list[str]) -> Iterator[tuple[str, ModulesToSaveWrapper, str]]:
+    """(module name, wrapper, adapter) for every `modules_to_save` module one of `adapters` replaces."""
+    for name, module in model.named_modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            for adapter in adapters:
+                if adapter in module.modules_to_save:
+                    yield name, module, adapter
+
+
 def check_mergeable(model: nn.Module, adapters: list[str]) -> None:
-    """Refuse, before anything is touched, the layer variants whose delta is not  s * B @ A."""
+    """Refuse, before anything is touched, what cannot be merged exactly."""
     for name, layer in lora_layers(model):
         for adapter in adapters:
-            if adapter not in layer.lora_A and adapter not in layer.lora_embedding_A:
-                continue
-            if layer.use_dora.get(adapter, False):
-                raise MergeError(f"adapter '{adapter}', module '{name}': DoRA is not supported yet | serve unmerged")
-            if getattr(layer, "lora_bias", {}).get(adapter, False):
-                raise MergeError(f"adapter '{adapter}', module '{name}': lora_bias is not supported yet | retrain")
-            base = layer.get_base_layer()
-            if not isinstance(base, (nn.Linear, nn.Embedding)) and type(base).__name__ != "Conv1D":
-                raise MergeError(
-                    f"adapter '{adapter}', module '{name}': cannot merge into {type(base).__name__} | serve unmerged"
-                )
-
-
-def _weight(module: object) -> torch.Tensor:
-    return cast(torch.Tensor, module.weight)  # type: ignore[attr-defined]
+            if has_adapter(layer, adapter) and (problem := layer_kind_problem(layer, adapter)):
+                raise MergeError(f"adapter '{adapter}', module '{name}': {problem}")
+    owners: dict[str, str] = {}
+    for name, _, adapter in saved_modules(model, adapters):
+        if name in owners:
+            raise MergeError(
+                f"adapters '{owners[name]}' and '{adapter}', module '{name}': both replace it whole "
+                "(modules_to_save) | serve one of them"
+            )
+        owners[name] = adapter
 
 
 def base_weight(layer: LoraLayer) -> torch.Tensor:
-    return _weight(layer.get_base_layer())
+    return cast(torch.Tensor, layer.get_base_layer().weight)
 
 
-def delta_weight(layer: LoraLayer, adapter: str) -> torch.Tensor:
-    """s * B @ A for one adapter, in float32, shaped like the base weight."""
-    if adapter in layer.lora_embedding_A:
-        # Embedding LoRA stores A as (r, vocab) and B as (dim, r); the table is (vocab, dim), hence the transpose.
-        a = cast(torch.Tensor, layer.lora_embedding_A[adapter]).float()
-        b = cast(torch.Tensor, layer.lora_embedding_B[adapter]).float()
-        return (b @ a).T * layer.scaling[adapter]
-    a = _weight(layer.lora_A[adapter]).float()  # (r, in)
-    b = _weight(layer.lora_B[adapter]).float()  # (out, r)
-    delta = b @ a  # (out, in)
-    if getattr(layer, "fan_in_fan_out", False):
-        # GPT-2's Conv1D stores W as (in, out).
-        delta = delta.T
-    return delta * layer.scaling[adapter]
+def layer_delta(
+    layer: LoraLayer, adapters: list[str], spec: MixSpec = LINEAR, generator: torch.Generator | None = None
+) -> LayerDelta:
+    """The combined float32 change to one layer's weight (and bias) from every adapter that targets it."""
+    w0 = base_weight(layer).data
+    if spec.method == "linear":
+        return composed_delta(layer, adapters, w0)
+    parts = [adapter_delta(layer, a, w0) for a in adapters if has_adapter(layer, a)]
+    weight = combine([p.weight for p in parts], spec, generator)
+    biases = [p.bias for p in parts if p.bias is not None]
+    return LayerDelta(weight, combine(biases, spec, generator) if biases else None)
 
 
-def merged_weight(w0: torch.Tensor, deltas: list[torch.Tensor]) -> torch.Tensor:
-    """W0 + sum of deltas, accumulated in float32 and rounded once to W0's dtype."""
-    acc = w0.float().clone()
-    for d in deltas:
-        acc += d.to(acc.device)
-    return acc.to(w0.dtype)
+def merged_weight(w0: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """W0 + delta, formed in float32 and rounded once to W0's dtype."""
+    return (w0.float() + delta.to(w0.device)).to(w0.dtype)
 
 
-def _adapters_in(layer: LoraLayer, adapters: list[str]) -> list[str]:
-    return [a for a in adapters if a in layer.lora_A or a in layer.lora_embedding_A]
-
-
-def merge_layer(layer: LoraLayer, adapters: list[str]) -> bool:
-    """Write the merged weight into the base layer, on the device where that weight lives.
+def merge_layer(layer: LoraLayer, adapters: list[str], delta: LayerDelta | None = None) -> bool:
+    """Write the merged weight (and bias) into the base layer, on the device where that weight lives.
 
     Returns whether the stored weight changed: a non-zero delta that rounds away entirely is silent damage.
     """
-    names = _adapters_in(layer, adapters)
+    delta = delta if delta is not None else layer_delta(layer, adapters)
+    base = layer.get_base_layer()
     weight = base_weight(layer)
-    deltas = [delta_weight(layer, a).to(weight.device) for a in names]
-    new = merged_weight(weight.data, deltas)
+    new = merged_weight(weight.data, delta.weight)
     changed = not torch.equal(new, weight.data)
     weight.data.copy_(new)
-    return changed or all(not d.any() for d in deltas)
+    if delta.bias is not None:
+        bias = cast(torch.Tensor, base.bias)
+        bias.data.copy_(merged_weight(bias.data, delta.bias))
+    return changed or not delta.weight.any()
 
 
-def _drop_lora_modules(model: nn.Module) -> nn.Module:
-    """Replace every LoRA wrapper by its base layer."""
+def _unwrap(module: nn.Module | None) -> nn.Module | None:
+    if isinstance(module, ModulesToSaveWrapper):
+        return cast(nn.Module, module.original_module)
+    if isinstance(module, BaseTunerLayer):
+        return cast(nn.Module, module.get_base_layer())
+    return module
+
+
+def untie_adapted_embeddings(model: nn.Module, adapters: list[str]) -> bool:
+    """Give the output embedding its own tensor if it shares one with the input embedding and either side is adapted.
+
+    Returns whether it untied. Must run before any merge writes into the shared tensor.
+    """
+    base = cast(Any, model.get_base_model() if isinstance(model, PeftModel) else model)
+    wrapped_in, wrapped_out = base.get_input_embeddings(), base.get_output_embeddings()
+    inp, out = _unwrap(wrapped_in), _unwrap(wrapped_out)
+    if inp is None or out is None or cast(torch.Tensor, inp.weight) is not cast(torch.Tensor, out.weight):
+        return False
+    wrappers = [m for m in (wrapped_in, wrapped_out) if isinstance(m, (LoraLayer, ModulesToSaveWrapper))]
+    if not any(_targets(m, adapters) for m in wrappers):
+        return False
+    out.weight = nn.Parameter(cast(torch.Tensor, out.weight).detach().clone(), requires_grad=False)
+    base.config.tie_word_embeddings = False
+    return True
+
+
+def served_embeddings(model: nn.Module, adapters: list[str]) -> list[tuple[str, nn.Module | None]]:
+    """The input and output embedding modules the forward actually reads (a modules_to_save copy if one is active)."""
+    base = cast(Any, _bare(model))
+    saved = {id(wrapper): wrapper.modules_to_save[a] for _, wrapper, a in saved_modules(base, adapters)}
+    pairs = (("input embedding", base.get_input_embeddings()), ("output embedding", base.get_output_embeddings()))
+    return [(label, saved.get(id(module), _unwrap(module))) for label, module in pairs]
+
+
+def _tied(model: nn.Module) -> bool:
+    m = cast(Any, model)
+    inp, out = _unwrap(m.get_input_embeddings()), _unwrap(m.get_output_embeddings())
+    return inp is not None and out is not None and inp.weight is out.weight
+
+
+def _targets(module: object, adapters: list[str]) -> bool:
+    if isinstance(module, ModulesToSaveWrapper):
+        return any(a in module.modules_to_save for a in adapters)
+    return any(has_adapter(cast(LoraLayer, module), a) for a in adapters)
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _unload(model: nn.Module, adapters: list[str]) -> nn.Module:
+    """Replace every LoRA wrapper by its (merged) base layer, and every modules_to_save wrapper by the saved copy."""
     for name, layer in list(lora_layers(model)):
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, cast(nn.Module, layer.get_base_layer()))
+        _replace(model, name, cast(nn.Module, layer.get_base_layer()))
+    saved = {name: wrapper.modules_to_save[adapter] for name, wrapper, adapter in saved_modules(model, adapters)}
+    for name, module in list(model.named_modules()):
+        if isinstance(module, ModulesToSaveWrapper):
+            _replace(model, name, saved.get(name, module.original_module))
+    if hasattr(model, "peft_config"):
+        del model.peft_config
     return model
 
 
-def merge_and_unload(peft_model: nn.Module, adapters: list[str]) -> nn.Module:
+def _bare(peft_model: nn.Module) -> nn.Module:
+    return cast(nn.Module, peft_model.get_base_model()) if isinstance(peft_model, PeftModel) else peft_model
+
+
+def plan(peft_model: nn.Module, adapters: list[str], spec: MixSpec) -> dict[str, LayerDelta]:
+    """Every layer's combined delta, computed up front (TIES/DARE: the parity reference needs the same deltas)."""
+    generator = spec.generator()
+    return {name: layer_delta(layer, adapters, spec, generator) for name, layer in lora_layers(peft_model)}
+
+
+def merge_and_unload(
+    peft_model: nn.Module, adapters: list[str], deltas: dict[str, LayerDelta] | None = None
+) -> nn.Module:
     """Merge the weighted adapters into the base weights and return the bare base model.
 
-    Raises MergeError if a targeted weight did not change or a LoRA module or meta tensor remains.
+    `deltas` (from `plan`) overrides the exact sum per layer. Raises MergeError if a targeted weight did not change
+    or a LoRA module or meta tensor remains.
     """
     check_mergeable(peft_model, adapters)
+    untie_adapted_embeddings(peft_model, adapters)
     unchanged = []
     for name, layer in lora_layers(peft_model):
         # onload_layer brings offloaded (device_map) weights in, and writes them back out after the merge.
         with onload_layer(layer):
-            if not merge_layer(layer, adapters):
+            if not merge_layer(layer, adapters, deltas[name] if deltas is not None else None):
                 unchanged.append(name)
     if unchanged:
         raise MergeError(
             f"{len(unchanged)} targeted weights did not change (first: '{unchanged[0]}'): the delta rounds away in "
             "the serving dtype | serve in float32 or unmerged"
         )
-    base = cast(nn.Module, peft_model.get_base_model()) if isinstance(peft_model, PeftModel) else peft_model
-    model = _drop_lora_modules(base)
-    if hasattr(model, "peft_config"):
-        del model.peft_config
+    model = _unload(_bare(peft_model), adapters)
     check_clean(model)
     return model
 
@@ -137,6 +212,7 @@ def merge_and_unload(peft_model: nn.Module, adapters: list[str]) -> nn.Module:
 def check_clean(model: nn.Module) -> None:
     """No LoRA module and no meta tensor may remain after a merge."""
     leftovers = [n for n, m in model.named_modules() if isinstance(m, BaseTunerLayer) or ".lora_" in n]
+    leftovers += [n for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
     if leftovers:
         raise MergeError(f"LoRA modules remain after merging (first: '{leftovers[0]}') | report this as a bug")
     meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
@@ -148,42 +224,38 @@ def merged_twin(peft_model: nn.Module, adapters: list[str]) -> nn.Module:
     """A merged model that shares every tensor with `peft_model` except the adapted weights.
 
     For A/B serving in one process: embeddings, norms and untargeted layers exist once; each adapted layer gets its
-    own merged weight (the only extra memory), and the twin has no LoRA modules.
+    own merged weight (the only extra memory), and the twin has no LoRA modules. A tied embedding pair comes apart by
+    itself here, since the adapted side gets a new tensor; the twin's config (its own copy) records that.
     """
     check_mergeable(peft_model, adapters)
-    base = cast(nn.Module, peft_model.get_base_model()) if isinstance(peft_model, PeftModel) else peft_model
+    base = _bare(peft_model)
     # deepcopy makes new module objects; the memo hands back the very same tensors instead of copies.
     shared: dict[int, object] = {id(t): t for t in (*base.parameters(), *base.buffers())}
     twin = copy.deepcopy(base, memo=shared)
+    tied = _tied(twin)
     for _, layer in lora_layers(twin):
         target = layer.get_base_layer()
-        names = _adapters_in(layer, adapters)
-        merged = merged_weight(_weight(target).data, [delta_weight(layer, a) for a in names])
-        target.weight = nn.Parameter(merged, requires_grad=False)
-    twin = _drop_lora_modules(twin)
-    if hasattr(twin, "peft_config"):
-        del twin.peft_config
+        delta = layer_delta(layer, adapters)
+        target.weight = nn.Parameter(merged_weight(base_weight(layer).data, delta.weight), requires_grad=False)
+        if delta.bias is not None:
+            bias = cast(torch.Tensor, target.bias).data
+            target.bias = nn.Parameter(merged_weight(bias, delta.bias), requires_grad=False)
+    twin = _unload(twin, adapters)
+    if tied and not _tied(twin):
+        cast(Any, twin).config.tie_word_embeddings = False
     check_clean(twin)
     return twin
 
 
 @contextmanager
 def temporarily_merged(peft_model: nn.Module, adapters: list[str]) -> Iterator[nn.Module]:
-    """Run the model as if merged, then restore the adapted weights bit for bit.
+    """The model as if merged, leaving `peft_model` untouched bit for bit.
 
-    Used to check parity while serving unmerged: only the adapted weights are copied, and restoring from the copy
-    (not subtracting the delta) keeps W0 exact in every dtype.
+    Used to check parity while serving unmerged: the view is a `merged_twin`, so only the adapted weights are copied
+    and the served weights are never written (restoring by subtracting the delta would not be exact in bf16/fp16).
     """
-    check_mergeable(peft_model, adapters)
-    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
-    layers = [layer for _, layer in lora_layers(peft_model)]
+    twin = merged_twin(peft_model, adapters)
     try:
-        for layer in layers:
-            weight = base_weight(layer)
-            saved.append((weight, weight.data.clone()))
-            merge_layer(layer, adapters)
-        with peft_model.disable_adapter():  # type: ignore[operator]
-            yield peft_model
+        yield twin
     finally:
-        for weight, original in saved:
-            weight.data.copy_(original)
+        del twin

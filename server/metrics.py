@@ -100,6 +100,12 @@ class Metrics:
             "mergeserve_merge_cache_corrupt_entries", "Damaged merge cache entries found, discarded and rebuilt.",
             registry=r,
         )  # fmt: skip
+        self.parity_float32 = Gauge(
+            "mergeserve_parity_float32_max_abs_logit_diff",
+            "Max abs logit diff at boot against the unmerged model run in float32, per arm: the serving dtype's cost.",
+            ["mode", "arm"],
+            registry=r,
+        )
         self.model_info = Info(
             "mergeserve_model", "What this process serves: base_model, adapters, dtype, device, mode.", registry=r
         )
@@ -118,6 +124,12 @@ class Metrics:
         if info.parity is not None:
             self.parity_diff.labels(mode=info.mode).set(info.parity.max_abs_diff)
             self.parity_top1.labels(mode=info.mode).set(info.parity.top1_agreement)
+            for arm, value in (
+                ("merged", info.parity.float32_merged_max_abs_diff),
+                ("unmerged", info.parity.float32_unmerged_max_abs_diff),
+            ):
+                if value is not None:
+                    self.parity_float32.labels(mode=info.mode, arm=arm).set(value)
         if info.cache.get("enabled"):
             self.cache_hit.set(1 if info.cache.get("hit") else 0)
             self.cache_corrupt.inc(info.cache.get("corrupt_entries", 0))

@@ -6,7 +6,7 @@ some contexts is still caught.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -32,6 +32,11 @@ class ParityResult:
     tolerance: float
     min_top1_agreement: float
     passed: bool
+    # Against the unmerged model run in float32 (None when it could not be measured, e.g. offloaded weights):
+    # what the serving dtype costs the merged model, and the unmerged one for comparison.
+    float32_merged_max_abs_diff: float | None = None
+    float32_merged_top1_agreement: float | None = None
+    float32_unmerged_max_abs_diff: float | None = None
 
     def summary(self) -> str:
         verdict = "passed" if self.passed else "FAILED"
@@ -53,6 +58,25 @@ def probe_logits(model: nn.Module, tokenizer: PreTrainedTokenizerBase, probes: l
         ids = tokenizer(text, return_tensors="pt").input_ids.to(device)  # (1, T)
         out.append(model(input_ids=ids).logits[0].float().cpu())  # (T, V)
     return out
+
+
+def logit_error(reference: list[torch.Tensor], candidate: list[torch.Tensor]) -> tuple[float, float]:
+    """(max abs logit diff, share of positions whose argmax agrees) of candidate against reference."""
+    diff = max((r - c).abs().max().item() for r, c in zip(reference, candidate, strict=True))
+    agree = sum(int((r.argmax(-1) == c.argmax(-1)).sum().item()) for r, c in zip(reference, candidate, strict=True))
+    return diff, agree / sum(r.shape[0] for r in reference)
+
+
+def with_float32_reference(
+    result: ParityResult, float32: list[torch.Tensor], unmerged: list[torch.Tensor], merged: list[torch.Tensor]
+) -> ParityResult:
+    merged_diff, merged_top1 = logit_error(float32, merged)
+    return replace(
+        result,
+        float32_merged_max_abs_diff=merged_diff,
+        float32_merged_top1_agreement=merged_top1,
+        float32_unmerged_max_abs_diff=logit_error(float32, unmerged)[0],
+    )
 
 
 def compare_logits(

@@ -99,6 +99,7 @@ class AdapterOut(BaseModel):
     alpha: float
     use_rslora: bool
     target_modules: list[str]
+    kinds: list[str] = Field(default_factory=list, description="Adapter settings beyond plain LoRA, e.g. dora.")
 
 
 class InfoResponse(BaseModel):
@@ -129,3 +130,4 @@ class InfoResponse(BaseModel):
     cache: dict[str, Any] | None = Field(
         default=None, description="Merge cache: key, status (hit, miss, rebuilt, ...), and the parity reference used."
     )
+    combine: dict[str, Any] | None = Field(default=None, description="How the adapters were combined (method...).")

@@ -14,7 +14,7 @@ import torch
 import yaml
 from peft import LoraConfig, get_peft_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from server.config import CACHE_DIR_ENV
 
@@ -61,6 +61,17 @@ def build_model(out: Path, vocab_size: int, hidden: int = 64, seed: int = 0) -> 
     return model
 
 
+def build_gpt2(out: Path, vocab_size: int, seed: int = 0) -> GPT2LMHeadModel:
+    """A tiny GPT-2: Conv1D layers that store W as (in, out), biases everywhere, tied input/output embeddings."""
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=vocab_size, n_positions=256, n_embd=64, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=1
+    )
+    model = GPT2LMHeadModel(config)
+    model.save_pretrained(out)
+    return model
+
+
 def build_adapter(
     base_dir: Path, out: Path, seed: int, r: int = 4, alpha: int = 8, targets: list[str] | None = None, **kw: Any
 ) -> Path:
@@ -101,6 +112,14 @@ def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tiny-llama")
     tok = build_tokenizer(out)
     build_model(out, vocab_size=len(tok))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("tiny-gpt2")
+    tok = build_tokenizer(out)
+    build_gpt2(out, vocab_size=len(tok))
     return out
 
 

@@ -23,6 +23,18 @@ def test_demo_config_loads() -> None:
     assert config.server.port == 8080 and config.mode == "merged"
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path: Path) -> None:
+    config = load_config(path)
+    assert all((a.path / "adapter_model.safetensors").is_file() for a in config.adapters)
+
+
+def test_two_adapter_demo_mixes_pirate_and_bard() -> None:
+    config = load_config(REPO / "configs" / "demo-two-adapters.yaml")
+    assert [(a.name, a.weight) for a in config.adapters] == [("pirate", 0.5), ("bard", 0.5)]
+    assert config.mode == "merged" and config.combine.method == "linear"
+
+
 def test_defaults(write_config: Callable[[dict[str, Any]], Path], tiny_config_data: dict[str, Any]) -> None:
     del tiny_config_data["limits"], tiny_config_data["mode"]
     config = load_config(write_config(tiny_config_data))

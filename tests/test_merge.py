@@ -121,12 +121,13 @@ def test_check_clean_catches_leftovers(tiny_base: Path, tiny_adapters: dict[str,
         check_clean(bare)
 
 
-def test_temporary_merge_restores_weights_bit_for_bit(tiny_base: Path, tiny_adapters: dict[str, Path]) -> None:
+def test_temporary_merge_leaves_served_weights_bit_for_bit(tiny_base: Path, tiny_adapters: dict[str, Path]) -> None:
     peft_model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tiny_base), tiny_adapters["alpha"])
     before = {k: v.clone() for k, v in peft_model.state_dict().items()}
-    with temporarily_merged(peft_model, ["default"]):
-        q = peft_model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
+    with temporarily_merged(peft_model, ["default"]) as view:
+        q = view.model.layers[0].self_attn.q_proj.weight
         assert not torch.equal(q, before["base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"])
+        assert all(torch.equal(before[k], v) for k, v in peft_model.state_dict().items())
     after = peft_model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
 

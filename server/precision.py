@@ -1,0 +1,104 @@
+"""Precision: which dtype to serve in (`dtype: auto`), and how far the served logits sit from float32.
+
+`pick_dtype` times one matmul of a decoder-sized shape in float32 and bfloat16 on the serving device and keeps bf16
+only if it is clearly faster: on a CPU without native bf16 (AVX2 only) it runs tens of times slower, while it is the
+fast path on GPUs and on CPUs with AVX512-BF16/AMX. bf16 keeps float32's range, so it is safe for any checkpoint.
+
+`float32_reference` measures what the serving dtype costs: the unmerged model's logits computed in float32. The model
+is upcast in place for the probes and cast back; bf16 -> fp32 -> bf16 (and fp16 likewise) is exact, so the served
+weights come back bit for bit. Upcasting doubles (bf16/fp16) the weights' memory while the probes run.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+HALF_MIN_SPEEDUP = 1.2  # a half dtype must beat float32 by this factor to be worth its rounding
+# tokens x in x out through a 1024-wide projection: one decode step, and a prefill chunk. Small-M matmuls take other
+# kernels than large ones, and decode steps are most of a server's matmuls.
+_SHAPES = ((1, 1024, 1024), (32, 1024, 1024))
+_ROUNDS, _CALLS = 15, 3
+
+
+def serving_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _matmul_seconds(dtypes: list[str], device: torch.device, shape: tuple[int, int, int]) -> dict[str, float]:
+    """Best-of-rounds time of one (tokens, in) @ (in, out) matmul per dtype.
+
+    The dtypes take turns within each round, so a neighbour's burst of load hits them alike, and the minimum over
+    rounds is the least disturbed measurement.
+    """
+    tokens, d_in, d_out = shape
+    operands = {}
+    for name in dtypes:
+        dtype = getattr(torch, name)
+        try:
+            x = torch.randn(tokens, d_in, device=device).to(dtype)
+            w = torch.randn(d_out, d_in, device=device).to(dtype)
+            for _ in range(2):  # the first calls pay for kernel selection and JIT
+                torch.nn.functional.linear(x, w)
+        except RuntimeError:  # dtype not implemented for this device
+            continue
+        operands[name] = (x, w)
+    best = dict.fromkeys(operands, float("inf"))
+    for _ in range(_ROUNDS):
+        for name, (x, w) in operands.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(_CALLS):
+                torch.nn.functional.linear(x, w)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best[name] = min(best[name], (time.perf_counter() - start) / _CALLS)
+    return best
+
+
+def pick_dtype(device: torch.device | None = None) -> tuple[str, str]:
+    """(dtype name, reason): bfloat16 if it is clearly faster than float32 here, else float32.
+
+    float16 is never picked automatically: its range (max 65504) overflows activations of models trained in bf16;
+    configure it explicitly for a model known to run in it.
+    """
+    device = device or serving_device()
+    decode, prefill = (_matmul_seconds(["float32", "bfloat16"], device, shape) for shape in _SHAPES)
+    total = {n: decode[n] + prefill.get(n, float("inf")) for n in decode}
+    fp32, bf16 = total["float32"], total.get("bfloat16", float("inf"))
+    faster = bf16 * HALF_MIN_SPEEDUP <= fp32 and decode.get("bfloat16", float("inf")) <= decode["float32"]
+    chosen = "bfloat16" if faster else "float32"
+    measured = "; ".join(
+        f"{'x'.join(map(str, shape))}: " + ", ".join(f"{n} {t * 1e3:.3f} ms" for n, t in times.items())
+        for shape, times in zip(_SHAPES, (decode, prefill), strict=True)
+    )
+    if chosen == "float32":
+        verdict = f"float32: bfloat16 was not {HALF_MIN_SPEEDUP}x faster at both shapes together"
+    else:
+        verdict = f"bfloat16: {fp32 / bf16:.1f}x faster than float32"
+    return chosen, f"auto: timed matmuls on {device.type} ({measured}); chose {verdict}"
+
+
+@contextmanager
+def upcast(model: nn.Module) -> Iterator[None]:
+    """Run `model` in float32, then restore every tensor's dtype (exact for bf16/fp16)."""
+    changed: list[tuple[torch.Tensor, torch.dtype]] = []
+    for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.is_floating_point() and tensor.dtype != torch.float32:
+            changed.append((tensor, tensor.dtype))
+            tensor.data = tensor.data.float()
+    try:
+        yield
+    finally:
+        for tensor, dtype in changed:
+            tensor.data = tensor.data.to(dtype)
+
+
+def can_upcast(model: nn.Module) -> bool:
+    """Offloaded (meta) weights cannot be upcast in place; then no float32 reference is measured."""
+    return all(p.device.type != "meta" for p in model.parameters())
