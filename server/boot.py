@@ -197,6 +197,14 @@ def build_arms(config: Config, timer: PhaseTimer) -> BuiltArms:
         tokenizer, base = load_base(model_cfg, config.security.allow_pickle)
         tokenizer, resized = serving_tokenizer(config.adapters, tokenizer, base)
     dtype = cast(torch.dtype, base.dtype)
+    if config.mode != "merged" and any(p.device.type == "meta" for p in base.parameters()):
+        # The side path and the parity check's merged copy would read an offloaded layer's weights as stored,
+        # unmerged, and the gate fails (top-1 0.9 on the tiny test model); merged mode writes each layer back.
+        raise BootError(
+            f"{config.model.path}: model.device_map offloads layers to disk, which mode {config.mode} does not "
+            "support; fix: use mode: merged, or give the model enough memory (model.max_memory)",
+            EXIT_BAD_INPUT,
+        )
     with timer.phase("load_adapters"):
         peft_model, adapter_infos = load_adapters(base, config.adapters, allow_pickle=config.security.allow_pickle)
         if resized and (where := unfilled_rows(served_embeddings(peft_model, names))):

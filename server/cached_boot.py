@@ -113,10 +113,16 @@ def boot_merged_with_cache(config: Config, timer: PhaseTimer) -> Engine:
             probes[f"ids.{i}"] = built.tokenizer(text, return_tensors="pt").input_ids[0]
         record = {"inputs": inputs, "probes": config.parity.probes, "parity_at_build": built.parity.as_dict(),
                   "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "mergeserve": __version__}  # fmt: skip
+        offloaded = any(p.device.type == "meta" for p in built.arms["merged"].parameters())
+        if offloaded:
+            # Disk-offloaded layers live in accelerate's offload store, not in memory: there is no whole model to write.
+            cache_log.warning("merge cache: not storing %s: the model has layers offloaded to disk", key)
+            report["problem"] = "not stored: layers offloaded to disk"
         with timer.phase("cache_store"):
             try:
-                entry = cache.store(key, config, built.arms["merged"], built.tokenizer, probes, record)
-                cache_log.info("merge cache: stored %s (%s)", key, entry)
+                if not offloaded:
+                    entry = cache.store(key, config, built.arms["merged"], built.tokenizer, probes, record)
+                    cache_log.info("merge cache: stored %s (%s)", key, entry)
             except OSError as exc:  # a full or read-only disk costs the next boot a merge, not this one its model
                 cache_log.warning("merge cache: could not store %s (%s)", key, exc)
                 report["problem"] = f"store failed: {exc}"

@@ -59,6 +59,12 @@ class ModelConfig(_Strict):
         description="Serving dtype; auto: the fastest on this device, measured at boot; checkpoint: the file's own.",
     )
     device_map: str | dict[str, Any] = Field(default="auto", description="Passed to from_pretrained.")
+    max_memory: dict[str | int, str | int] | None = Field(
+        default=None, description="Per-device memory caps for device_map auto, e.g. {0: 20GiB, cpu: 60GiB}."
+    )
+    offload_folder: Path | None = Field(
+        default=None, description="Folder for weights that fit no device (device_map 'disk'); needed for disk offload."
+    )
     trust_remote_code: bool = Field(default=False, description="Never run model code from the checkpoint unless set.")
 
     @field_validator("path", mode="before")
@@ -72,6 +78,11 @@ class ModelConfig(_Strict):
         if path.is_dir() and not (path / "config.json").exists():
             raise ValueError(f"'{path}' has no config.json | give a Hugging Face model folder or a .gguf file")
         return path
+
+    @field_validator("offload_folder", mode="before")
+    @classmethod
+    def _offload_folder(cls, raw: Any, info: ValidationInfo) -> Path | None:
+        return None if raw is None else _resolve(raw, info)
 
     @property
     def model_id(self) -> str:

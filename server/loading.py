@@ -7,6 +7,8 @@ an adapter for another base, a tensor that matches no module), 3 for a merge tha
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, cast
 
 import torch
@@ -44,6 +46,10 @@ def load_base(cfg: ModelConfig, allow_pickle: bool = False) -> tuple[PreTrainedT
         where, files = str(cfg.path), {}
         weights["use_safetensors"] = None if allow_pickle else True  # None: safetensors first, else .bin
     common = {"trust_remote_code": cfg.trust_remote_code, "local_files_only": True, **files}
+    if cfg.max_memory is not None:
+        weights["max_memory"] = cfg.max_memory
+    if cfg.offload_folder is not None:
+        weights["offload_folder"] = str(cfg.offload_folder)
     tokenizer = AutoTokenizer.from_pretrained(where, **common)
     model = AutoModelForCausalLM.from_pretrained(
         where, dtype=_torch_dtype(cfg.dtype), device_map=cfg.device_map, weights_only=True, **common, **weights
@@ -146,6 +152,25 @@ def _check_all_tensors_used(model: PeftModel, adapter: AdapterConfig, tensors: d
         raise _refuse(adapter, f"no stored weights for '{missing[0]}'", "re-save the adapter with all its tensors")
 
 
+@contextmanager
+def _no_redispatch(base: PreTrainedModel) -> Iterator[None]:
+    """Hide `hf_device_map` while PEFT loads an adapter into a base with cpu/disk-offloaded layers.
+
+    PEFT then re-dispatches the whole model, and with only cpu and disk in the map accelerate moves it with
+    `.to("cpu")`, which fails on the offloaded (meta) weights. The base is already dispatched: accelerate's hooks sit
+    on the base's own leaf modules, and the new LoRA factors (assigned from the file) are ordinary CPU tensors.
+    """
+    device_map = getattr(base, "hf_device_map", None)
+    if device_map is None or not {"cpu", "disk"} & set(map(str, device_map.values())):
+        yield
+        return
+    del base.hf_device_map
+    try:
+        yield
+    finally:
+        base.hf_device_map = device_map
+
+
 def load_adapters(
     base: PreTrainedModel, adapters: list[AdapterConfig], on_meta_base: bool = False, allow_pickle: bool = False
 ) -> tuple[PeftModel, list[AdapterInfo]]:
@@ -156,15 +181,19 @@ def load_adapters(
     """
     model: PeftModel | None = None
     infos = []
+    # A base with disk-offloaded layers holds those weights on the meta device too (accelerate loads them per
+    # forward), and PEFT would create their LoRA factors on meta as well: assign them from the file instead.
+    on_meta_base = on_meta_base or any(p.device.type == "meta" for p in base.parameters())
     for adapter in adapters:
         peft_config, tensors = _read_adapter(adapter, allow_pickle)
         try:
-            if model is None:
-                model = PeftModel.from_pretrained(
-                    base, str(adapter.path), adapter_name=adapter.name, low_cpu_mem_usage=on_meta_base
-                )
-            else:
-                model.load_adapter(str(adapter.path), adapter_name=adapter.name, low_cpu_mem_usage=on_meta_base)
+            with _no_redispatch(base):
+                if model is None:
+                    model = PeftModel.from_pretrained(
+                        base, str(adapter.path), adapter_name=adapter.name, low_cpu_mem_usage=on_meta_base
+                    )
+                else:
+                    model.load_adapter(str(adapter.path), adapter_name=adapter.name, low_cpu_mem_usage=on_meta_base)
             if on_meta_base:
                 named = {_model_key(k, adapter.name): v for k, v in tensors.items() if ".lora_" in k}
                 model.load_state_dict(named, strict=False, assign=True)

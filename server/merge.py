@@ -215,9 +215,17 @@ def check_clean(model: nn.Module) -> None:
     leftovers += [n for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
     if leftovers:
         raise MergeError(f"LoRA modules remain after merging (first: '{leftovers[0]}') | report this as a bug")
-    meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    meta = [n for n, p in model.named_parameters() if p.device.type == "meta" and not _offloaded(model, n)]
     if meta:
         raise MergeError(f"meta tensors remain after merging (first: '{meta[0]}') | give the model more device memory")
+
+
+def _offloaded(model: nn.Module, param_name: str) -> bool:
+    """A meta parameter is fine when accelerate's hook on its module holds the real tensor in an offload store."""
+    module_name, _, leaf = param_name.rpartition(".")
+    hook = getattr(model.get_submodule(module_name), "_hf_hook", None)
+    weights_map = getattr(hook, "weights_map", None)
+    return bool(getattr(hook, "offload", False)) and weights_map is not None and leaf in weights_map
 
 
 def merged_twin(peft_model: nn.Module, adapters: list[str]) -> nn.Module:
