@@ -89,8 +89,8 @@ def test_max_memory_spills_layers_and_the_merge_stays_exact(
 def test_offloaded_merge_is_served_but_not_cached(
     write_config: Writer, tiny_config_data: dict[str, Any], tmp_path: Path
 ) -> None:
-    data = {**tiny_config_data, "model": {**tiny_config_data["model"], "device_map": DISK_MAP,
-            "offload_folder": str(tmp_path / "offload")}, "cache": {"enabled": True, "dir": str(tmp_path / "cache")}}  # fmt: skip
+    model = {**tiny_config_data["model"], "device_map": DISK_MAP, "offload_folder": str(tmp_path / "offload")}
+    data = {**tiny_config_data, "model": model, "cache": {"enabled": True, "dir": str(tmp_path / "cache")}}
     engine = boot(load_config(write_config(data)))
     try:
         assert engine.info.cache["status"] == "miss" and engine.info.cache["problem"].endswith("offloaded to disk")
