@@ -18,7 +18,7 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-from server.boot import boot
+from server.boot import BootError, boot
 from server.config import load_config
 from server.export import export_merged
 from tests.conftest import build_adapter
@@ -127,3 +127,14 @@ def test_shard_sizes_parse(size: str) -> None:
     from server.checkpoint import parse_size
 
     assert parse_size(size) in (200 * 10**6, 2**30, 5)
+
+
+@pytest.mark.parametrize("combine", [{"method": "ties", "density": 0.5}, {"method": "dare_linear", "density": 0.5}])
+def test_export_refuses_what_it_cannot_stream(
+    combine: dict[str, Any], write_config: Writer, tiny_config_data: dict[str, Any], tmp_path: Path
+) -> None:
+    """TIES/DARE need every layer's delta at once; the export says so rather than writing the exact sum instead."""
+    config = load_config(write_config({**tiny_config_data, "combine": combine}))
+    with pytest.raises(BootError, match=rf"export does not stream combine.method {combine['method']}.*; fix: "):
+        export_merged(config, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
