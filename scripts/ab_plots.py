@@ -137,13 +137,18 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {c} | {arm} | {a['n']} | {a['errors']} | {ms(a['latency_p50'])} | {ms(a['latency_p90'])} "
                          f"| {ms(a['ttft_p50'])} | {ms(a['tpot_p50'])} | {a['stream_tokens_per_s_p50']:.1f} | "
                          f"{lv['throughput']:.1f} | {lv['same_text'][0]}/{lv['same_text'][1]} pairs |")  # fmt: skip
-    lines += ["", "## Fair turns: server-side queue time per arm (mean ms, from /metrics, warm-up included)", "",
-              "| c | merged | unmerged | unmerged - merged |", "|---|---:|---:|---:|"]  # fmt: skip
+    lines += ["", "## Fair turns: queue time per arm (submission to admission, from each response's x-queue-time)",
+              "", "| c | median merged ms | median unmerged ms | unmerged - merged (95% CI) | verdict | "
+              "/metrics mean merged / unmerged ms |", "|---|---:|---:|---|---|---|"]  # fmt: skip
     for c in st["levels"]:
-        q = report["levels"][str(c)].get("queue") or {}
-        m, u = ((q.get(arm) or {}).get("mean") for arm in ARMS)
-        diff = ms(u - m) if m is not None and u is not None else "-"
-        lines.append(f"| {c} | {ms(m)} | {ms(u)} | {diff} |")
+        lv = report["levels"][str(c)]
+        q, b = lv.get("queue") or {}, lv.get("queue_bias") or {}
+        means = " / ".join(ms((q.get(arm) or {}).get("mean")) for arm in ARMS)
+        if b:
+            lines.append(f"| {c} | {ms(b['median']['merged'])} | {ms(b['median']['unmerged'])} | {ms(b['diff'])} "
+                         f"({ms(b['lo'])} .. {ms(b['hi'])}) | {b['verdict']} | {means} |")  # fmt: skip
+        else:
+            lines.append(f"| {c} | - | - | - | no x-queue-time headers | {means} |")
     lines += [
         "",
         "## Speed-up of merged (median over prompt pairs of unmerged / merged, 95% bootstrap CI over pairs)",

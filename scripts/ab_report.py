@@ -47,7 +47,7 @@ from urllib.parse import urlparse
 
 import httpx
 from ab_plots import markdown, write_outputs
-from ab_stats import ARMS, METRICS, Sample, arm_stats, level_throughput, same_text, speedup
+from ab_stats import ARMS, METRICS, Sample, arm_stats, level_throughput, queue_bias, same_text, speedup
 from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[1]
@@ -190,6 +190,8 @@ async def send(client: httpx.AsyncClient, url: str, sample: Sample, max_new_toke
             "POST", f"{url}/generate_stream", json=body, headers={"X-Merge-Mode": sample.arm}
         ) as r:
             served = r.headers.get("x-merge-mode")
+            if (queued := r.headers.get("x-queue-time")) is not None:
+                sample.queue = float(queued) / 1000
             if r.status_code != 200 or served != sample.arm:
                 await r.aread()
                 sample.error = f"HTTP {r.status_code}, x-merge-mode {served}: {r.text[:200]}"
@@ -271,7 +273,8 @@ def analyse(samples: list[Sample], args: argparse.Namespace, levels: list[int]) 
     return {
         "levels": {str(c): {"arms": {arm: arm_stats(samples, c, arm) for arm in ARMS},
                             "throughput": level_throughput(samples, c) or 0.0,
-                            "same_text": same_text(samples, c)} for c in levels},
+                            "same_text": same_text(samples, c),
+                            "queue_bias": queue_bias(samples, c, args.resamples, args.seed)} for c in levels},
         "speedup": {m: speedup(samples, m, levels, args.resamples, args.seed) for m in METRICS},
     }  # fmt: skip
 

@@ -318,6 +318,8 @@ def create_app(engine: Engine | None, config: Config) -> FastAPI:
             )
         _engine, tracker, stream = await start(request, body)
         headers = {"x-merge-mode": tracker.mode, "x-accel-buffering": "no"}
+        if tracker.queue_seconds is not None:  # the stream starts after admission, so its queue time is known
+            headers["x-queue-time"] = str(int(tracker.queue_seconds * 1000))
         return EventSourceResponse(sse_events(body, tracker, stream), headers=headers, sep="\n")
 
     @app.post(

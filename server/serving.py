@@ -73,6 +73,7 @@ class Tracker:
         self.start = self.validated = time.perf_counter()
         self.last_token: float | None = None
         self.open = True
+        self.queue_seconds: float | None = None  # known once the first token is out
         self.labels = {"mode": mode, "adapter": metrics.adapter}
         metrics.in_flight.labels(**self.labels).inc()
 
@@ -143,6 +144,8 @@ async def open_stream(
         error = generation_failure(exc)
         tracker.fail(error.error_type)
         raise error from exc
+
+    tracker.queue_seconds = first[1].queue_seconds
 
     async def rest() -> TokenStream:
         try:

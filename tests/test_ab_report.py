@@ -27,6 +27,7 @@ def synthetic(tpot: dict[str, float], n: int, levels: list[int], seed: int = 0) 
             for arm in ab_stats.ARMS:
                 per_token = tpot[arm] * rng.uniform(0.9, 1.1)
                 s = ab_stats.Sample(level, arm, pair, pair % 8, warmup=False, start=t, ttft=0.05, tokens=20)
+                s.queue = 0.01 * rng.uniform(0.5, 1.5)
                 s.end = t + 0.05 + 19 * per_token
                 s.text = f"answer {pair}"
                 samples.append(s)
@@ -85,7 +86,7 @@ def test_report_files_are_written(tmp_path: Path) -> None:
     for name in ("report.md", "report.json", "latency_cdf.png", "ttft_tpot.png", "throughput.png", "speedup.png"):
         assert (tmp_path / name).stat().st_size > 0, name
     page = (tmp_path / "report.md").read_text()
-    assert "| 1 | 1.0 | 3.0 | 2.0 |" in page  # the queue table, in ms
+    assert "| no bias detected | 1.0 / 3.0 |" in page  # the queue table: equal synthetic queues; /metrics means in ms
     ratio = re.search(
         r"TPOT concurrency 1: unmerged/merged = \*\*(1\.\d{3})\*\* \(95% CI (1\.\d{3})-(\d\.\d{3})\)", page
     )
@@ -113,3 +114,14 @@ def test_pairs_cancel_the_spread_between_prompts() -> None:
     assert paired["lo"] > 1.0 and paired["pairs"] == 24
     unpaired = [np.median(ab_stats.values(samples, 1, arm, "latency")) for arm in ("unmerged", "merged")]
     assert unpaired[0] / unpaired[1] == pytest.approx(paired["ratio"], abs=0.05)  # same effect, seen either way
+
+
+def test_queue_bias_is_measured_with_its_interval() -> None:
+    samples = synthetic({"merged": 0.02, "unmerged": 0.02}, 30, [1])
+    fair = ab_stats.queue_bias(samples, 1, resamples=2000, seed=0)
+    assert fair["lo"] <= 0.0 <= fair["hi"] and fair["verdict"] == "no bias detected"
+    for s in samples:
+        if s.arm == "unmerged" and s.queue is not None:
+            s.queue += 0.05  # every unmerged request waits 50 ms longer
+    biased = ab_stats.queue_bias(samples, 1, resamples=2000, seed=0)
+    assert biased["verdict"] == "unmerged waits longer" and 0.04 < biased["diff"] < 0.06 and biased["lo"] > 0

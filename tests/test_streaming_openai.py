@@ -189,3 +189,10 @@ def test_error_after_the_first_token_arrives_in_the_stream(client: TestClient, m
     assert r.status_code == 424 and r.json()["error_type"] == "generation"
     text = client.get("/metrics").text
     assert 'mergeserve_request_failures_total{adapter="alpha",error_type="generation",mode="merged"} 2.0' in text
+
+
+def test_generate_stream_says_how_long_it_queued(client: TestClient) -> None:
+    body = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 2}}
+    with client.stream("POST", "/generate_stream", json=body) as r:
+        r.read()
+    assert r.status_code == 200 and int(r.headers["x-queue-time"]) >= 0  # ms, as TGI's /generate header
