@@ -16,7 +16,9 @@ from peft import LoraConfig, get_peft_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from server.config import CACHE_DIR_ENV
+from server.boot import boot
+from server.config import CACHE_DIR_ENV, Config, load_config
+from server.engine import Engine
 
 CORPUS = [
     "The capital of France is Paris.",
@@ -151,3 +153,16 @@ def tiny_config_data(tiny_base: Path, tiny_adapters: dict[str, Path]) -> dict[st
         "mode": "merged",
         "limits": {"max_input_tokens": 64, "max_total_tokens": 128, "max_new_tokens": 8},
     }
+
+
+def boot_tiny(folder: Path, tiny_base: Path, alpha: Path, max_new_tokens: int) -> tuple[Config, Engine]:
+    """(config, engine) for the tiny model with adapter alpha: the shared set-up of the in-process HTTP tests."""
+    path = folder / "config.yaml"
+    data = {
+        "model": {"path": str(tiny_base), "id": "tiny-llama", "dtype": "float32"},
+        "adapters": [{"name": "alpha", "path": str(alpha)}],
+        "limits": {"max_input_tokens": 64, "max_total_tokens": 96, "max_new_tokens": max_new_tokens},
+    }
+    path.write_text(yaml.safe_dump(data))
+    config = load_config(path)
+    return config, boot(config)

@@ -16,15 +16,14 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from torch import nn
 
 from server.app import create_app
-from server.boot import boot
-from server.config import Config, load_config
+from server.config import Config
 from server.engine import Engine
+from tests.conftest import boot_tiny
 
 POISON_LENGTH = 20  # prompts this long (in tokens) fail in prefill
 
@@ -43,15 +42,7 @@ class Faulty(nn.Module):
 
 @pytest.fixture(scope="module")
 def tiny(tiny_base: Path, tiny_adapters: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Any:
-    path = tmp_path_factory.mktemp("limits") / "config.yaml"
-    data = {
-        "model": {"path": str(tiny_base), "id": "tiny-llama", "dtype": "float32"},
-        "adapters": [{"name": "alpha", "path": str(tiny_adapters["alpha"])}],
-        "limits": {"max_input_tokens": 64, "max_total_tokens": 96, "max_new_tokens": 4},
-    }
-    path.write_text(yaml.safe_dump(data))
-    config = load_config(path)
-    return config, boot(config)
+    return boot_tiny(tmp_path_factory.mktemp("limits"), tiny_base, tiny_adapters["alpha"], max_new_tokens=4)
 
 
 def _faulty(tiny: tuple[Config, Engine], delay: float, timeout: float | None) -> Iterator[tuple[Any, Engine]]:

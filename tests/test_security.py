@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 import torch
-import yaml
 from fastapi.testclient import TestClient
 from safetensors.torch import load_file
 
@@ -20,19 +19,12 @@ from server.app import create_app
 from server.boot import BootError, boot, load_base
 from server.config import Config, ConfigError, ModelConfig, SecurityConfig, load_config
 from server.engine import Engine
+from tests.conftest import boot_tiny
 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_base: Path, tiny_adapters: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Any:
-    path = tmp_path_factory.mktemp("sec") / "config.yaml"
-    data = {
-        "model": {"path": str(tiny_base), "id": "tiny-llama", "dtype": "float32"},
-        "adapters": [{"name": "alpha", "path": str(tiny_adapters["alpha"])}],
-        "limits": {"max_input_tokens": 64, "max_total_tokens": 96, "max_new_tokens": 4},
-    }
-    path.write_text(yaml.safe_dump(data))
-    config = load_config(path)
-    return config, boot(config)
+    return boot_tiny(tmp_path_factory.mktemp("sec"), tiny_base, tiny_adapters["alpha"], max_new_tokens=4)
 
 
 def _client(tiny: tuple[Config, Engine], **security_fields: Any) -> TestClient:

@@ -14,19 +14,12 @@ from server.app import create_app
 from server.boot import boot
 from server.config import Config, load_config
 from server.engine import Engine
+from tests.conftest import boot_tiny
 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_base: Path, tiny_adapters: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Any:
-    path = tmp_path_factory.mktemp("stream") / "config.yaml"
-    data = {
-        "model": {"path": str(tiny_base), "id": "tiny-llama", "dtype": "float32"},
-        "adapters": [{"name": "alpha", "path": str(tiny_adapters["alpha"])}],
-        "limits": {"max_input_tokens": 64, "max_total_tokens": 96, "max_new_tokens": 8},
-    }
-    path.write_text(yaml.safe_dump(data))
-    config = load_config(path)
-    return config, boot(config)
+    return boot_tiny(tmp_path_factory.mktemp("stream"), tiny_base, tiny_adapters["alpha"], max_new_tokens=8)
 
 
 @pytest.fixture
