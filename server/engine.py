@@ -7,7 +7,6 @@ arm is a scheduler lane, so an A/B engine never puts both arms in one batch.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import queue
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
@@ -123,10 +122,8 @@ class Engine:
         events: asyncio.Queue[tuple[Token | BaseException, Generation]] = asyncio.Queue()
 
         def emit(item: Token | BaseException, gen: Generation) -> None:
-            # The scheduler thread goes on writing `gen` while this event waits in the queue: a shallow copy keeps
-            # the finish_reason (None) that this token was emitted with, so no reader sees a later token's finish.
-            event = gen if gen.finish_reason is not None else dataclasses.replace(gen)
-            loop.call_soon_threadsafe(events.put_nowait, (item, event))
+            # `gen` is the scheduler's snapshot as of this token, so it may wait in the queue unchanged.
+            loop.call_soon_threadsafe(events.put_nowait, (item, gen))
 
         handle = self.submit(request, emit, arm)
         try:

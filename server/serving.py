@@ -151,8 +151,7 @@ async def open_stream(
         try:
             tracker.token(first[1])
             yield first
-            # Until the engine's stream ends: `gen` is shared with the scheduler thread, which may have finished it
-            # while tokens are still queued, so its finish_reason cannot tell when to stop.
+            # Until the engine's stream ends: it stops after the token whose snapshot carries the finish_reason.
             while True:
                 try:
                     token, gen = await next_token()
