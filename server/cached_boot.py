@@ -23,10 +23,9 @@ from typing import Any
 
 import torch
 from peft import PeftConfig
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from server import __version__
-from server.boot import PhaseTimer, _adapter_info, _torch_dtype, build_arms, finish_boot, log
+from server.boot import PhaseTimer, _adapter_info, build_arms, finish_boot, load_base, log
 from server.cache import MergeCache
 from server.config import Config
 from server.engine import Engine
@@ -44,13 +43,10 @@ HIT_DTYPE_REASON = "cache hit: the dtype the entry was built in"
 
 
 def _serve_hit(config: Config, timer: PhaseTimer, cache: MergeCache, key: str) -> tuple[Any, ...]:
-    folder = str(cache.entry(key))
-    common = {"local_files_only": True, "trust_remote_code": config.model.trust_remote_code}
     with timer.phase("cache_hit"):
-        tokenizer = AutoTokenizer.from_pretrained(folder, **common)
-        dtype = _torch_dtype(config.model.dtype)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=config.model.device_map, **common)
-        model.eval()
+        # The entry is an ordinary safetensors model folder: load it as the base would be (dtype, device_map,
+        # max_memory, safetensors only), with the config's own model settings.
+        tokenizer, model = load_base(config.model.model_copy(update={"path": cache.entry(key)}))
         infos = [_adapter_info(a, PeftConfig.from_pretrained(str(a.path))) for a in config.adapters]
     with timer.phase("verify"):
         stored = cache.probes(key)
