@@ -35,6 +35,7 @@ from server.loading import (
     _adapter_info,
     _refuse,
     _torch_dtype,
+    has_meta_weights,
     load_adapters,
     load_base,
 )
@@ -197,7 +198,7 @@ def build_arms(config: Config, timer: PhaseTimer) -> BuiltArms:
         tokenizer, base = load_base(model_cfg, config.security.allow_pickle)
         tokenizer, resized = serving_tokenizer(config.adapters, tokenizer, base)
     dtype = cast(torch.dtype, base.dtype)
-    if config.mode != "merged" and any(p.device.type == "meta" for p in base.parameters()):
+    if config.mode != "merged" and has_meta_weights(base):
         # The side path and the parity check's merged copy would read an offloaded layer's weights as stored,
         # unmerged, and the gate fails (top-1 0.9 on the tiny test model); merged mode writes each layer back.
         raise BootError(

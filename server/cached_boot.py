@@ -29,6 +29,7 @@ from server.boot import PhaseTimer, _adapter_info, build_arms, finish_boot, load
 from server.cache import MergeCache
 from server.config import Config
 from server.engine import Engine
+from server.loading import has_meta_weights
 from server.parity import compare_logits, probe_logits
 
 cache_log = logging.getLogger("mergeserve.cache")
@@ -109,7 +110,7 @@ def boot_merged_with_cache(config: Config, timer: PhaseTimer) -> Engine:
             probes[f"ids.{i}"] = built.tokenizer(text, return_tensors="pt").input_ids[0]
         record = {"inputs": inputs, "probes": config.parity.probes, "parity_at_build": built.parity.as_dict(),
                   "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "mergeserve": __version__}  # fmt: skip
-        offloaded = any(p.device.type == "meta" for p in built.arms["merged"].parameters())
+        offloaded = has_meta_weights(built.arms["merged"])
         if offloaded:
             # Disk-offloaded layers live in accelerate's offload store, not in memory: there is no whole model to write.
             cache_log.warning("merge cache: not storing %s: the model has layers offloaded to disk", key)

@@ -58,6 +58,11 @@ def load_base(cfg: ModelConfig, allow_pickle: bool = False) -> tuple[PreTrainedT
     return tokenizer, model
 
 
+def has_meta_weights(model: torch.nn.Module) -> bool:
+    """Whether some weights sit on the meta device: layers accelerate offloaded to disk (or a skeleton)."""
+    return any(p.device.type == "meta" for p in model.parameters())
+
+
 def _model_key(file_key: str, adapter: str) -> str:
     """Where PEFT puts a stored tensor: `...q_proj.lora_A.weight` goes to `...q_proj.lora_A.<adapter>.weight`.
 
@@ -183,7 +188,7 @@ def load_adapters(
     infos = []
     # A base with disk-offloaded layers holds those weights on the meta device too (accelerate loads them per
     # forward), and PEFT would create their LoRA factors on meta as well: assign them from the file instead.
-    on_meta_base = on_meta_base or any(p.device.type == "meta" for p in base.parameters())
+    on_meta_base = on_meta_base or has_meta_weights(base)
     for adapter in adapters:
         peft_config, tensors = _read_adapter(adapter, allow_pickle)
         try:
