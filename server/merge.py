@@ -121,14 +121,14 @@ def untie_adapted_embeddings(model: nn.Module, adapters: list[str]) -> bool:
 
     Returns whether it untied. Must run before any merge writes into the shared tensor.
     """
-    base = cast(Any, model.get_base_model() if isinstance(model, PeftModel) else model)
-    wrapped_in, wrapped_out = base.get_input_embeddings(), base.get_output_embeddings()
-    inp, out = _unwrap(wrapped_in), _unwrap(wrapped_out)
-    if inp is None or out is None or cast(torch.Tensor, inp.weight) is not cast(torch.Tensor, out.weight):
+    base = cast(Any, _bare(model))
+    if not _tied(base):
         return False
+    wrapped_in, wrapped_out = base.get_input_embeddings(), base.get_output_embeddings()
     wrappers = [m for m in (wrapped_in, wrapped_out) if isinstance(m, (LoraLayer, ModulesToSaveWrapper))]
     if not any(_targets(m, adapters) for m in wrappers):
         return False
+    out = cast(nn.Module, _unwrap(wrapped_out))
     out.weight = nn.Parameter(cast(torch.Tensor, out.weight).detach().clone(), requires_grad=False)
     base.config.tie_word_embeddings = False
     return True
