@@ -25,11 +25,11 @@ import torch
 from peft import PeftConfig
 
 from server import __version__
-from server.boot import PhaseTimer, _adapter_info, build_arms, finish_boot, load_base, log
+from server.boot import PhaseTimer, build_arms, finish_boot, log
 from server.cache import MergeCache
 from server.config import Config
 from server.engine import Engine
-from server.loading import has_meta_weights
+from server.loading import _adapter_info, has_meta_weights, load_base
 from server.parity import compare_logits, probe_logits
 
 cache_log = logging.getLogger("mergeserve.cache")
