@@ -36,6 +36,9 @@ QUANTIZED_MERGE_FIX = "merge into the float16/bfloat16 base checkpoint, or serve
 
 def config_refusal(raw: dict[str, Any]) -> tuple[str, str] | None:
     """(problem, fix) if this adapter_config.json (as read, before PEFT parses it) cannot be merged exactly."""
+    if raw.get("megatron_config"):
+        # PEFT would import the module that `megatron_core` names: a config must never choose code to run.
+        return "adapter_config.json sets megatron_config", "remove megatron_config/megatron_core"
     if str(raw.get("peft_type", "")).upper() not in ("LORA", ""):
         return f"peft_type is {raw.get('peft_type')}, not LORA", "give a LoRA adapter (or serve this one with PEFT)"
     init = raw.get("init_lora_weights", True)

@@ -91,9 +91,6 @@ def _read_adapter(adapter: AdapterConfig, allow_pickle: bool) -> tuple[PeftConfi
         refusal = config_refusal(raw) if isinstance(raw, dict) else ("it is not a JSON object", "re-save the adapter")
         if refusal:
             raise _refuse(adapter, *refusal)
-        if raw.get("megatron_config"):
-            # PEFT would import the module that `megatron_core` names: a config must never choose code to run.
-            raise _refuse(adapter, "adapter_config.json sets megatron_config", "remove megatron_config/megatron_core")
         peft_config = PeftConfig.from_pretrained(str(adapter.path))
     except (OSError, ValueError, TypeError) as exc:  # json and PEFT's own config validation
         raise _refuse(adapter, f"cannot read adapter_config.json ({_first_line(exc)})", "re-save the adapter") from None
