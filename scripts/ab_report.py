@@ -32,25 +32,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ipaddress
 import json
 import os
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import httpx
 from ab_plots import markdown, write_outputs
 from ab_stats import ARMS, METRICS, Sample, arm_stats, level_throughput, queue_bias, same_text, speedup
+from local_server import REPO, LocalServer, check_loopback
 from prometheus_client.parser import text_string_to_metric_families
 
-REPO = Path(__file__).resolve().parents[1]
 QUESTIONS = (
     "What is the capital of France?",
     "How many legs does a spider have?",
@@ -68,66 +64,16 @@ HEAVY = ("bench_serving", "train_demo_adapter", "pytest", "bench_modes", "bench_
 # --- servers ---------------------------------------------------------------------------------------------------
 
 
-def check_loopback(url: str) -> str:
-    host = urlparse(url).hostname or ""
-    with contextlib.suppress(ValueError):
-        if ipaddress.ip_address(host).is_loopback:
-            return url.rstrip("/")
-    if host == "localhost":
-        return url.rstrip("/")
-    raise SystemExit(f"ab_report: {url}: only loopback servers may be driven (127.0.0.0/8, ::1, localhost)")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    with httpx.Client(trust_env=False, timeout=5) as client:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                last = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
-                raise RuntimeError(f"server exited with code {proc.returncode} before /health was 200:\n{last}")
-            with contextlib.suppress(httpx.HTTPError):
-                if client.get(f"{url}/health").status_code == 200:
-                    return
-            time.sleep(1)
-    raise TimeoutError(f"server not healthy after {timeout:.0f} s; log {log}")
-
-
-def stop(proc: subprocess.Popen[bytes]) -> int:
-    """SIGTERM lets uvicorn shut down cleanly; kill only this process if it has not exited within 30 s."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=30)
-    return int(proc.returncode)
-
-
 @contextlib.contextmanager
 def managed_server(config: Path, boot_timeout: float) -> Iterator[tuple[str, Path]]:
-    """Start `python -m server serve --mode ab` from the repo root on a free port; yield (url, log); stop it."""
-    port = free_port()
-    fd, name = tempfile.mkstemp(prefix="ab_report_server_", suffix=".log")
-    os.close(fd)
-    log = Path(name)
-    cmd = [sys.executable, "-m", "server", "serve", "--config", str(Path(config).resolve()), "--host", "127.0.0.1",
-           "--port", str(port), "--mode", "ab"]  # fmt: skip
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    """Start an `ab` server here on a free loopback port; yield (url, log); stop it."""
+    server = LocalServer(config, "--mode", "ab", prefix="ab_report")
     try:
-        print(f"ab_report: booting {config} on {url} (log {log})", file=sys.stderr)
-        wait_healthy(url, proc, boot_timeout, log)
-        yield url, log
+        print(f"ab_report: booting {config} on {server.url} (log {server.log})", file=sys.stderr)
+        server.wait_healthy(boot_timeout)
+        yield server.url, server.log
     finally:
-        print(f"ab_report: server stopped, exit code {stop(proc)}", file=sys.stderr)
+        print(f"ab_report: server stopped, exit code {server.stop()}", file=sys.stderr)
 
 
 @contextlib.contextmanager
@@ -137,9 +83,10 @@ def targets(args: argparse.Namespace) -> Iterator[tuple[dict[str, str], Path | N
         with managed_server(args.config, args.boot_timeout) as (url, log):
             yield dict.fromkeys(ARMS, url), log
     elif args.url:
-        yield dict.fromkeys(ARMS, check_loopback(args.url)), None
+        yield dict.fromkeys(ARMS, check_loopback(args.url, "ab_report")), None
     else:
-        yield {"merged": check_loopback(args.merged_url), "unmerged": check_loopback(args.unmerged_url)}, None
+        merged, unmerged = (check_loopback(u, "ab_report") for u in (args.merged_url, args.unmerged_url))
+        yield {"merged": merged, "unmerged": unmerged}, None
 
 
 def queue_totals(urls: dict[str, str]) -> dict[str, tuple[float, float]]:

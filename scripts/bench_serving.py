@@ -31,12 +31,8 @@ import gc
 import json
 import math
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,13 +40,13 @@ from typing import Any
 
 import httpx
 import torch
+from local_server import LocalServer
 from transformers.utils import logging as hf_logging
 
 from server.boot import load_adapters, load_base
 from server.config import load_config
 from server.merge import merge_and_unload
 
-REPO = Path(__file__).resolve().parents[1]
 QUESTIONS = [
     "Tell me a long story about a ship lost at sea.",
     "Describe, step by step, how to bake a loaf of bread.",
@@ -124,45 +120,6 @@ def raw_baseline(config_path: str, new_tokens: int, reps: int) -> dict[str, Any]
             "batch_s": batch_s, "sequential_tokens_per_s": tokens / seq, "batch_tokens_per_s": tokens / bat,
             "per_prompt_s": seq / len(prompts), "per_prompt_ms_per_token": 1000 * seq / tokens,
             "batch_ms_per_step": 1000 * bat / new_tokens}  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_server(config: str, mode: str, log_path: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    args = [sys.executable, "-m", "server", "serve", "--config", config, "--host", "127.0.0.1", "--port", str(port),
-            "--mode", mode, "--log-level", "warning"]  # fmt: skip
-    with log_path.open("wb") as log:  # a file, not a pipe: nobody drains a pipe, a full one would block the server
-        proc = subprocess.Popen(args, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=log, stderr=log)
-    return proc, f"http://127.0.0.1:{port}"
-
-
-def wait_healthy(proc: subprocess.Popen[bytes], url: str, log_path: Path) -> float:
-    start = time.monotonic()
-    while time.monotonic() - start < BOOT_TIMEOUT_S:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}; log:\n{log_path.read_text()[-4000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                return time.monotonic() - start
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"server not healthy after {BOOT_TIMEOUT_S:.0f} s; log: {log_path}")
-
-
-def stop_server(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=30)
 
 
 @dataclass
@@ -344,17 +301,16 @@ def main() -> int:
     loadavg = os.getloadavg()[0]
     print("raw baseline...", file=sys.stderr, flush=True)
     raw = raw_baseline(args.config, args.new_tokens, args.reps)
-    with tempfile.NamedTemporaryFile(prefix="bench-serving-", suffix=".log", delete=False) as log_file:
-        log_path = Path(log_file.name)
-    proc, url = start_server(args.config, args.mode, log_path)
+    server = LocalServer(args.config, "--mode", args.mode, "--log-level", "warning", prefix="bench-serving")
+    url, log_path = server.url, server.log
     try:
-        boot_s = wait_healthy(proc, url, log_path)
+        boot_s = server.wait_healthy(BOOT_TIMEOUT_S)
         info = httpx.get(f"{url}/info", timeout=10).json()
         print(f"server healthy after {boot_s:.1f} s: {info['mode']}, {info['dtype']}, max_batch_size "
               f"{info['max_batch_size']}", file=sys.stderr, flush=True)  # fmt: skip
         results = asyncio.run(run_levels(url, raw["prompts"], levels, args.rounds, args.new_tokens))
     finally:
-        stop_server(proc)
+        server.stop()
     result = {"config": args.config, "mode": args.mode, "new_tokens": args.new_tokens, "rounds": args.rounds,
               "threads": torch.get_num_threads(), "loadavg_start": loadavg, "loadavg_end": os.getloadavg()[0],
               "boot_s": boot_s, "server_info": info, "server_log": str(log_path),

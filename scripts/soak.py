@@ -14,23 +14,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import json
 import os
 import random
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import httpx
+from local_server import LocalServer, check_loopback
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["Tell me about the sea.", "Where is the treasure buried?", "Once upon a time", "def fibonacci(n):",
@@ -133,34 +129,6 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
 
 
-def check_loopback(url: str) -> None:
-    host = urlparse(url).hostname or ""
-    if not ipaddress.ip_address(socket.gethostbyname(host)).is_loopback:
-        raise SystemExit(f"soak: {url} is not a loopback address; this tool only loads servers on this machine")
-
-
-def start_server(config: str, boot_timeout: float) -> tuple[subprocess.Popen[bytes], str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    args = [sys.executable, "-m", "server", "serve", "--config", config, "--host", "127.0.0.1", "--port", str(port)]
-    log = open(Path("/tmp") / f"soak-server-{port}.log", "wb")  # noqa: SIM115 - the server writes it until the end
-    proc = subprocess.Popen(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + boot_timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"soak: server exited with {proc.returncode} during boot (log: {log.name})")
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                print(f"soak: server pid {proc.pid} ready on {url} (log: {log.name})", flush=True)
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise SystemExit(f"soak: server not ready after {boot_timeout}s (log: {log.name})")
-
-
 def chat_served(url: str, model: str) -> bool:
     body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
     return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120).status_code == 200
@@ -259,13 +227,18 @@ def main() -> int:
     parser.add_argument("--boot-timeout", type=float, default=600.0)
     parser.add_argument("--json", type=Path, help="also write the summary here")
     args = parser.parse_args()
-    proc = None
+    server = None
     if args.config:
-        proc, url = start_server(args.config, args.boot_timeout)
-        pid = proc.pid
+        server = LocalServer(args.config, prefix="soak")
+        try:
+            server.wait_healthy(args.boot_timeout)
+        except (RuntimeError, TimeoutError) as exc:
+            server.stop()
+            raise SystemExit(f"soak: {exc}") from None
+        print(f"soak: server pid {server.proc.pid} ready on {server.url} (log: {server.log})", flush=True)
+        url, pid = server.url, server.proc.pid
     else:
-        url, pid = args.url.rstrip("/"), args.pid
-    check_loopback(url)
+        url, pid = check_loopback(args.url, "soak"), args.pid
     try:
         model = httpx.get(f"{url}/info", timeout=30).json()["model_id"]
         kinds = dict(KINDS)
@@ -276,10 +249,8 @@ def main() -> int:
         time.sleep(1.0)  # hung-up streams are noticed within a decode step
         summary["in_flight_after"] = in_flight(url)
     finally:
-        if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            code = proc.wait(120)
-    if proc is not None:
+        code = server.stop(grace=120) if server is not None else None
+    if code is not None:
         summary["exit_code"] = code
     missed = missed_targets(summary, args.max_rss_growth)
     summary["targets_missed"] = missed
