@@ -251,7 +251,9 @@ class _Lane:
             return
         if done:
             return  # done after one token
-        mask = torch.ones(1, row.all_ids.shape[1], dtype=torch.long)
+        # One column per cached position. all_ids already holds the first sampled token, which is not in the cache
+        # yet: a mask built from it is one column too long and shifts every later position by one.
+        mask = torch.ones(1, cache.get_seq_length(), dtype=torch.long)
         if self.cache is None:
             self.cache, self.mask = cache, mask
         else:

@@ -43,7 +43,10 @@ def build_tokenizer(out: Path) -> PreTrainedTokenizerFast:
     return fast
 
 
-def build_model(out: Path, vocab_size: int, hidden: int = 64, seed: int = 0) -> LlamaForCausalLM:
+def build_model(
+    out: Path, vocab_size: int, hidden: int = 64, seed: int = 0, init_range: float = 0.02
+) -> LlamaForCausalLM:
+    """init_range: std of the random weights; 0.02 (transformers' default) gives near-uniform next-token logits."""
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab_size,
@@ -57,6 +60,7 @@ def build_model(out: Path, vocab_size: int, hidden: int = 64, seed: int = 0) -> 
         eos_token_id=1,
         pad_token_id=1,
         tie_word_embeddings=True,
+        initializer_range=init_range,
     )
     model = LlamaForCausalLM(config)
     model.save_pretrained(out)
