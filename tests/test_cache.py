@@ -12,6 +12,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer
 
 from server import boot as boot_module
 from server import cache as cache_module
@@ -194,3 +195,41 @@ def test_cli_cache_dir_flag_overrides_the_config(tmp_path: Path, monkeypatch: py
     monkeypatch.chdir(tmp_path)
     args = _parser().parse_args(["serve", "--config", "x.yaml", "--cache-dir", "here"])
     assert _overrides(args)["cache.dir"] == str(tmp_path / "here")
+
+
+def test_a_hit_serves_the_adapters_tokenizer_as_the_cold_boot_did(
+    write_config: Writer, tiny_base: Path, tmp_path: Path
+) -> None:
+    """A folder base and an adapter shipping its own tokenizer (two added tokens, another chat template)."""
+    from tests.test_kinds import make_added_token_adapter  # the added-tokens kind, built as test_kinds builds it
+
+    adapter = make_added_token_adapter(tiny_base, tmp_path / "added")
+    config = load_config(write_config({
+        "model": {"path": str(tiny_base), "dtype": "float32"}, "mode": "merged",
+        "adapters": [{"name": "tokens", "path": str(adapter)}],
+        "limits": {"max_input_tokens": 32, "max_total_tokens": 64, "max_new_tokens": 4},
+    }))  # fmt: skip
+    shipped, base_tok = AutoTokenizer.from_pretrained(adapter), AutoTokenizer.from_pretrained(tiny_base)
+    assert len(shipped) > len(base_tok) and shipped.chat_template != base_tok.chat_template  # the test can fail
+    cold = boot(config)
+    hot = boot(config)
+    assert (cold.info.cache["status"], hot.info.cache["status"]) == ("miss", "hit")
+    text, chat = "Arr <ship> and <parrot>", [{"role": "user", "content": "Ahoy <parrot>"}]
+    want_ids = shipped(text).input_ids
+    assert max(want_ids) >= len(base_tok)  # the added tokens are in play
+    for engine in (cold, hot):
+        tok = engine.tokenizer
+        assert len(tok) == len(shipped) and tok.get_vocab() == shipped.get_vocab()
+        assert tok.get_added_vocab() == shipped.get_added_vocab() and tok.chat_template == shipped.chat_template
+        assert tok.apply_chat_template(chat, tokenize=False) == shipped.apply_chat_template(chat, tokenize=False)
+        assert engine.tokenize(text) == want_ids
+    served = []
+    for engine in (cold, hot):
+        params = {"max_new_tokens": 4, "details": True}
+        r = TestClient(create_app(engine, config)).post("/generate", json={"inputs": text, "parameters": params})
+        assert r.status_code == 200, r.text
+        served.append((int(r.headers["x-prompt-tokens"]), [t["id"] for t in r.json()["details"]["tokens"]]))
+    assert served[0] == served[1] and served[0][0] == len(want_ids)
+    ids = torch.tensor([want_ids])
+    with torch.inference_mode():
+        assert torch.equal(cold.model(input_ids=ids).logits, hot.model(input_ids=ids).logits)
