@@ -16,6 +16,7 @@ from transformers import AutoTokenizer
 
 from server import boot as boot_module
 from server import cache as cache_module
+from server import precision
 from server.app import create_app
 from server.boot import boot
 from server.cache import MANIFEST, PROBES, FileHashes, MergeCache
@@ -233,3 +234,39 @@ def test_a_hit_serves_the_adapters_tokenizer_as_the_cold_boot_did(
     ids = torch.tensor([want_ids])
     with torch.inference_mode():
         assert torch.equal(cold.model(input_ids=ids).logits, hot.model(input_ids=ids).logits)
+
+
+def _bf16_timings(faster: bool) -> Callable[..., dict[str, float]]:
+    """Matmul timings of a CPU with native bf16 (faster) or an AVX2-only one, where bf16 is emulated and slow."""
+    seconds = {"float32": 1e-3, "bfloat16": 0.2e-3 if faster else 30e-3}
+    return lambda dtypes, device, shape: {d: seconds[d] for d in dtypes}
+
+
+def test_auto_dtype_is_keyed_by_the_dtype_it_resolves_to(
+    write_config: Writer, tiny_config_data: dict[str, Any], merge_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two machines where `auto` resolves differently build two entries, each served in its own dtype."""
+    tiny_config_data["model"]["dtype"] = "auto"
+    auto = load_config(write_config(tiny_config_data))
+    served: dict[str, Engine] = {}
+    for name, faster in (("float32", False), ("bfloat16", True)):
+        monkeypatch.setattr(precision, "_matmul_seconds", _bf16_timings(faster))
+        served[name] = boot(auto)
+        assert served[name].info.cache["status"] == "miss", name  # not the other machine's entry
+        assert served[name].info.dtype == name and {p.dtype for p in served[name].model.parameters()} == {
+            getattr(torch, name)
+        }
+    keys = {name: engine.info.cache["key"] for name, engine in served.items()}
+    with pytest.raises(ValueError, match=r"resolve model\.dtype auto"):
+        MergeCache(merge_cache).key(auto)  # "auto" names no dtype, so it cannot be a key
+    assert keys["float32"] != keys["bfloat16"]
+    assert sorted(p.name for p in (merge_cache / "entries").iterdir()) == sorted(keys.values())
+    # Auto resolving to float32 and an explicit float32 build the same merge: they share the entry.
+    tiny_config_data["model"]["dtype"] = "float32"
+    explicit = boot(load_config(write_config(tiny_config_data)))
+    assert explicit.info.cache["status"] == "hit" and explicit.info.cache["key"] == keys["float32"]
+    assert torch.equal(_logits(explicit), _logits(served["float32"]))
+    monkeypatch.setattr(precision, "_matmul_seconds", _bf16_timings(True))
+    again = boot(auto)  # a second bf16 machine reuses the bf16 entry, and serves it in bf16
+    assert again.info.cache["status"] == "hit" and again.info.cache["key"] == keys["bfloat16"]
+    assert again.info.dtype == "bfloat16" and torch.equal(_logits(again), _logits(served["bfloat16"]))
