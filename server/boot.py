@@ -48,7 +48,7 @@ from server.merge import (
 )
 from server.mixing import MixSpec, deltas_on_the_side
 from server.parity import ParityResult, compare_logits, probe_logits, with_float32_reference
-from server.precision import can_upcast, pick_dtype, upcast
+from server.precision import can_upcast, resolve_dtype_setting, upcast
 
 # Loading moved to server.loading; these names stay importable from here, where callers have always found them.
 __all__ = [
@@ -184,12 +184,8 @@ def build_arms(config: Config, timer: PhaseTimer) -> BuiltArms:
     """Load, attach, merge as the mode says, and pass the parity gate (or raise BootError)."""
     names = [a.name for a in config.adapters]
     _refuse_quantized_merge(config)
-    model_cfg, dtype_reason = config.model, f"configured: {config.model.dtype}"
-    if model_cfg.dtype == "auto":
-        chosen, dtype_reason = pick_dtype()
-        model_cfg = model_cfg.model_copy(update={"dtype": chosen})
-    elif model_cfg.dtype == "checkpoint":
-        dtype_reason = "checkpoint: the checkpoint's own dtype"
+    dtype_name, dtype_reason = resolve_dtype_setting(config.model.dtype)
+    model_cfg = config.model.model_copy(update={"dtype": dtype_name})
     with timer.phase("load_base"):
         tokenizer, base = load_base(model_cfg, config.security.allow_pickle)
         tokenizer, resized = serving_tokenizer(config.adapters, tokenizer, base)

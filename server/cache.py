@@ -7,9 +7,10 @@ Layout under the cache folder:
     file-hashes.json      path -> (size, mtime_ns, sha256) of inputs, so unchanged base files are not re-hashed
     tmp-*/ trash-*/       entries being written (renamed into entries/ when complete) or being deleted
 
-The key covers the base files, every adapter file, each adapter's weight and order, the dtype, the merge method and
-MERGE_FORMAT_VERSION, the combine method (with its density and seed), the parity probes (their logits are stored in
-the entry) and the transformers and PEFT versions (the GGUF dequantizer and PEFT's scaling rules live there).
+The key covers the base files, every adapter file, each adapter's weight and order, the dtype (as resolved: `auto` is
+keyed as the dtype this machine picked), the merge method and MERGE_FORMAT_VERSION, the combine method (with its
+density and seed), the parity probes (their logits are stored in the entry) and the transformers and PEFT versions
+(the GGUF dequantizer and PEFT's scaling rules live there).
 Keying on an adapter's name alone goes stale.
 """
 
@@ -92,6 +93,9 @@ class MergeCache:
             (root / sub).mkdir(parents=True, exist_ok=True)
 
     def key(self, config: Config) -> tuple[str, dict[str, Any]]:
+        if config.model.dtype == "auto":
+            # "auto" names no dtype: replicas on other CPUs would share an entry merged and rounded in another one.
+            raise ValueError("resolve model.dtype auto (server.precision.resolve_dtype_setting) before keying")
         hashes = FileHashes(self.root)
         inputs = {
             "format": MERGE_FORMAT_VERSION,

@@ -25,22 +25,19 @@ import torch
 from peft import PeftConfig
 
 from server import __version__
-from server.boot import PhaseTimer, build_arms, finish_boot, log
+from server.boot import BuiltArms, PhaseTimer, build_arms, finish_boot, log
 from server.cache import MergeCache
 from server.config import Config
 from server.engine import Engine
 from server.loading import _adapter_info, has_meta_weights, load_base
 from server.parity import compare_logits, probe_logits
+from server.precision import resolve_dtype_setting
 
 cache_log = logging.getLogger("mergeserve.cache")
 
 
 class DamagedEntry(Exception):
     pass
-
-
-# The entry was written in the dtype resolved when it was built (a `dtype: auto` choice included).
-HIT_DTYPE_REASON = "cache hit: the dtype the entry was built in"
 
 
 def _serve_hit(config: Config, timer: PhaseTimer, cache: MergeCache, key: str) -> tuple[Any, ...]:
@@ -67,7 +64,42 @@ def _serve_hit(config: Config, timer: PhaseTimer, cache: MergeCache, key: str) -
     return tokenizer, model, infos, parity, exact
 
 
+def _resolved(config: Config) -> tuple[Config, str]:
+    """The config with `dtype: auto` replaced by this machine's choice, and the reason for it.
+
+    Resolved once, before the key: the key, the merge and a hit's load then all use one dtype. Keyed as "auto", a
+    bf16 machine's entry would be served in bf16 on an AVX2-only replica, where bf16 matmuls run tens of times slower.
+    """
+    dtype, reason = resolve_dtype_setting(config.model.dtype)
+    return config.model_copy(update={"model": config.model.model_copy(update={"dtype": dtype})}), reason
+
+
+def _store(cache: MergeCache, key: str, config: Config, built: BuiltArms, inputs: dict[str, Any],
+           report: dict[str, Any], timer: PhaseTimer) -> None:  # fmt: skip
+    """Write the fresh merge as the key's entry, with its probe ids and logits; a failure costs only the entry."""
+    probes = {f"reference.{i}": r for i, r in enumerate(built.reference)}
+    probes |= {f"merged.{i}": c for i, c in enumerate(built.candidate)}
+    for i, text in enumerate(config.parity.probes):
+        probes[f"ids.{i}"] = built.tokenizer(text, return_tensors="pt").input_ids[0]
+    record = {"inputs": inputs, "probes": config.parity.probes, "parity_at_build": built.parity.as_dict(),
+              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "mergeserve": __version__}  # fmt: skip
+    offloaded = has_meta_weights(built.arms["merged"])
+    if offloaded:
+        # Disk-offloaded layers live in accelerate's offload store, not in memory: there is no whole model to write.
+        cache_log.warning("merge cache: not storing %s: the model has layers offloaded to disk", key)
+        report["problem"] = "not stored: layers offloaded to disk"
+    with timer.phase("cache_store"):
+        try:
+            if not offloaded:
+                entry = cache.store(key, config, built.arms["merged"], built.tokenizer, probes, record)
+                cache_log.info("merge cache: stored %s (%s)", key, entry)
+        except OSError as exc:  # a full or read-only disk costs the next boot a merge, not this one its model
+            cache_log.warning("merge cache: could not store %s (%s)", key, exc)
+            report["problem"] = f"store failed: {exc}"
+
+
 def boot_merged_with_cache(config: Config, timer: PhaseTimer) -> Engine:
+    config, dtype_reason = _resolved(config)
     root = config.cache.resolved_dir()
     report: dict[str, Any] = {"enabled": True, "dir": str(root), "corrupt_entries": 0, "problem": None}
     try:
@@ -77,7 +109,7 @@ def boot_merged_with_cache(config: Config, timer: PhaseTimer) -> Engine:
         built = build_arms(config, timer)
         report.update(status="unavailable", hit=False, problem=str(exc))
         return finish_boot(
-            config, timer, built.arms, built.tokenizer, built.adapter_infos, built.parity, report, built.dtype_reason
+            config, timer, built.arms, built.tokenizer, built.adapter_infos, built.parity, report, dtype_reason
         )
     with timer.phase("cache_lookup"):
         key, inputs = cache.key(config)
@@ -96,7 +128,8 @@ def boot_merged_with_cache(config: Config, timer: PhaseTimer) -> Engine:
                     "stored: unmerged probe logits recorded when the entry was built, compared with the loaded "
                     "merged model"), built_at=manifest.get("created"))  # fmt: skip
                 cache_log.info("merge cache: hit %s (%s)", key, cache.entry(key))
-                return finish_boot(config, timer, {"merged": model}, tokenizer, infos, parity, report, HIT_DTYPE_REASON)
+                reason = f"{dtype_reason}; cache hit: an entry built in this dtype"
+                return finish_boot(config, timer, {"merged": model}, tokenizer, infos, parity, report, reason)
         if problem is not None:
             cache_log.warning("merge cache: entry %s is damaged (%s); discarding it and merging again", key, problem)
             report.update(corrupt_entries=1, problem=problem)
@@ -104,27 +137,9 @@ def boot_merged_with_cache(config: Config, timer: PhaseTimer) -> Engine:
         built = build_arms(config, timer)
         report.update(status="rebuilt" if problem else "miss", hit=False,
                       parity_reference="computed at boot: unmerged vs merged model")  # fmt: skip
-        probes = {f"reference.{i}": r for i, r in enumerate(built.reference)}
-        probes |= {f"merged.{i}": c for i, c in enumerate(built.candidate)}
-        for i, text in enumerate(config.parity.probes):
-            probes[f"ids.{i}"] = built.tokenizer(text, return_tensors="pt").input_ids[0]
-        record = {"inputs": inputs, "probes": config.parity.probes, "parity_at_build": built.parity.as_dict(),
-                  "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "mergeserve": __version__}  # fmt: skip
-        offloaded = has_meta_weights(built.arms["merged"])
-        if offloaded:
-            # Disk-offloaded layers live in accelerate's offload store, not in memory: there is no whole model to write.
-            cache_log.warning("merge cache: not storing %s: the model has layers offloaded to disk", key)
-            report["problem"] = "not stored: layers offloaded to disk"
-        with timer.phase("cache_store"):
-            try:
-                if not offloaded:
-                    entry = cache.store(key, config, built.arms["merged"], built.tokenizer, probes, record)
-                    cache_log.info("merge cache: stored %s (%s)", key, entry)
-            except OSError as exc:  # a full or read-only disk costs the next boot a merge, not this one its model
-                cache_log.warning("merge cache: could not store %s (%s)", key, exc)
-                report["problem"] = f"store failed: {exc}"
+        _store(cache, key, config, built, inputs, report, timer)
     finally:
         lock.release()
     return finish_boot(
-        config, timer, built.arms, built.tokenizer, built.adapter_infos, built.parity, report, built.dtype_reason
+        config, timer, built.arms, built.tokenizer, built.adapter_infos, built.parity, report, dtype_reason
     )

@@ -71,13 +71,13 @@ def write_model_files(
         shutil.copyfile(base / "generation_config.json", out / "generation_config.json")
     else:
         GenerationConfig.from_model_config(hf_config).save_pretrained(out)
-    if base.is_dir():
-        written += copy_tokenizer_files(base, out)
-    else:
+    if tokenizer is None and base.is_dir():
+        return written + copy_tokenizer_files(base, out)
+    if tokenizer is None:
         # A GGUF file has no tokenizer files to copy: the tokenizer the server builds from it is saved once.
-        if tokenizer is None:
-            tokenizer = AutoTokenizer.from_pretrained(str(base.parent), gguf_file=base.name, local_files_only=True)
-        before = {p.name for p in out.iterdir()}
-        tokenizer.save_pretrained(out)
-        written += sorted({p.name for p in out.iterdir()} - before)
-    return written
+        tokenizer = AutoTokenizer.from_pretrained(str(base.parent), gguf_file=base.name, local_files_only=True)
+    # A given tokenizer is the one served, which is the adapter's own when it ships one (added tokens, another chat
+    # template): the base folder's files would give a reloaded checkpoint fewer tokens than its embedding has rows.
+    before = {p.name for p in out.iterdir()}
+    tokenizer.save_pretrained(out)
+    return written + sorted({p.name for p in out.iterdir()} - before)

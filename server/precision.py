@@ -84,6 +84,19 @@ def pick_dtype(device: torch.device | None = None) -> tuple[str, str]:
     return chosen, f"auto: timed matmuls on {device.type} ({measured}); chose {verdict}"
 
 
+def resolve_dtype_setting(setting: str) -> tuple[str, str]:
+    """(dtype to load in, reason) for a configured `model.dtype`; `auto` is measured here, once per boot.
+
+    Whatever keys or labels the weights must use the result, never "auto": the same config picks float32 on an
+    AVX2-only CPU and bfloat16 on one with AMX, and the two merges differ in every rounded weight.
+    """
+    if setting == "auto":
+        return pick_dtype()
+    if setting == "checkpoint":
+        return setting, "checkpoint: the checkpoint's own dtype"
+    return setting, f"configured: {setting}"
+
+
 @contextmanager
 def upcast(model: nn.Module) -> Iterator[None]:
     """Run `model` in float32, then restore every tensor's dtype (exact for bf16/fp16)."""

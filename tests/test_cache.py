@@ -12,9 +12,11 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer
 
 from server import boot as boot_module
 from server import cache as cache_module
+from server import precision
 from server.app import create_app
 from server.boot import boot
 from server.cache import MANIFEST, PROBES, FileHashes, MergeCache
@@ -194,3 +196,77 @@ def test_cli_cache_dir_flag_overrides_the_config(tmp_path: Path, monkeypatch: py
     monkeypatch.chdir(tmp_path)
     args = _parser().parse_args(["serve", "--config", "x.yaml", "--cache-dir", "here"])
     assert _overrides(args)["cache.dir"] == str(tmp_path / "here")
+
+
+def test_a_hit_serves_the_adapters_tokenizer_as_the_cold_boot_did(
+    write_config: Writer, tiny_base: Path, tmp_path: Path
+) -> None:
+    """A folder base and an adapter shipping its own tokenizer (two added tokens, another chat template)."""
+    from tests.test_kinds import make_added_token_adapter  # the added-tokens kind, built as test_kinds builds it
+
+    adapter = make_added_token_adapter(tiny_base, tmp_path / "added")
+    config = load_config(write_config({
+        "model": {"path": str(tiny_base), "dtype": "float32"}, "mode": "merged",
+        "adapters": [{"name": "tokens", "path": str(adapter)}],
+        "limits": {"max_input_tokens": 32, "max_total_tokens": 64, "max_new_tokens": 4},
+    }))  # fmt: skip
+    shipped, base_tok = AutoTokenizer.from_pretrained(adapter), AutoTokenizer.from_pretrained(tiny_base)
+    assert len(shipped) > len(base_tok) and shipped.chat_template != base_tok.chat_template  # the test can fail
+    cold = boot(config)
+    hot = boot(config)
+    assert (cold.info.cache["status"], hot.info.cache["status"]) == ("miss", "hit")
+    text, chat = "Arr <ship> and <parrot>", [{"role": "user", "content": "Ahoy <parrot>"}]
+    want_ids = shipped(text).input_ids
+    assert max(want_ids) >= len(base_tok)  # the added tokens are in play
+    for engine in (cold, hot):
+        tok = engine.tokenizer
+        assert len(tok) == len(shipped) and tok.get_vocab() == shipped.get_vocab()
+        assert tok.get_added_vocab() == shipped.get_added_vocab() and tok.chat_template == shipped.chat_template
+        assert tok.apply_chat_template(chat, tokenize=False) == shipped.apply_chat_template(chat, tokenize=False)
+        assert engine.tokenize(text) == want_ids
+    served = []
+    for engine in (cold, hot):
+        params = {"max_new_tokens": 4, "details": True}
+        r = TestClient(create_app(engine, config)).post("/generate", json={"inputs": text, "parameters": params})
+        assert r.status_code == 200, r.text
+        served.append((int(r.headers["x-prompt-tokens"]), [t["id"] for t in r.json()["details"]["tokens"]]))
+    assert served[0] == served[1] and served[0][0] == len(want_ids)
+    ids = torch.tensor([want_ids])
+    with torch.inference_mode():
+        assert torch.equal(cold.model(input_ids=ids).logits, hot.model(input_ids=ids).logits)
+
+
+def _bf16_timings(faster: bool) -> Callable[..., dict[str, float]]:
+    """Matmul timings of a CPU with native bf16 (faster) or an AVX2-only one, where bf16 is emulated and slow."""
+    seconds = {"float32": 1e-3, "bfloat16": 0.2e-3 if faster else 30e-3}
+    return lambda dtypes, device, shape: {d: seconds[d] for d in dtypes}
+
+
+def test_auto_dtype_is_keyed_by_the_dtype_it_resolves_to(
+    write_config: Writer, tiny_config_data: dict[str, Any], merge_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two machines where `auto` resolves differently build two entries, each served in its own dtype."""
+    tiny_config_data["model"]["dtype"] = "auto"
+    auto = load_config(write_config(tiny_config_data))
+    served: dict[str, Engine] = {}
+    for name, faster in (("float32", False), ("bfloat16", True)):
+        monkeypatch.setattr(precision, "_matmul_seconds", _bf16_timings(faster))
+        served[name] = boot(auto)
+        assert served[name].info.cache["status"] == "miss", name  # not the other machine's entry
+        assert served[name].info.dtype == name and {p.dtype for p in served[name].model.parameters()} == {
+            getattr(torch, name)
+        }
+    keys = {name: engine.info.cache["key"] for name, engine in served.items()}
+    with pytest.raises(ValueError, match=r"resolve model\.dtype auto"):
+        MergeCache(merge_cache).key(auto)  # "auto" names no dtype, so it cannot be a key
+    assert keys["float32"] != keys["bfloat16"]
+    assert sorted(p.name for p in (merge_cache / "entries").iterdir()) == sorted(keys.values())
+    # Auto resolving to float32 and an explicit float32 build the same merge: they share the entry.
+    tiny_config_data["model"]["dtype"] = "float32"
+    explicit = boot(load_config(write_config(tiny_config_data)))
+    assert explicit.info.cache["status"] == "hit" and explicit.info.cache["key"] == keys["float32"]
+    assert torch.equal(_logits(explicit), _logits(served["float32"]))
+    monkeypatch.setattr(precision, "_matmul_seconds", _bf16_timings(True))
+    again = boot(auto)  # a second bf16 machine reuses the bf16 entry, and serves it in bf16
+    assert again.info.cache["status"] == "hit" and again.info.cache["key"] == keys["bfloat16"]
+    assert again.info.dtype == "bfloat16" and torch.equal(_logits(again), _logits(served["bfloat16"]))
