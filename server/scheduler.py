@@ -76,6 +76,7 @@ class _Row:
     submitted: float
     slots: _Slots
     text_stream: TextStream
+    device: torch.device  # the lane's: the penalties index the logits with all_ids, so both must live there
     admitted: float = 0.0
     released: bool = False
     chooser: TokenChooser = field(init=False)
@@ -89,7 +90,7 @@ class _Row:
 
     def __post_init__(self) -> None:
         self.chooser = TokenChooser(self.request.params)
-        self.all_ids = torch.tensor([self.request.input_ids], dtype=torch.long)
+        self.all_ids = torch.tensor([self.request.input_ids], dtype=torch.long, device=self.device)
         self.gen = Generation(seed=self.chooser.seed, prompt_tokens=len(self.request.input_ids))
 
 
@@ -174,7 +175,7 @@ class _Decoder:
             row.release()
             return True
         token_id, logprob = row.chooser.choose(row.all_ids, logits)  # type: ignore[arg-type]
-        row.all_ids = torch.cat([row.all_ids, torch.tensor([[token_id]])], dim=1)
+        row.all_ids = torch.cat([row.all_ids, row.all_ids.new_tensor([[token_id]])], dim=1)
         gen, request = row.gen, row.request
         special = token_id in self.special
         token = Token(token_id, row.text_stream.push(token_id), logprob, special)
@@ -262,7 +263,7 @@ class _Lane:
     def step(self) -> int:
         """One decode step for every row; returns the batch size."""
         assert self.cache is not None
-        tokens = torch.tensor([[row.all_ids[0, -1].item()] for row in self.rows], device=self.device)  # (B, 1)
+        tokens = torch.cat([row.all_ids[:, -1:] for row in self.rows])  # (B, 1), on the device without a sync per row
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)  # (B, S + 1)
         logits = decode_one_token(self.model, tokens, self.cache, self.mask.to(self.device))  # (B, V)
         keep = [i for i, row in enumerate(self.rows) if not self._advance(row, logits[i : i + 1])]
@@ -329,7 +330,9 @@ class Scheduler:
             self._slots.take()
             handle = Handle()
             target.waiting.append(
-                _Row(request, emit, handle, time.perf_counter(), self._slots, TextStream(self._tokenizer))
+                _Row(
+                    request, emit, handle, time.perf_counter(), self._slots, TextStream(self._tokenizer), target.device
+                )
             )
             self._wake.notify()
         return handle
