@@ -12,6 +12,7 @@ rounding in the attention sums.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import threading
@@ -34,6 +35,10 @@ Emit = Callable[[Token | BaseException, Generation], None]
 
 class Overloaded(Exception):
     """More requests than max_concurrent_requests: TGI answers 429 "Model is overloaded"."""
+
+
+class EngineDead(RuntimeError):
+    """The model thread died: nothing submitted will ever run, so requests fail at once instead of waiting."""
 
 
 @dataclass
@@ -283,6 +288,12 @@ class _Lane:
             _fail_row(row, exc)
             return True
 
+    def orphans(self) -> list[_Row]:
+        """Every request this lane holds, taken out of it, to fail them all when the model thread dies."""
+        rows = [*self.waiting, *self.rows, *([self.admitting] if self.admitting else [])]
+        self.waiting, self.rows, self.admitting, self.cache = deque(), [], None, None
+        return rows
+
     def fail(self, exc: BaseException) -> None:
         failed = self.rows + ([self.admitting] if self.admitting else [])
         log.exception("lane %s: decode failed; failing %d requests", self.name, len(failed))
@@ -314,7 +325,9 @@ class Scheduler:
         decoder = _Decoder(tokenizer, eos_ids)
         self.lanes = {name: _Lane(name, model, decoder, self._wake) for name, model in models.items()}
         self._closed = False
-        self._thread = threading.Thread(target=self._loop, name="mergeserve-scheduler", daemon=True)
+        # Why the model thread died, if it did (close() is not a death): /health answers 503 and the CLI exits.
+        self.death: str | None = None
+        self._thread = threading.Thread(target=self._run, name="mergeserve-scheduler", daemon=True)
         self._thread.start()
 
     @property
@@ -327,6 +340,8 @@ class Scheduler:
         """Queue a request; `emit` is called from the scheduler thread with each token, or with an exception."""
         target = self.lanes[lane] if lane is not None else next(iter(self.lanes.values()))
         with self._wake:
+            if self.death is not None:
+                raise EngineDead(f"model thread died: {self.death}")
             self._slots.take()
             handle = Handle()
             target.waiting.append(
@@ -342,6 +357,21 @@ class Scheduler:
             self._closed = True
             self._wake.notify()
         self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        """The model thread. Whatever escapes the loop (lane.fail itself raising, say) ends it for good: without a
+        record /health would stay 200 while every request waited forever. Requests still held fail at once."""
+        try:
+            self._loop()
+        except BaseException as exc:
+            self.death = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+            log.critical("model thread died: %s", self.death, exc_info=True)
+            with self._wake:  # after `death` is set, so a submit either sees it or is among the orphans
+                rows = [row for lane in self.lanes.values() for row in lane.orphans()]
+            for row in rows:
+                row.release()
+                with contextlib.suppress(Exception):  # an emit that raises again is past helping
+                    row.emit(EngineDead(f"model thread died: {self.death}"), row.gen)
 
     def _loop(self) -> None:
         while True:
