@@ -218,15 +218,19 @@ def create_app(engine: Engine | None, config: Config) -> FastAPI:
         response_class=Response,
         responses={
             200: {"description": "Ready: an empty body", "content": None},
-            503: {"model": ErrorResponse, "description": "Booting or shutting down"},
+            503: {"model": ErrorResponse, "description": "Booting, shutting down, or the model thread died"},
         },
     )
     async def health() -> Response:
-        """200 with an empty body once the model is loaded, merged and verified; 503 until then and while draining."""
+        """200 with an empty body once the model is loaded, merged and verified; 503 until then, while draining, and
+        for good once the model thread has died (the process then exits for its orchestrator to restart it)."""
         if lifecycle.draining:
             return JSONResponse({"error": "shutting down", "error_type": "healthcheck"}, status_code=503)
-        if app.state.engine is None:
+        engine: Engine | None = app.state.engine
+        if engine is None:
             return JSONResponse({"error": "loading", "error_type": "healthcheck"}, status_code=503)
+        if engine.scheduler.death is not None:
+            return JSONResponse({"error": "unhealthy", "error_type": "healthcheck"}, status_code=503)
         return Response(status_code=200)
 
     @app.get("/info", response_model=InfoResponse, responses=ERRORS)

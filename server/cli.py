@@ -4,7 +4,8 @@
 
 uvicorn binds the port at once and answers /health with 503 while boot runs in a thread; a boot that refuses the
 model stops the server and exits with the refusal's code (2 bad input, 3 failed check) and one line on stderr.
-SIGTERM or Ctrl-C drains in-flight requests (see server.shutdown) and exits 0.
+SIGTERM or Ctrl-C drains in-flight requests (see server.shutdown) and exits 0. If the model thread dies the server
+stops and exits 1 with one line on stderr, so an orchestrator restarts it.
 """
 
 from __future__ import annotations
@@ -88,7 +89,11 @@ def serve(args: argparse.Namespace) -> int:
     uv_config = uvicorn.Config(
         app, host=config.server.host, port=config.server.port, log_level=args.log_level, timeout_graceful_shutdown=2
     )
-    server = GracefulServer(uv_config, app.state.lifecycle, config.server.shutdown_grace_seconds)
+
+    def engine_death() -> str | None:
+        return None if app.state.engine is None else app.state.engine.scheduler.death
+
+    server = GracefulServer(uv_config, app.state.lifecycle, config.server.shutdown_grace_seconds, engine_death)
     failure: list[tuple[str, int]] = []
 
     def run_boot() -> None:
@@ -118,6 +123,9 @@ def serve(args: argparse.Namespace) -> int:
         message, code = failure[0]
         print(f"mergeserve: {message}", file=sys.stderr)
         return code
+    if server.died is not None:
+        print(f"mergeserve: model thread died ({server.died}); exiting so the server is restarted", file=sys.stderr)
+        return EXIT_UNEXPECTED
     return 0
 
 

@@ -91,7 +91,8 @@ class TokenChooser:
             self.generator = torch.Generator().manual_seed(self.seed)
 
     def choose(self, all_ids: torch.LongTensor, logits: torch.Tensor) -> tuple[int, float]:
-        """all_ids: (1, T) prompt + generated so far; logits: (1, V) for the next position."""
+        """all_ids: (1, T) prompt + generated so far; logits: (1, V) for the next position, on all_ids' device (the
+        penalties gather and scatter the logits at those ids)."""
         scores = self.processors(all_ids, logits.float())  # (1, V)
         logprobs = torch.log_softmax(scores, dim=-1)  # (1, V)
         if self.generator is None:

@@ -12,6 +12,7 @@ rounding in the attention sums.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import threading
@@ -34,6 +35,10 @@ Emit = Callable[[Token | BaseException, Generation], None]
 
 class Overloaded(Exception):
     """More requests than max_concurrent_requests: TGI answers 429 "Model is overloaded"."""
+
+
+class EngineDead(RuntimeError):
+    """The model thread died: nothing submitted will ever run, so requests fail at once instead of waiting."""
 
 
 @dataclass
@@ -76,6 +81,7 @@ class _Row:
     submitted: float
     slots: _Slots
     text_stream: TextStream
+    device: torch.device  # the lane's: the penalties index the logits with all_ids, so both must live there
     admitted: float = 0.0
     released: bool = False
     chooser: TokenChooser = field(init=False)
@@ -89,7 +95,7 @@ class _Row:
 
     def __post_init__(self) -> None:
         self.chooser = TokenChooser(self.request.params)
-        self.all_ids = torch.tensor([self.request.input_ids], dtype=torch.long)
+        self.all_ids = torch.tensor([self.request.input_ids], dtype=torch.long, device=self.device)
         self.gen = Generation(seed=self.chooser.seed, prompt_tokens=len(self.request.input_ids))
 
 
@@ -174,7 +180,7 @@ class _Decoder:
             row.release()
             return True
         token_id, logprob = row.chooser.choose(row.all_ids, logits)  # type: ignore[arg-type]
-        row.all_ids = torch.cat([row.all_ids, torch.tensor([[token_id]])], dim=1)
+        row.all_ids = torch.cat([row.all_ids, row.all_ids.new_tensor([[token_id]])], dim=1)
         gen, request = row.gen, row.request
         special = token_id in self.special
         token = Token(token_id, row.text_stream.push(token_id), logprob, special)
@@ -264,7 +270,7 @@ class _Lane:
     def step(self) -> int:
         """One decode step for every row; returns the batch size."""
         assert self.cache is not None
-        tokens = torch.tensor([[row.all_ids[0, -1].item()] for row in self.rows], device=self.device)  # (B, 1)
+        tokens = torch.cat([row.all_ids[:, -1:] for row in self.rows])  # (B, 1), on the device without a sync per row
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)  # (B, S + 1)
         logits = decode_one_token(self.model, tokens, self.cache, self.mask.to(self.device))  # (B, V)
         keep = [i for i, row in enumerate(self.rows) if not self._advance(row, logits[i : i + 1])]
@@ -283,6 +289,12 @@ class _Lane:
         except Exception as exc:
             _fail_row(row, exc)
             return True
+
+    def orphans(self) -> list[_Row]:
+        """Every request this lane holds, taken out of it, to fail them all when the model thread dies."""
+        rows = [*self.waiting, *self.rows, *([self.admitting] if self.admitting else [])]
+        self.waiting, self.rows, self.admitting, self.cache = deque(), [], None, None
+        return rows
 
     def fail(self, exc: BaseException) -> None:
         failed = self.rows + ([self.admitting] if self.admitting else [])
@@ -315,7 +327,9 @@ class Scheduler:
         decoder = _Decoder(tokenizer, eos_ids)
         self.lanes = {name: _Lane(name, model, decoder, self._wake) for name, model in models.items()}
         self._closed = False
-        self._thread = threading.Thread(target=self._loop, name="mergeserve-scheduler", daemon=True)
+        # Why the model thread died, if it did (close() is not a death): /health answers 503 and the CLI exits.
+        self.death: str | None = None
+        self._thread = threading.Thread(target=self._run, name="mergeserve-scheduler", daemon=True)
         self._thread.start()
 
     @property
@@ -328,10 +342,14 @@ class Scheduler:
         """Queue a request; `emit` is called from the scheduler thread with each token, or with an exception."""
         target = self.lanes[lane] if lane is not None else next(iter(self.lanes.values()))
         with self._wake:
+            if self.death is not None:
+                raise EngineDead(f"model thread died: {self.death}")
             self._slots.take()
             handle = Handle()
             target.waiting.append(
-                _Row(request, emit, handle, time.perf_counter(), self._slots, TextStream(self._tokenizer))
+                _Row(
+                    request, emit, handle, time.perf_counter(), self._slots, TextStream(self._tokenizer), target.device
+                )
             )
             self._wake.notify()
         return handle
@@ -341,6 +359,21 @@ class Scheduler:
             self._closed = True
             self._wake.notify()
         self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        """The model thread. Whatever escapes the loop (lane.fail itself raising, say) ends it for good: without a
+        record /health would stay 200 while every request waited forever. Requests still held fail at once."""
+        try:
+            self._loop()
+        except BaseException as exc:
+            self.death = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+            log.critical("model thread died: %s", self.death, exc_info=True)
+            with self._wake:  # after `death` is set, so a submit either sees it or is among the orphans
+                rows = [row for lane in self.lanes.values() for row in lane.orphans()]
+            for row in rows:
+                row.release()
+                with contextlib.suppress(Exception):  # an emit that raises again is past helping
+                    row.emit(EngineDead(f"model thread died: {self.death}"), row.gen)
 
     def _loop(self) -> None:
         while True:

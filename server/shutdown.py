@@ -5,6 +5,9 @@ instead of a 503 it understands, and it re-raises the signal after shutting down
 (exit 143) or with a KeyboardInterrupt traceback. Here the first signal starts a drain: /health and new requests
 answer 503 while requests in flight run on, for up to `server.shutdown_grace_seconds`; then uvicorn shuts down as
 usual. A second signal stops at once.
+
+A model thread that dies stops the server too (no drain: nothing can be generated any more); the CLI then exits
+non-zero so an orchestrator restarts the process.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import logging
 import signal
 import time
+from collections.abc import Callable
 from types import FrameType
 
 import uvicorn
@@ -22,10 +26,18 @@ log = logging.getLogger("mergeserve.shutdown")
 
 
 class GracefulServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle, grace_seconds: float) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        lifecycle: Lifecycle,
+        grace_seconds: float,
+        engine_death: Callable[[], str | None] = lambda: None,
+    ) -> None:
         super().__init__(config)
         self.lifecycle, self.grace_seconds = lifecycle, grace_seconds
         self.drain_deadline: float | None = None
+        self.engine_death = engine_death  # why the model thread died, or None while it runs (or before boot)
+        self.died: str | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Not recorded in _captured_signals: the drain is our answer to the signal, so uvicorn must not re-raise it.
@@ -40,6 +52,9 @@ class GracefulServer(uvicorn.Server):
 
     async def on_tick(self, counter: int) -> bool:
         """uvicorn's main loop calls this every 0.1 s; the drain ends when nothing is in flight or time is up."""
+        if self.died is None and (death := self.engine_death()) is not None:
+            self.died = death
+            self.should_exit = True
         if self.drain_deadline is not None and not self.should_exit:
             if self.lifecycle.active == 0:
                 log.info("drained: shutting down")
