@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
+from contextlib import AsyncExitStack, aclosing
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -17,6 +18,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sse_starlette import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -39,12 +41,14 @@ from server.schemas import (
 from server.security import KeyChecker, load_api_keys
 from server.serving import (
     ArmChooser,
+    OwnedEvents,
     ServedError,
     TokenStream,
     Tracker,
     generation_failure,
     open_stream,
     run_to_end,
+    until_disconnect,
 )
 from server.validation import InputValidationError, validate
 
@@ -265,20 +269,25 @@ def create_app(engine: Engine | None, config: Config) -> FastAPI:
         """Prometheus text exposition of this app's registry."""
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    async def start(request: Request, body: GenerateRequest) -> tuple[Engine, Tracker, TokenStream]:
+    async def start(
+        request: Request, body: GenerateRequest, owner: AsyncExitStack
+    ) -> tuple[Engine, Tracker, TokenStream]:
+        """Open the request's tracker and token stream on `owner`, which closes both however the request ends."""
         engine = current_engine(request)
-        tracker = Tracker(metrics, current_arm(request))
+        tracker = owner.enter_context(Tracker(metrics, current_arm(request)))
+        args = (body.inputs, body.parameters, engine.tokenize, config.limits, served_adapter, engine.token_floor)
         try:
-            prepared = validate(body.inputs, body.parameters, engine.tokenize, config.limits, served_adapter)
+            prepared = await run_in_threadpool(validate, *args)  # tokenizing a 1 MiB body takes seconds
         except InputValidationError as exc:
-            tracker.fail("validation")
             raise ServedError(422, str(exc), "validation") from None
         tracker.validated = time.perf_counter()
-        return engine, tracker, await open_stream(engine, prepared, tracker, config.limits.request_timeout_seconds)
+        stream = await open_stream(engine, prepared, tracker, config.limits.request_timeout_seconds)
+        return engine, tracker, await owner.enter_async_context(aclosing(stream))
 
     async def generate_one(request: Request, body: GenerateRequest) -> tuple[GenerateResponse, dict[str, str]]:
-        engine, tracker, stream = await start(request, body)
-        gen = await run_to_end(stream, tracker)
+        async with AsyncExitStack() as owner:
+            engine, tracker, stream = await start(request, body, owner)
+            gen = await run_to_end(stream, tracker)
         text = body.inputs + gen.text if body.parameters.return_full_text else gen.text
         response = GenerateResponse(generated_text=text, details=_details(gen) if body.parameters.details else None)
         return response, _timing_headers(engine, gen, tracker)
@@ -286,10 +295,10 @@ def create_app(engine: Engine | None, config: Config) -> FastAPI:
     @app.post("/generate", response_model=GenerateResponse, responses=ERRORS)
     async def generate(request: Request, body: GenerateRequest) -> JSONResponse:
         """Generate text for `inputs` (raw text: apply the chat template yourself), as TGI's /generate."""
-        response, headers = await generate_one(request, body)
+        response, headers = await until_disconnect(request.receive, generate_one(request, body))
         return JSONResponse(response.model_dump(exclude_none=True), headers=headers)
 
-    async def sse_events(body: GenerateRequest, tracker: Tracker, stream: TokenStream) -> AsyncIterator[str]:
+    async def sse_events(body: GenerateRequest, tracker: Tracker, stream: TokenStream) -> AsyncGenerator[str, None]:
         index, gen = 0, Generation()
         try:
             async for token, gen in stream:
@@ -308,10 +317,7 @@ def create_app(engine: Engine | None, config: Config) -> FastAPI:
             tracker.fail(error.error_type)
             yield json.dumps({"error": error.message, "error_type": error.error_type})
             return
-        finally:
-            if tracker.open and gen.finish_reason is None:
-                tracker.cancelled()
-        tracker.finish(gen)
+        tracker.finish(gen)  # a stream that stops early is closed as cancelled by its owner (OwnedEvents)
 
     async def stream_response(request: Request, body: GenerateRequest) -> EventSourceResponse:
         if body.parameters.decoder_input_details:
@@ -320,11 +326,12 @@ def create_app(engine: Engine | None, config: Config) -> FastAPI:
                 "Input validation error: `decoder_input_details` == true is not supported when streaming tokens",
                 "validation",
             )
-        _engine, tracker, stream = await start(request, body)
-        headers = {"x-merge-mode": tracker.mode, "x-accel-buffering": "no"}
-        if tracker.queue_seconds is not None:  # the stream starts after admission, so its queue time is known
-            headers["x-queue-time"] = str(int(tracker.queue_seconds * 1000))
-        return EventSourceResponse(sse_events(body, tracker, stream), headers=headers, sep="\n")
+        async with AsyncExitStack() as owner:
+            _engine, tracker, stream = await start(request, body, owner)
+            headers = {"x-merge-mode": tracker.mode, "x-accel-buffering": "no"}
+            if tracker.queue_seconds is not None:  # the stream starts after admission, so its queue time is known
+                headers["x-queue-time"] = str(int(tracker.queue_seconds * 1000))
+            return OwnedEvents(sse_events(body, tracker, stream), owner.pop_all(), headers)
 
     @app.post(
         "/generate_stream",
@@ -340,7 +347,7 @@ def create_app(engine: Engine | None, config: Config) -> FastAPI:
         """TGI's compat route: `stream: true` streams as /generate_stream, otherwise a one-element JSON array."""
         if body.stream:
             return await stream_response(request, body)
-        response, headers = await generate_one(request, body)
+        response, headers = await until_disconnect(request.receive, generate_one(request, body))
         return JSONResponse([response.model_dump(exclude_none=True)], headers=headers)
 
     app.include_router(openai_router(config, metrics, current_engine, current_arm))

@@ -20,6 +20,7 @@ from server.generation import Generation, PreparedRequest, Token
 from server.parity import ParityResult
 from server.sampling import SamplingParams
 from server.scheduler import Emit, Handle, Scheduler
+from server.validation import TokenFloor, token_floor
 
 __all__ = ["AdapterInfo", "Engine", "EngineInfo", "Generation", "PreparedRequest", "Token"]
 
@@ -63,6 +64,7 @@ class Engine:
         self.limits = limits
         self.device = next(self.model.parameters()).device
         self.eos_ids = self._eos_ids()
+        self.token_floor: TokenFloor | None = token_floor(tokenizer)  # refuses hopeless inputs before tokenizing
         self.scheduler = Scheduler(arms, tokenizer, self.eos_ids, limits.max_batch_size, limits.max_concurrent_requests)
 
     @property

@@ -9,20 +9,30 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import AsyncExitStack, aclosing
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
-from sse_starlette import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
 
 from server.config import Config
 from server.engine import Engine
 from server.generation import Generation
 from server.metrics import Metrics
 from server.schemas import Parameters
-from server.serving import ServedError, TokenStream, Tracker, generation_failure, open_stream, run_to_end
+from server.serving import (
+    OwnedEvents,
+    ServedError,
+    TokenStream,
+    Tracker,
+    generation_failure,
+    open_stream,
+    run_to_end,
+    until_disconnect,
+)
 from server.validation import InputValidationError, validate
 
 FINISH = {"eos_token": "stop", "stop_sequence": "stop", "length": "length"}
@@ -36,7 +46,7 @@ class _Common(BaseModel):
     max_tokens: int | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    seed: int | None = Field(default=None, ge=0)
+    seed: int | None = Field(default=None, ge=0, lt=2**64)  # a torch generator's seed is an unsigned 64-bit int
     stop: str | list[str] | None = None
     stream: bool = False
     n: int = Field(default=1, ge=1, le=1, description="Only one choice per request is served.")
@@ -134,29 +144,31 @@ def openai_router(
         return openai_error(404, f"The model `{name}` does not exist.", "NotFoundError", "model")
 
     async def begin(
-        request: Request, body: _Common, prompt: str, max_tokens: int | None, chat: bool
+        request: Request, body: _Common, prompt: str, max_tokens: int | None, chat: bool, owner: AsyncExitStack
     ) -> tuple[Engine, Tracker, TokenStream] | JSONResponse:
+        """Open the request's tracker and token stream on `owner`, which closes both however the request ends.
+
+        A ServedError (429, 424) propagates: the app answers it in OpenAI's shape, and the tracker records it.
+        """
         if (missing := check_model(body.model)) is not None:
             return missing
         engine = current_engine(request)
-        tracker = Tracker(metrics, current_arm(request))
+        tracker = owner.enter_context(Tracker(metrics, current_arm(request)))
         # A chat template already holds its special tokens; adding BOS again would change the prompt.
         tokenize = (
             (lambda text: engine.tokenizer(text, add_special_tokens=False).input_ids) if chat else engine.tokenize
         )
+        args = (prompt, _parameters(body, max_tokens), tokenize, config.limits, served_adapter, engine.token_floor)
         try:
-            prepared = validate(prompt, _parameters(body, max_tokens), tokenize, config.limits, served_adapter)
+            prepared = await run_in_threadpool(validate, *args)  # tokenizing a 1 MiB body takes seconds
         except InputValidationError as exc:
             tracker.fail("validation")
             return openai_error(400, str(exc), "BadRequestError")
-        try:
-            timeout = config.limits.request_timeout_seconds
-            return engine, tracker, await open_stream(engine, prepared, tracker, timeout)
-        except ServedError as exc:
-            return openai_error(exc.status, exc.message, exc.error_type)
+        stream = await open_stream(engine, prepared, tracker, config.limits.request_timeout_seconds)
+        return engine, tracker, await owner.enter_async_context(aclosing(stream))
 
-    def sse(chunks: AsyncIterator[dict[str, Any]], mode: str) -> EventSourceResponse:
-        async def lines() -> AsyncIterator[str]:
+    def sse(chunks: AsyncGenerator[dict[str, Any], None], mode: str, owner: AsyncExitStack) -> OwnedEvents:
+        async def lines() -> AsyncGenerator[str, None]:
             try:
                 async for chunk in chunks:
                     yield json.dumps(chunk)
@@ -165,7 +177,8 @@ def openai_router(
                                             "code": exc.status}})  # fmt: skip
             yield "[DONE]"
 
-        return EventSourceResponse(lines(), headers={"x-merge-mode": mode}, sep="\n")
+        owner.push_async_callback(chunks.aclose)
+        return OwnedEvents(lines(), owner, {"x-merge-mode": mode})
 
     async def deltas(stream: TokenStream, tracker: Tracker) -> AsyncIterator[tuple[str, Generation]]:
         gen = Generation()
@@ -176,10 +189,7 @@ def openai_router(
             error = generation_failure(exc)
             tracker.fail(error.error_type)
             raise error from exc
-        finally:
-            if tracker.open and gen.finish_reason is None:
-                tracker.cancelled()
-        tracker.finish(gen)
+        tracker.finish(gen)  # a stream that stops early is closed as cancelled by its owner (OwnedEvents)
 
     @router.get("/models")
     async def models() -> dict[str, Any]:
@@ -191,75 +201,79 @@ def openai_router(
     @router.post("/completions", response_model=None, responses=STREAMED)
     async def completions(request: Request, body: CompletionRequest) -> Response:
         """OpenAI text completion; `prompt` is raw text, as in /generate."""
+        work = complete(request, body)
+        return await (work if body.stream else until_disconnect(request.receive, work))
+
+    async def complete(request: Request, body: CompletionRequest) -> Response:
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if len(prompts) != 1:
             return openai_error(400, "exactly one prompt per request is served", "BadRequestError", "prompt")
-        started = await begin(request, body, prompts[0], body.max_tokens, chat=False)
-        if isinstance(started, JSONResponse):
-            return started
-        _engine, tracker, stream = started
-        rid, prefix = f"cmpl-{uuid.uuid4().hex}", prompts[0] if body.echo else ""
-        base = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": body.model}
-        if not body.stream:
-            gen = await run_to_end(stream, tracker)
-            choice = {
-                "index": 0,
-                "text": prefix + gen.text,
-                "logprobs": None,
-                "finish_reason": FINISH[gen.finish_reason or "length"],
-            }
-            return JSONResponse(
-                {**base, "choices": [choice], "usage": _usage(gen)}, headers={"x-merge-mode": tracker.mode}
-            )
+        async with AsyncExitStack() as owner:
+            started = await begin(request, body, prompts[0], body.max_tokens, False, owner)
+            if isinstance(started, JSONResponse):
+                return started
+            _engine, tracker, stream = started
+            rid, prefix = f"cmpl-{uuid.uuid4().hex}", prompts[0] if body.echo else ""
+            base = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": body.model}
+            if not body.stream:
+                gen = await run_to_end(stream, tracker)
+                choice = {"index": 0, "text": prefix + gen.text, "logprobs": None,
+                          "finish_reason": FINISH[gen.finish_reason or "length"]}  # fmt: skip
+                payload = {**base, "choices": [choice], "usage": _usage(gen)}
+                return JSONResponse(payload, headers={"x-merge-mode": tracker.mode})
 
-        async def chunks() -> AsyncIterator[dict[str, Any]]:
-            if prefix:
-                yield {**base, "choices": [{"index": 0, "text": prefix, "logprobs": None, "finish_reason": None}]}
-            async for text, gen in deltas(stream, tracker):
-                reason = FINISH[gen.finish_reason] if gen.finish_reason else None
-                yield {**base, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}]}
-                if reason and (body.stream_options or {}).get("include_usage"):
-                    yield {**base, "choices": [], "usage": _usage(gen)}
+            async def chunks() -> AsyncGenerator[dict[str, Any], None]:
+                if prefix:
+                    yield {**base, "choices": [{"index": 0, "text": prefix, "logprobs": None, "finish_reason": None}]}
+                async for text, gen in deltas(stream, tracker):
+                    reason = FINISH[gen.finish_reason] if gen.finish_reason else None
+                    yield {**base, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}]}
+                    if reason and (body.stream_options or {}).get("include_usage"):
+                        yield {**base, "choices": [], "usage": _usage(gen)}
 
-        return sse(chunks(), tracker.mode)
+            return sse(chunks(), tracker.mode, owner.pop_all())
 
     @router.post("/chat/completions", response_model=None, responses=STREAMED)
     async def chat_completions(request: Request, body: ChatRequest) -> Response:
         """OpenAI chat completion, prompted through the tokenizer's chat template."""
+        work = chat(request, body)
+        return await (work if body.stream else until_disconnect(request.receive, work))
+
+    async def chat(request: Request, body: ChatRequest) -> Response:
         engine = current_engine(request)
         messages = [m.model_dump() for m in body.messages]
-        try:
-            prompt = str(engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+        template = engine.tokenizer.apply_chat_template
+        try:  # off the event loop, as tokenizing is: rendering a huge conversation takes a while
+            prompt = str(await run_in_threadpool(template, messages, tokenize=False, add_generation_prompt=True))
         except Exception as exc:  # templates raise on role orders they do not allow
             return openai_error(400, f"cannot apply the chat template: {exc}", "BadRequestError", "messages")
-        started = await begin(request, body, prompt, body.max_completion_tokens or body.max_tokens, chat=True)
-        if isinstance(started, JSONResponse):
-            return started
-        engine, tracker, stream = started
-        base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
-        if not body.stream:
-            gen = await run_to_end(stream, tracker)
-            choice = {"index": 0, "message": {"role": "assistant", "content": gen.text}, "logprobs": None,
-                      "finish_reason": FINISH[gen.finish_reason or "length"]}  # fmt: skip
-            payload = {**base, "object": "chat.completion", "choices": [choice], "usage": _usage(gen)}
-            return JSONResponse(payload, headers={"x-merge-mode": tracker.mode})
+        async with AsyncExitStack() as owner:
+            max_tokens = body.max_completion_tokens or body.max_tokens
+            started = await begin(request, body, prompt, max_tokens, True, owner)
+            if isinstance(started, JSONResponse):
+                return started
+            engine, tracker, stream = started
+            base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
+            if not body.stream:
+                gen = await run_to_end(stream, tracker)
+                choice = {"index": 0, "message": {"role": "assistant", "content": gen.text}, "logprobs": None,
+                          "finish_reason": FINISH[gen.finish_reason or "length"]}  # fmt: skip
+                payload = {**base, "object": "chat.completion", "choices": [choice], "usage": _usage(gen)}
+                return JSONResponse(payload, headers={"x-merge-mode": tracker.mode})
 
-        async def chunks() -> AsyncIterator[dict[str, Any]]:
-            chunk = {**base, "object": "chat.completion.chunk"}
-            opening = {
-                "index": 0,
-                "delta": {"role": "assistant", "content": ""},
-                "logprobs": None,
-                "finish_reason": None,
-            }
-            yield {**chunk, "choices": [opening]}
-            async for text, gen in deltas(stream, tracker):
-                reason = FINISH[gen.finish_reason] if gen.finish_reason else None
-                delta = {"content": text} if text else {}
-                yield {**chunk, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]}
-                if reason and (body.stream_options or {}).get("include_usage"):
-                    yield {**chunk, "choices": [], "usage": _usage(gen)}
+            async def chunks() -> AsyncGenerator[dict[str, Any], None]:
+                chunk = {**base, "object": "chat.completion.chunk"}
+                opening = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                           "finish_reason": None}  # fmt: skip
+                yield {**chunk, "choices": [opening]}
+                async for text, gen in deltas(stream, tracker):
+                    reason = FINISH[gen.finish_reason] if gen.finish_reason else None
+                    delta = {"content": text} if text else {}
+                    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+                    yield {**chunk, "choices": [choice]}
+                    if reason and (body.stream_options or {}).get("include_usage"):
+                        yield {**chunk, "choices": [], "usage": _usage(gen)}
 
-        return sse(chunks(), tracker.mode)
+            return sse(chunks(), tracker.mode, owner.pop_all())
 
     return router

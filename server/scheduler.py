@@ -43,12 +43,19 @@ class EngineDead(RuntimeError):
 
 @dataclass
 class Handle:
-    """The caller's side of a submitted request; `cancel()` frees its batch slot within one decode step."""
+    """The caller's side of a submitted request; `cancel()` frees its batch slot within one decode step.
+
+    A request still waiting in the queue is withdrawn at once, so its max_concurrent_requests slot is free for the
+    next submission, not only when the scheduler would next have admitted it (which, with a full batch, is when a
+    running request finishes: up to max_new_tokens steps later).
+    """
 
     cancelled: threading.Event = field(default_factory=threading.Event)
+    withdraw: Callable[[], None] = lambda: None
 
     def cancel(self) -> None:
         self.cancelled.set()
+        self.withdraw()
 
 
 class _Slots:
@@ -73,7 +80,7 @@ class _Slots:
             self.used -= 1
 
 
-@dataclass
+@dataclass(eq=False)  # rows are compared by identity: each is one request
 class _Row:
     request: PreparedRequest
     emit: Emit
@@ -233,6 +240,13 @@ class _Lane:
     def busy(self) -> bool:
         return bool(self.waiting or self.rows)
 
+    def withdraw(self, row: _Row) -> None:
+        """Drop a cancelled row that is still queued; once admission has popped it, the scheduler releases it."""
+        with self.lock:
+            if row in self.waiting:
+                self.waiting.remove(row)
+                row.release()
+
     def admit(self, max_batch_size: int) -> None:
         while True:
             with self.lock:
@@ -346,11 +360,11 @@ class Scheduler:
                 raise EngineDead(f"model thread died: {self.death}")
             self._slots.take()
             handle = Handle()
-            target.waiting.append(
-                _Row(
-                    request, emit, handle, time.perf_counter(), self._slots, TextStream(self._tokenizer), target.device
-                )
+            row = _Row(
+                request, emit, handle, time.perf_counter(), self._slots, TextStream(self._tokenizer), target.device
             )
+            handle.withdraw = lambda: target.withdraw(row)
+            target.waiting.append(row)
             self._wake.notify()
         return handle
 

@@ -9,7 +9,13 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine
+from contextlib import AsyncExitStack
+from types import TracebackType
+from typing import Any, TypeVar
+
+from sse_starlette import EventSourceResponse
+from starlette.types import Receive, Scope, Send
 
 from server.config import ABConfig
 from server.engine import Engine
@@ -17,7 +23,7 @@ from server.generation import Generation, PreparedRequest, Token
 from server.metrics import Metrics
 from server.scheduler import Overloaded
 
-TokenStream = AsyncIterator[tuple[Token, Generation]]
+T = TypeVar("T")
 
 
 class ServedError(Exception):
@@ -66,7 +72,11 @@ class ArmChooser:
 
 
 class Tracker:
-    """One request's metrics, all labelled by the engine's mode; in-flight is decremented exactly once."""
+    """One request's metrics, all labelled by the engine's mode; in-flight is decremented exactly once.
+
+    A context manager: whoever opens one holds it in a `with` (or an exit stack handed on to the response), so every
+    way out closes it. A leaked +1 on the in-flight gauge is permanent, and an autoscaler scales on that gauge.
+    """
 
     def __init__(self, metrics: Metrics, mode: str) -> None:
         self.metrics, self.mode = metrics, mode
@@ -76,6 +86,21 @@ class Tracker:
         self.queue_seconds: float | None = None  # known once the first token is out
         self.labels = {"mode": mode, "adapter": metrics.adapter}
         metrics.in_flight.labels(**self.labels).inc()
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if not self.open:  # finished, or failed with its own error_type, on the way out
+            return
+        if isinstance(exc, ServedError):
+            self.fail(exc.error_type)
+        elif exc is None or not isinstance(exc, Exception):
+            self.cancelled()  # the response ended before the last token, or the task was cancelled: client gone
+        else:
+            self._close()  # a bug: the app's 500 handler counts it as "internal"
 
     def _close(self) -> bool:
         was_open, self.open = self.open, False
@@ -113,6 +138,70 @@ class Tracker:
             self.metrics.requests.labels(**self.labels, finish_reason="cancelled").inc()
 
 
+class TokenStream:
+    """A submitted request's tokens, the first already received. `aclose()` cancels the request and frees its batch
+    slot whether or not iteration began: an async generator closed before its first step never runs its finally.
+    """
+
+    def __init__(
+        self, rest: AsyncGenerator[tuple[Token, Generation], None], engine_stream: AsyncGenerator[Any, None]
+    ) -> None:
+        self._rest, self._engine_stream = rest, engine_stream
+
+    def __aiter__(self) -> AsyncIterator[tuple[Token, Generation]]:
+        return self._rest
+
+    async def aclose(self) -> None:
+        await self._rest.aclose()
+        await self._engine_stream.aclose()
+
+
+class OwnedEvents(EventSourceResponse):
+    """Server-sent events that close what their route opened (tracker, token stream) when the response ends.
+
+    The route returns before the first event is sent, so its own `with` cannot cover the stream; this response
+    takes the exit stack over and closes it however it ends: finished, failed, or the client gone before the first
+    event (then the events generator never started, and its own cleanup would never run).
+    """
+
+    def __init__(self, events: AsyncGenerator[str, None], owned: AsyncExitStack, headers: dict[str, str]) -> None:
+        super().__init__(events, headers=headers, sep="\n")
+        owned.push_async_callback(events.aclose)
+        self.owned = owned
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async with self.owned:
+            await super().__call__(scope, receive, send)
+
+
+async def until_disconnect(receive: Receive, work: Coroutine[Any, Any, T]) -> T:
+    """Run a non-streaming request, cancelling it as soon as its client hangs up.
+
+    Starlette never cancels an endpoint whose client left, so a hung-up request would keep its batch slot for up to
+    max_new_tokens decode steps (or request_timeout_seconds). Cancelling the work closes its token stream, which
+    cancels the request in the scheduler before its next step. Streaming responses need none of this: they watch
+    for the disconnect themselves. The 499 (nginx's "client closed request") is for the log; nobody reads it.
+    """
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        # The body was read already (RequestGuard replays it), so the next message is the disconnect.
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        task.cancel()
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        return await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if watcher.done() and not watcher.cancelled() and not (current and current.cancelling()):
+            raise ServedError(499, "Client closed the request before the answer was ready", "cancelled") from None
+        raise
+    finally:
+        watcher.cancel()
+
+
 async def open_stream(
     engine: Engine, prepared: PreparedRequest, tracker: Tracker, timeout: float | None = None
 ) -> TokenStream:
@@ -128,7 +217,10 @@ async def open_stream(
         if deadline is None:
             return await anext(tokens)
         try:
-            return await asyncio.wait_for(anext(tokens), max(deadline - time.perf_counter(), 0.0))
+            # Not asyncio.wait_for: on 3.11 it drops a cancellation that lands as the token arrives, and then a client
+            # that hung up at that moment would keep its request generating (see until_disconnect).
+            async with asyncio.timeout(max(deadline - time.perf_counter(), 0.0)):
+                return await anext(tokens)
         except TimeoutError:
             await tokens.aclose()
             raise RequestTimeout(
@@ -138,16 +230,13 @@ async def open_stream(
     try:
         first = await next_token()
     except Overloaded:
-        tracker.fail("overloaded")
         raise ServedError(429, "Model is overloaded", "overloaded") from None
     except Exception as exc:
-        error = generation_failure(exc)
-        tracker.fail(error.error_type)
-        raise error from exc
+        raise generation_failure(exc) from exc
 
     tracker.queue_seconds = first[1].queue_seconds
 
-    async def rest() -> TokenStream:
+    async def rest() -> AsyncGenerator[tuple[Token, Generation], None]:
         try:
             tracker.token(first[1])
             yield first
@@ -162,7 +251,7 @@ async def open_stream(
         finally:
             await tokens.aclose()  # a consumer that stops early (client gone) cancels the request now, not at GC
 
-    return rest()
+    return TokenStream(rest(), tokens)
 
 
 async def run_to_end(stream: TokenStream, tracker: Tracker) -> Generation:
@@ -172,11 +261,6 @@ async def run_to_end(stream: TokenStream, tracker: Tracker) -> Generation:
         async for _, step in stream:
             gen = step
     except Exception as exc:
-        error = generation_failure(exc)
-        tracker.fail(error.error_type)
-        raise error from exc
-    finally:
-        if tracker.open and gen.finish_reason is None:
-            tracker.cancelled()  # the task was cancelled (client gone, or shutdown)
+        raise generation_failure(exc) from exc
     tracker.finish(gen)
     return gen

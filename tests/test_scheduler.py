@@ -114,6 +114,33 @@ def test_overload_past_max_concurrent_requests(engine: Engine) -> None:
     assert engine.generate(_request(engine, "Arr", 2)).finish_reason is not None
 
 
+def test_cancelling_a_waiting_request_gives_its_slot_back_at_once(engine: Engine) -> None:
+    gate = threading.Event()
+    # The first request's first token holds the scheduler thread, so every later request stays in the queue.
+    first = engine.submit(_request(engine, "Arr", 60), lambda *_: gate.wait(30))
+    try:
+        while engine.scheduler.load != (1, 0):
+            time.sleep(0.001)
+        waiting = [engine.submit(_request(engine, "Arr", 2), lambda *_: None) for _ in range(5)]
+        assert engine.scheduler.load == (1, 5)
+        with pytest.raises(Overloaded):  # 6 of 6 slots taken
+            engine.submit(_request(engine, "Arr", 2), lambda *_: None)
+        for handle in waiting:
+            handle.cancel()
+        # The scheduler is still held, so only cancel() itself can have freed these slots.
+        again = [engine.submit(_request(engine, "Arr", 2), lambda *_: None) for _ in range(5)]
+        assert engine.scheduler.load == (1, 5)  # the cancelled ones left the queue too
+        for handle in again:
+            handle.cancel()
+    finally:
+        first.cancel()
+        gate.set()
+    deadline = time.monotonic() + 10
+    while engine.scheduler.load != (0, 0) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert engine.generate(_request(engine, "Arr", 2)).finish_reason is not None
+
+
 def test_text_stream_decodes_each_token_in_a_short_window(tiny_base: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny_base)
     text = "Café ☕ au lait, naïve pirate. " * 20  # byte-level BPE splits é, ☕ and ï across tokens
