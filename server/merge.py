@@ -212,7 +212,7 @@ def merge_and_unload(
 def _refuse_writes(problems: list[tuple[str, str]]) -> None:
     if problems:
         name, problem = problems[0]
-        raise MergeError(f"{len(problems)} targeted weights are not W0 + delta (first: '{name}'): {problem}")
+        raise MergeError(f"{len(problems)} targeted weights are wrong after merging (first: '{name}'): {problem}")
 
 
 def check_clean(model: nn.Module) -> None:

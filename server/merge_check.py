@@ -60,5 +60,5 @@ def write_problem(before: torch.Tensor, after: torch.Tensor, delta: torch.Tensor
             f"{delta.flatten()[worst].item():.3g}) | report this as a bug"
         )
     if bool(delta.any()) and torch.equal(before, after):
-        return f"the delta rounds away entirely in {after.dtype} | serve in float32 or unmerged"
+        return f"it did not change: the delta rounds away entirely in {after.dtype} | serve in float32 or unmerged"
     return None
