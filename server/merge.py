@@ -28,6 +28,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, onload_layer
 from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 
+from server.merge_check import write_problem
 from server.merge_kinds import LayerDelta, adapter_delta, composed_delta, has_adapter, layer_kind_problem
 from server.mixing import MixSpec, combine
 
@@ -91,21 +92,24 @@ def merged_weight(w0: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     return (w0.float() + delta.to(w0.device)).to(w0.dtype)
 
 
-def merge_layer(layer: LoraLayer, adapters: list[str], delta: LayerDelta | None = None) -> bool:
+def merge_layer(layer: LoraLayer, adapters: list[str], delta: LayerDelta | None = None) -> str | None:
     """Write the merged weight (and bias) into the base layer, on the device where that weight lives.
 
-    Returns whether the stored weight changed: a non-zero delta that rounds away entirely is silent damage.
+    Returns None if what is now stored is W0 + delta rounded once (`server.merge_check`), else the problem: a weight
+    that changed somewhere but not as the delta says, or a non-zero delta that rounded away entirely.
     """
     delta = delta if delta is not None else layer_delta(layer, adapters)
     base = layer.get_base_layer()
     weight = base_weight(layer)
-    new = merged_weight(weight.data, delta.weight)
-    changed = not torch.equal(new, weight.data)
-    weight.data.copy_(new)
+    before = weight.data.clone()  # one layer at a time: the check needs W0 after the write
+    weight.data.copy_(merged_weight(before, delta.weight))
+    problem = write_problem(before, weight.data, delta.weight)
     if delta.bias is not None:
         bias = cast(torch.Tensor, base.bias)
-        bias.data.copy_(merged_weight(bias.data, delta.bias))
-    return changed or not delta.weight.any()
+        bias_before = bias.data.clone()
+        bias.data.copy_(merged_weight(bias_before, delta.bias))
+        problem = problem or write_problem(bias_before, bias.data, delta.bias)
+    return problem
 
 
 def _unwrap(module: nn.Module | None) -> nn.Module | None:
@@ -188,25 +192,27 @@ def merge_and_unload(
 ) -> nn.Module:
     """Merge the weighted adapters into the base weights and return the bare base model.
 
-    `deltas` (from `plan`) overrides the exact sum per layer. Raises MergeError if a targeted weight did not change
-    or a LoRA module or meta tensor remains.
+    `deltas` (from `plan`) overrides the exact sum per layer. Raises MergeError if a targeted weight is not W0 + delta
+    up to one rounding, if a delta rounded away entirely, or if a LoRA module or meta tensor remains.
     """
     check_mergeable(peft_model, adapters)
     untie_adapted_embeddings(peft_model, adapters)
-    unchanged = []
+    problems = []
     for name, layer in lora_layers(peft_model):
         # onload_layer brings offloaded (device_map) weights in, and writes them back out after the merge.
         with onload_layer(layer):
-            if not merge_layer(layer, adapters, deltas[name] if deltas is not None else None):
-                unchanged.append(name)
-    if unchanged:
-        raise MergeError(
-            f"{len(unchanged)} targeted weights did not change (first: '{unchanged[0]}'): the delta rounds away in "
-            "the serving dtype | serve in float32 or unmerged"
-        )
+            if problem := merge_layer(layer, adapters, deltas[name] if deltas is not None else None):
+                problems.append((name, problem))
+    _refuse_writes(problems)
     model = _unload(_bare(peft_model), adapters)
     check_clean(model)
     return model
+
+
+def _refuse_writes(problems: list[tuple[str, str]]) -> None:
+    if problems:
+        name, problem = problems[0]
+        raise MergeError(f"{len(problems)} targeted weights are wrong after merging (first: '{name}'): {problem}")
 
 
 def check_clean(model: nn.Module) -> None:
@@ -241,13 +247,20 @@ def merged_twin(peft_model: nn.Module, adapters: list[str]) -> nn.Module:
     shared: dict[int, object] = {id(t): t for t in (*base.parameters(), *base.buffers())}
     twin = copy.deepcopy(base, memo=shared)
     tied = _tied(twin)
-    for _, layer in lora_layers(twin):
+    problems = []
+    for name, layer in lora_layers(twin):
         target = layer.get_base_layer()
         delta = layer_delta(layer, adapters)
-        target.weight = nn.Parameter(merged_weight(base_weight(layer).data, delta.weight), requires_grad=False)
+        w0 = base_weight(layer).data  # still the served, unmerged tensor: the check needs no copy here
+        target.weight = nn.Parameter(merged_weight(w0, delta.weight), requires_grad=False)
+        problem = write_problem(w0, target.weight.data, delta.weight)
         if delta.bias is not None:
             bias = cast(torch.Tensor, target.bias).data
             target.bias = nn.Parameter(merged_weight(bias, delta.bias), requires_grad=False)
+            problem = problem or write_problem(bias, target.bias.data, delta.bias)
+        if problem:
+            problems.append((name, problem))
+    _refuse_writes(problems)
     twin = _unload(twin, adapters)
     if tied and not _tied(twin):
         cast(Any, twin).config.tie_word_embeddings = False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
 from server import boot as boot_module
+from server import merge as merge_module
 from server.boot import BootError, boot
 from server.config import load_config
 from server.engine import Engine
@@ -153,7 +155,7 @@ def test_delta_that_rounds_away_is_refused(tiny_base: Path, tiny_adapters: dict[
     peft_model = PeftModel.from_pretrained(base, tiny_adapters["alpha"])
     for _, layer in lora_layers(peft_model):
         layer.scaling["default"] = 1e-9  # far below bf16's resolution of |W0|
-    with pytest.raises(MergeError, match="did not change"):
+    with pytest.raises(MergeError, match=r"rounds away entirely in torch\.bfloat16"):
         merge_and_unload(peft_model, ["default"])
 
 
@@ -210,3 +212,90 @@ def test_boot_phases_are_timed_and_reported(write_config: Writer, tiny_config_da
     assert seen == ["cache_lookup", "load_base", "load_adapters", "merge", "verify", "cache_store", "warmup"]
     assert set(engine.info.boot_seconds) == set(seen)
     assert all(v >= 0 for v in engine.info.boot_seconds.values())
+
+
+def _peft(tiny_base: Path, adapter: Path, dtype: torch.dtype) -> PeftModel:
+    return PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tiny_base, dtype=dtype), adapter)
+
+
+def _write_largest_element_only(w0: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """A broken merge: writes the delta's largest element (so the weight does change) and forgets the rest."""
+    kept = torch.zeros_like(delta)
+    at = int(delta.abs().argmax())
+    kept.view(-1)[at] = delta.view(-1)[at]
+    return (w0.float() + kept.to(w0.device)).to(w0.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_merge_that_writes_one_element_is_refused(
+    tiny_base: Path, tiny_adapters: dict[str, Path], monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
+) -> None:
+    peft_model = _peft(tiny_base, tiny_adapters["alpha"], dtype)
+    monkeypatch.setattr(merge_module, "merged_weight", _write_largest_element_only)
+    with pytest.raises(MergeError, match=r"14 targeted weights are wrong after merging.*differ from W0 \+ delta"):
+        merge_and_unload(peft_model, ["default"])
+
+
+@pytest.mark.parametrize("mode", ["merged", "ab"])
+def test_boot_refuses_a_merge_that_writes_one_element(
+    write_config: Writer, tiny_config_data: dict[str, Any], monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    tiny_config_data["mode"] = mode
+    tiny_config_data["parity"] = {"tolerance": 1e6, "min_top1_agreement": 0.0}  # only the weight check may refuse
+    monkeypatch.setattr(merge_module, "merged_weight", _write_largest_element_only)
+    with pytest.raises(BootError, match="merge check failed") as err:
+        _boot(write_config, tiny_config_data)
+    assert err.value.exit_code == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_that_skips_one_module_is_refused(
+    tiny_base: Path, tiny_adapters: dict[str, Path], monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
+) -> None:
+    honest = merge_module.merged_weight
+    calls = iter(range(1_000))
+
+    def skip_the_fourth(w0: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        return w0.clone() if next(calls) == 3 else honest(w0, delta)
+
+    monkeypatch.setattr(merge_module, "merged_weight", skip_the_fourth)
+    skipped = re.escape("'base_model.model.model.layers.0.self_attn.o_proj'")
+    # Not "rounds away": all but the few elements whose delta is below rounding are off by their whole delta.
+    with pytest.raises(MergeError, match=f"1 targeted weights are wrong .*{skipped}\\): 40.. of 4096 elements differ"):
+        merge_and_unload(_peft(tiny_base, tiny_adapters["alpha"], dtype), ["default"])
+
+
+def test_naive_half_precision_merge_is_refused(
+    tiny_base: Path, tiny_adapters: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rounding the delta to bf16 before adding (in bf16) rounds twice: off by up to a whole spacing, not half."""
+    monkeypatch.setattr(merge_module, "merged_weight", lambda w0, delta: w0 + delta.to(w0.dtype))
+    with pytest.raises(MergeError, match=r"differ from W0 \+ delta by more than one rounding to torch\.bfloat16"):
+        merge_and_unload(_peft(tiny_base, tiny_adapters["rs"], torch.bfloat16), ["default"])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("mode", ["merged", "ab"])
+def test_honest_weighted_merge_passes_the_weight_check(
+    write_config: Writer, tiny_config_data: dict[str, Any], tiny_adapters: dict[str, Path], dtype: str, mode: str
+) -> None:
+    mix = [("alpha", 0.7), ("beta", 1.5), ("rs", -0.4)]
+    tiny_config_data["adapters"] = [{"name": n, "path": str(tiny_adapters[n]), "weight": w} for n, w in mix]
+    tiny_config_data["model"]["dtype"] = dtype
+    tiny_config_data["mode"] = mode
+    engine = _boot(write_config, tiny_config_data)
+    assert engine.info.parity is not None and engine.info.parity.passed
+    engine.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_half_spacing_is_half_the_gap_to_the_next_value(dtype: torch.dtype) -> None:
+    from server.merge_check import half_spacing  # imported here so the other tests also run against older code
+
+    info = torch.finfo(dtype)
+    values = torch.tensor([0.0, info.smallest_normal / 3, info.smallest_normal, 1e-3, -0.3, 1.0, -7.5, 1000.0])
+    stored = values.to(dtype)
+    # torch.nextafter is the independent reference; the gap away from zero is the wider one at a power of two.
+    away = torch.nextafter(stored, torch.where(stored < 0, -math.inf, math.inf).to(dtype))
+    gap = (away.float() - stored.float()).abs()
+    assert torch.equal(half_spacing(stored), gap / 2)

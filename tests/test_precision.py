@@ -10,9 +10,11 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
+from server import boot as boot_module
 from server import precision
-from server.boot import boot
+from server.boot import BootError, boot
 from server.config import load_config
+from server.merge import lora_layers, merge_layer
 from server.metrics import Metrics
 
 Writer = Callable[[dict[str, Any]], Path]
@@ -101,4 +103,43 @@ def test_auto_dtype_through_boot_records_choice_and_reason(
     engine = boot(load_config(write_config(tiny_config_data)))
     assert engine.info.dtype in ("float32", "bfloat16")
     assert engine.info.dtype_reason.startswith("auto: timed") and engine.info.dtype in engine.info.dtype_reason
+    engine.close()
+
+
+def _merge_skipping(module: str) -> Callable[[Any, list[str]], Any]:
+    """A broken merge that forgets one module of one layer, and (being hand-rolled) runs no weight check."""
+
+    def merge(peft_model: Any, adapters: list[str]) -> Any:
+        for name, layer in lora_layers(peft_model):
+            if not name.endswith(module):
+                merge_layer(layer, adapters)
+        return peft_model.unload()
+
+    return merge
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_gate_refuses_a_merge_that_skips_one_module(
+    dtype: str, write_config: Writer, tiny_config_data: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One MLP projection of the last layer: moves the probe logits (|logit| < 1) by ~0.08 without flipping any
+    # argmax, which the former absolute defaults (1.0 in bf16, 0.25 in fp16) let through.
+    monkeypatch.setattr(boot_module, "merge_and_unload", _merge_skipping("layers.1.mlp.gate_proj"))
+    tiny_config_data["model"]["dtype"] = dtype
+    with pytest.raises(BootError, match="parity gate failed") as err:
+        boot(load_config(write_config(tiny_config_data)))
+    assert err.value.exit_code == 3
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("adapter", ["alpha", "beta", "rs"])
+def test_honest_half_precision_merge_passes_the_gate_with_margin(
+    dtype: str, adapter: str, write_config: Writer, tiny_config_data: dict[str, Any], tiny_adapters: dict[str, Path]
+) -> None:
+    tiny_config_data["model"]["dtype"] = dtype
+    tiny_config_data["adapters"] = [{"name": adapter, "path": str(tiny_adapters[adapter])}]
+    engine = boot(load_config(write_config(tiny_config_data)))
+    parity = engine.info.parity
+    assert parity is not None and parity.passed
+    assert parity.max_abs_diff <= parity.tolerance / 2 and parity.top1_agreement == 1.0
     engine.close()
