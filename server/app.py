@@ -7,6 +7,7 @@ CLI attaches the engine with `attach_engine` when boot finishes. Until then /hea
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import AsyncGenerator
 from contextlib import AsyncExitStack, aclosing
@@ -38,7 +39,7 @@ from server.schemas import (
     InfoResponse,
     Token,
 )
-from server.security import KeyChecker, load_api_keys
+from server.security import KeyChecker, exposure_notices, load_api_keys
 from server.serving import (
     ArmChooser,
     OwnedEvents,
@@ -163,6 +164,8 @@ def create_app(engine: Engine | None, config: Config) -> FastAPI:
     app.state.lifecycle = lifecycle = Lifecycle()
     sec = config.security
     keys = KeyChecker(load_api_keys(sec))
+    for notice in exposure_notices(keys.enabled, sec.metrics_need_key, config.server.host, config.server.port):
+        logging.getLogger("mergeserve").warning(notice)
     # Added innermost first: ModeHeader wraps CORS, which wraps the guard, so refusals get both sets of headers.
     app.add_middleware(
         RequestGuard,

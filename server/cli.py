@@ -6,6 +6,10 @@ uvicorn binds the port at once and answers /health with 503 while boot runs in a
 model stops the server and exits with the refusal's code (2 bad input, 3 failed check) and one line on stderr.
 SIGTERM or Ctrl-C drains in-flight requests (see server.shutdown) and exits 0. If the model thread dies the server
 stops and exits 1 with one line on stderr, so an orchestrator restarts it.
+
+Only argparse and the config module load at start-up: torch, transformers and peft take seconds to import, so they
+come in with the command body that needs them, after the config has validated, and `--help`, `--version` and a
+config error answer without them (`tests/test_cli_startup.py`, `scripts/bench_cli.py`).
 """
 
 from __future__ import annotations
@@ -18,13 +22,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import uvicorn
-
 from server import __version__
-from server.app import attach_engine, create_app
-from server.boot import BootError, boot
 from server.config import ConfigError, load_config
-from server.shutdown import GracefulServer
 
 log = logging.getLogger("mergeserve")
 EXIT_UNEXPECTED = 1
@@ -83,6 +82,12 @@ def serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"mergeserve: {exc}", file=sys.stderr)
         return 2
+    import uvicorn  # the config is good: now pay for fastapi, torch and transformers
+
+    from server.app import attach_engine, create_app
+    from server.boot import BootError, boot
+    from server.shutdown import GracefulServer
+
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(None, config)
     # The drain (server.shutdown_grace_seconds) comes first; uvicorn's own timeout only cuts what outlives it.
@@ -131,14 +136,13 @@ def serve(args: argparse.Namespace) -> int:
 
 def merge(args: argparse.Namespace) -> int:
     """Offline export; the last line on stdout names the folder, stderr gets one line on a refusal."""
-    from server.checkpoint import parse_size
-    from server.export import export_merged
-
     if not args.config:
         print("mergeserve: no config given; fix: pass --config FILE or set MERGESERVE_CONFIG", file=sys.stderr)
         return 2
     try:
         config = load_config(args.config)
+        from server.checkpoint import parse_size  # imports torch: only once the config is good
+
         max_shard = parse_size(args.max_shard_size)
     except ConfigError as exc:
         print(f"mergeserve: {exc}", file=sys.stderr)
@@ -147,6 +151,9 @@ def merge(args: argparse.Namespace) -> int:
         problem, _, fix = str(exc).partition(" | ")
         print(f"mergeserve: --max-shard-size: {problem}; fix: {fix}", file=sys.stderr)
         return 2
+    from server.boot import BootError
+    from server.export import export_merged
+
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         result = export_merged(config, args.out.resolve(), args.dtype, max_shard)

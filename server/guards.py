@@ -14,8 +14,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from server.openai_api import openai_error
 from server.security import KeyChecker
 
-# /health must answer load balancers whatever happens; the docs hold no data.
-ALWAYS_OPEN = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+# /health must answer load balancers whatever happens. The docs (/docs, /redoc, /openapi.json) are not here: with
+# keys set they map the API (routes, limits, version) for whoever asks, so they need the key like /info does.
+ALWAYS_OPEN = frozenset({"/health"})
 NOT_COUNTED = frozenset({"/health", "/metrics"})  # probes and scrapes do not hold a shutdown back
 OPENAI_KINDS = {401: "AuthenticationError", 413: "BadRequestError", 422: "BadRequestError", 503: "ServiceUnavailable"}
 

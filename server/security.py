@@ -5,13 +5,16 @@ unless `security.allow_pickle` is set, and even then read with `weights_only=Tru
 the model and adapter paths must resolve (symlinks followed) into one of those folders.
 
 Calling: with API keys configured, requests carry `Authorization: Bearer <key>`. Keys are compared as SHA-256
-digests with `hmac.compare_digest`, so neither a key's content nor its length shows in the answer time.
+digests with `hmac.compare_digest`, so neither a key's content nor its length shows in the answer time. /metrics
+answers without a key unless `security.metrics_need_key`, as TGI's and vLLM's do (scrapers rarely carry one);
+`exposure_notices` names what is open when the server listens beyond loopback, for the startup log.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -125,3 +128,31 @@ class KeyChecker:
         # Compare against every key (no early exit), so the time does not tell which key came close.
         matches = [hmac.compare_digest(digest, known) for known in self.digests]
         return any(matches)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether only this machine can reach `host`; a hostname other than localhost counts as reachable."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def exposure_notices(keys_enabled: bool, metrics_need_key: bool, host: str, port: int) -> list[str]:
+    """What answers without a key to anyone who can reach host:port; [] on loopback or when nothing is open."""
+    if is_loopback(host):
+        return []
+    where = f"{host}:{port}"
+    if not keys_enabled:
+        return [
+            f"no API keys: every route answers anyone who can reach {where}; "
+            "set security.api_keys_env or security.api_keys_file to require a key"
+        ]
+    if not metrics_need_key:
+        return [
+            f"/metrics answers without an API key on {where} (as TGI's does); "
+            "set security.metrics_need_key: true to require the key there too"
+        ]
+    return []

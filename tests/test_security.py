@@ -4,6 +4,7 @@ API keys on everything but /health, a body size limit, and CORS only when config
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ from safetensors.torch import load_file
 from server import security
 from server.app import create_app
 from server.boot import BootError, boot, load_base
-from server.config import Config, ConfigError, ModelConfig, SecurityConfig, load_config
+from server.config import Config, ConfigError, ModelConfig, SecurityConfig, ServerConfig, load_config
 from server.engine import Engine
 from tests.conftest import boot_tiny
 
@@ -59,6 +60,57 @@ def test_api_key_from_file_and_keyed_metrics(tiny: tuple[Config, Engine], tmp_pa
     assert c.get("/metrics").status_code == 401
     assert c.get("/metrics", headers={"authorization": "Bearer file-key"}).status_code == 200
     assert c.get("/health").status_code == 200
+
+
+DOCS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
+
+
+def test_docs_need_the_key_when_keys_are_set(tiny: tuple[Config, Engine], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MERGESERVE_TEST_KEYS", "docs-key")
+    c = _client(tiny, api_keys_env="MERGESERVE_TEST_KEYS")
+    for path in DOCS:
+        for headers in ({}, {"authorization": "Bearer wrong"}):
+            r = c.get(path, headers=headers)
+            assert r.status_code == 401, path
+            assert r.json()["error_type"] == "authentication" and r.headers["www-authenticate"] == "Bearer"
+        assert c.get(path, headers={"authorization": "Bearer docs-key"}).status_code == 200, path
+    # Without keys the whole API is open, the docs with it.
+    assert all(_client(tiny).get(path).status_code == 200 for path in DOCS)
+
+
+def _exposure(
+    tiny: tuple[Config, Engine], caplog: pytest.LogCaptureFixture, host: str, **security_fields: Any
+) -> tuple[TestClient, str]:
+    """A client for an app configured to listen on `host`, and the warnings its creation logged."""
+    config, engine = tiny
+    changes = {"security": SecurityConfig(**security_fields), "server": ServerConfig(host=host, port=8123)}
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mergeserve"):
+        client = TestClient(create_app(engine, config.model_copy(update=changes)))
+    return client, "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+
+
+def test_open_metrics_answers_without_key_and_is_logged_off_loopback(
+    tiny: tuple[Config, Engine], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MERGESERVE_TEST_KEYS", "metrics-key")
+    keyed = {"api_keys_env": "MERGESERVE_TEST_KEYS"}
+    # Default, as TGI: keys guard the API but /metrics answers anyone, and the startup log says so off loopback.
+    c, logged = _exposure(tiny, caplog, "0.0.0.0", **keyed)
+    assert c.get("/metrics").status_code == 200 and c.get("/info").status_code == 401
+    assert "/metrics" in logged and "0.0.0.0:8123" in logged and "security.metrics_need_key" in logged
+    for host in ("127.0.0.1", "::1", "localhost"):
+        c, logged = _exposure(tiny, caplog, host, **keyed)
+        assert c.get("/metrics").status_code == 200 and logged == "", host
+    # metrics_need_key: /metrics wants the key too, and nothing is left open to warn about.
+    c, logged = _exposure(tiny, caplog, "0.0.0.0", metrics_need_key=True, **keyed)
+    assert c.get("/metrics").status_code == 401
+    assert c.get("/metrics", headers={"authorization": "Bearer metrics-key"}).status_code == 200
+    assert logged == ""
+    # No keys at all on a public address: everything is open, and the log names the keys to set.
+    c, logged = _exposure(tiny, caplog, "0.0.0.0")
+    assert c.get("/info").status_code == 200 and c.get("/metrics").status_code == 200
+    assert "0.0.0.0:8123" in logged and "security.api_keys_env" in logged
 
 
 def test_keys_are_compared_with_compare_digest(monkeypatch: pytest.MonkeyPatch) -> None:
