@@ -6,12 +6,17 @@ All on the tiny random Llama; the real demo round trip lives in test_cache_demo.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import torch
 from peft import PeftModel
@@ -22,7 +27,7 @@ from server.boot import BootError, boot
 from server.config import load_config
 from server.export import export_merged
 from tests.conftest import build_adapter
-from tests.live_server import REPO
+from tests.live_server import REPO, free_port
 
 Writer = Callable[[dict[str, Any]], Path]
 TEXT = "Arr matey, the capital of France is Paris."
@@ -138,3 +143,86 @@ def test_export_refuses_what_it_cannot_stream(
     with pytest.raises(BootError, match=rf"export does not stream combine.method {combine['method']}.*; fix: "):
         export_merged(config, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def gguf_shaped_base(tiny_base: Path, tmp_path: Path) -> Path:
+    """The tiny base with the config a GGUF conversion gives: no `architectures`, a private `_model_name_or_path`."""
+    base = tmp_path / "gguf-shaped"
+    shutil.copytree(tiny_base, base)
+    raw = json.loads((base / "config.json").read_text())
+    del raw["architectures"]
+    raw["_model_name_or_path"] = "Tiny 2L Mix1"
+    (base / "config.json").write_text(json.dumps(raw))
+    return base
+
+
+def _assert_standard_config(folder: Path) -> None:
+    raw = json.loads((folder / "config.json").read_text())
+    assert raw.get("architectures") == ["LlamaForCausalLM"], raw.get("architectures")
+    assert not [k for k in raw if k.startswith("_")]
+
+
+@contextmanager
+def _transformers_serve(folder: Path) -> Iterator[str]:
+    """`transformers serve DIR` (the CLI shipped with transformers) on a free loopback port; yields its URL."""
+    port = free_port()
+    cli = Path(sys.executable).with_name("transformers")
+    args = [str(cli), "serve", str(folder), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
+    log = folder.parent / "transformers-serve.log"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(args, stdout=sink, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, f"transformers serve exited {proc.returncode}: {log.read_text()[-2000:]}"
+            assert time.monotonic() < deadline, f"transformers serve not up: {log.read_text()[-2000:]}"
+            try:
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_export_is_served_by_transformers_serve(
+    write_config: Writer, tiny_config_data: dict[str, Any], gguf_shaped_base: Path, tmp_path: Path
+) -> None:
+    """A standard checkpoint: `transformers serve` picks the model class from config.json's `architectures`."""
+    tiny_config_data["model"]["path"] = str(gguf_shaped_base)
+    out = tmp_path / "exported"
+    export_merged(load_config(write_config(tiny_config_data)), out)
+    _assert_standard_config(out)
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    ids = tokenizer(TEXT, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        greedy = AutoModelForCausalLM.from_pretrained(out).generate(ids, max_new_tokens=8, do_sample=False)
+    want = greedy[0, ids.shape[1] :].tolist()
+    with _transformers_serve(out) as url:
+        body = {"model": str(out), "prompt": TEXT, "max_tokens": 8, "temperature": 0}
+        reply = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+    assert reply.status_code == 200, reply.text
+    answer = reply.json()
+    assert answer["usage"]["prompt_tokens"] == ids.shape[1]
+    assert answer["usage"]["completion_tokens"] == len(want) > 0
+    assert answer["choices"][0]["text"] == tokenizer.decode(want, skip_special_tokens=True)
+
+
+def test_cache_entry_config_is_a_standard_checkpoint(
+    write_config: Writer, tiny_config_data: dict[str, Any], gguf_shaped_base: Path
+) -> None:
+    tiny_config_data["model"]["path"] = str(gguf_shaped_base)
+    engine = boot(load_config(write_config(tiny_config_data)))
+    assert engine.info.cache["status"] == "miss"
+    _assert_standard_config(Path(engine.info.cache["dir"]) / "entries" / engine.info.cache["key"])
+    engine.close()
