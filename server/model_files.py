@@ -22,8 +22,10 @@ from server.config import ModelConfig
 
 
 def resolve_dtype(dtype: str, hf_config: PretrainedConfig, specs: list[TensorSpec]) -> torch.dtype:
-    """A configured dtype, or for `auto` the checkpoint's own: config.json's dtype, else its first float tensor's."""
-    if dtype != "auto":
+    """A configured dtype, or the checkpoint's own for `checkpoint` and `auto`: config.json's dtype, else its first
+    float tensor's. (Serving measures `auto` on its device; an offline export has no device to measure, and keeping
+    the stored dtype neither rounds nor widens the weights.)"""
+    if dtype not in ("auto", "checkpoint"):
         return cast(torch.dtype, getattr(torch, dtype))
     declared: Any = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
     if isinstance(declared, str) and isinstance(getattr(torch, declared, None), torch.dtype):

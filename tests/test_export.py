@@ -226,3 +226,45 @@ def test_cache_entry_config_is_a_standard_checkpoint(
     assert engine.info.cache["status"] == "miss"
     _assert_standard_config(Path(engine.info.cache["dir"]) / "entries" / engine.info.cache["key"])
     engine.close()
+
+
+def test_cli_exports_dtype_checkpoint_in_the_stored_dtype(
+    write_config: Writer, tiny_config_data: dict[str, Any], tiny_base: Path, tmp_path: Path
+) -> None:
+    """`model.dtype: checkpoint` means the checkpoint's own dtype, for the export as for serving."""
+    half = tmp_path / "bf16-base"
+    shutil.copytree(tiny_base, half)
+    LlamaForCausalLM.from_pretrained(tiny_base, dtype=torch.bfloat16).save_pretrained(half)
+    tiny_config_data["model"].update(path=str(half), dtype="checkpoint")
+    tiny_config_data["cache"] = {"enabled": False}
+    path = write_config(tiny_config_data)
+    proc = _merge_cli("--config", str(path), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
+    served = boot(load_config(path))
+    assert served.model.dtype == torch.bfloat16
+    state = served.model.state_dict()
+    for key, value in _weights(tmp_path / "out").items():
+        assert torch.equal(value, state[key]), key
+
+
+def test_cli_turns_an_unexpected_failure_into_one_line(
+    write_config: Writer, tiny_config_data: dict[str, Any], tiny_base: Path, tmp_path: Path
+) -> None:
+    """A base whose safetensors file is garbage: whatever raises inside, the CLI exits 2 or 3 with one line."""
+    broken = tmp_path / "broken-base"
+    shutil.copytree(tiny_base, broken)
+    (broken / "model.safetensors").write_bytes(b"\xff" * 64)
+    tiny_config_data["model"]["path"] = str(broken)
+    proc = _merge_cli("--config", str(write_config(tiny_config_data)), "--out", str(tmp_path / "out"))
+    assert proc.returncode in (2, 3), proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mergeserve: ") and "fix: " in lines[0], proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_usage_errors_are_one_line(tmp_path: Path) -> None:
+    for args in (["--config", "x.yaml"], ["--config", "x.yaml", "--out", str(tmp_path / "o"), "--dtype", "fp8"]):
+        proc = _merge_cli(*args)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert "fix: see mergeserve merge --help" in proc.stderr
