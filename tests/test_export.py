@@ -23,7 +23,7 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-from server.boot import BootError, boot
+from server.boot import boot
 from server.config import load_config
 from server.export import export_merged
 from tests.conftest import build_adapter
@@ -134,15 +134,30 @@ def test_shard_sizes_parse(size: str) -> None:
     assert parse_size(size) in (200 * 10**6, 2**30, 5)
 
 
-@pytest.mark.parametrize("combine", [{"method": "ties", "density": 0.5}, {"method": "dare_linear", "density": 0.5}])
-def test_export_refuses_what_it_cannot_stream(
-    combine: dict[str, Any], write_config: Writer, tiny_config_data: dict[str, Any], tmp_path: Path
-) -> None:
-    """TIES/DARE need every layer's delta at once; the export says so rather than writing the exact sum instead."""
-    config = load_config(write_config({**tiny_config_data, "combine": combine}))
-    with pytest.raises(BootError, match=rf"export does not stream combine.method {combine['method']}.*; fix: "):
-        export_merged(config, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+@pytest.mark.parametrize(
+    "combine",
+    [{"method": "ties", "density": 0.5}, {"method": "dare_linear", "density": 0.5, "seed": 3},
+     {"method": "dare_ties", "density": 0.7, "seed": 11}],
+    ids=["ties", "dare_linear", "dare_ties"],
+)  # fmt: skip
+def test_export_of_a_mix_equals_merged_serving(
+    combine: dict[str, Any], write_config: Writer, tiny_config_data: dict[str, Any], tiny_adapters: dict[str, Path],
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    """TIES/DARE change the weights on purpose; the export must write the very weights merged serving computes."""
+    tiny_config_data["adapters"].append({"name": "beta", "path": str(tiny_adapters["beta"]), "weight": 0.5})
+    config = load_config(write_config({**tiny_config_data, "combine": combine, "cache": {"enabled": False}}))
+    export_merged(config, tmp_path / "out", max_shard_bytes=100_000)
+    served = boot(config)
+    state = served.model.state_dict()
+    exact = load_config(write_config({**tiny_config_data, "cache": {"enabled": False}}))
+    linear = boot(exact).model.state_dict()
+    written = _weights(tmp_path / "out")
+    assert any(not torch.equal(state[k], linear[k]) for k in written), "the mix equals the exact sum: a no-op test"
+    for key, value in written.items():
+        assert torch.equal(value, state[key]), key
+    ids = torch.tensor([served.tokenize(TEXT)])
+    assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "out"), ids), _logits(served.model, ids))
 
 
 @pytest.fixture
