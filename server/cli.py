@@ -20,17 +20,25 @@ import os
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from server import __version__
 from server.config import ConfigError, load_config
 
 log = logging.getLogger("mergeserve")
 EXIT_UNEXPECTED = 1
+EXIT_MERGE_FAILED = 3  # `mergeserve merge` exits 0, 2 (bad input) or 3 (the merge failed), never with a traceback
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line with a fix, like every other refusal (argparse prints the usage block first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message}; fix: see {self.prog} --help\n")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="mergeserve", description="Merge LoRA adapters at boot and serve the model with TGI's API."
     )
     parser.add_argument("--version", action="version", version=f"mergeserve {__version__}")
@@ -56,7 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     merge = sub.add_parser("merge", help="write the merged model as a Hugging Face checkpoint, without serving")
     merge.add_argument("--config", default=env("MERGESERVE_CONFIG"), help="YAML config file (env MERGESERVE_CONFIG)")
     merge.add_argument("--out", required=True, type=Path, help="new folder for the checkpoint")
-    merge.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], help="default: model.dtype")
+    merge.add_argument("--dtype", choices=["auto", "checkpoint", "float32", "float16", "bfloat16"],
+                       help="default: model.dtype; auto and checkpoint keep the checkpoint's own")  # fmt: skip
     merge.add_argument("--max-shard-size", default="200MB", help="largest safetensors shard, e.g. 200MB or 5GB")
     merge.add_argument("--log-level", default=env("MERGESERVE_LOG_LEVEL", "info"),
                        choices=["debug", "info", "warning", "error"])  # fmt: skip
@@ -134,6 +143,11 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _one_line(exc: BaseException) -> str:
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
 def merge(args: argparse.Namespace) -> int:
     """Offline export; the last line on stdout names the folder, stderr gets one line on a refusal."""
     if not args.config:
@@ -160,6 +174,11 @@ def merge(args: argparse.Namespace) -> int:
     except BootError as exc:
         print(f"mergeserve: {exc}", file=sys.stderr)
         return exc.exit_code
+    except Exception as exc:  # not a refusal we foresaw: one line (the contract is 0, 2 or 3), traceback on debug
+        log.debug("merge failed", exc_info=True)
+        print(f"mergeserve: merge failed: {_one_line(exc)}; fix: check the base and adapter files, and report this "
+              "as a bug with the traceback from --log-level debug", file=sys.stderr)  # fmt: skip
+        return EXIT_MERGE_FAILED
     peak = "n/a" if result.peak_ratio is None else f"{result.peak_rss_above_baseline / 1e6:.0f} MB"  # type: ignore[operator]
     ratio = "" if result.peak_ratio is None else f" ({result.peak_ratio:.2f}x the model)"
     log.info("export: %d files, %s, %.0f MB of weights, peak memory above baseline %s%s, %.1fs",

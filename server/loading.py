@@ -197,7 +197,9 @@ def load_adapters(
                 else:
                     model.load_adapter(str(adapter.path), adapter_name=adapter.name, low_cpu_mem_usage=on_meta_base)
             if on_meta_base:
-                named = {_model_key(k, adapter.name): v for k, v in tensors.items() if ".lora_" in k}
+                # The adapter's own tensors: LoRA factors and modules_to_save copies (whole replacement modules).
+                named = {_model_key(k, adapter.name): v for k, v in tensors.items()}
+                named = {k: v for k, v in named.items() if ".lora_" in k or ".modules_to_save." in k}
                 model.load_state_dict(named, strict=False, assign=True)
         except (ValueError, RuntimeError, KeyError) as exc:
             first = _first_line(exc)

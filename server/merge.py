@@ -75,10 +75,17 @@ def base_weight(layer: LoraLayer) -> torch.Tensor:
 
 
 def layer_delta(
-    layer: LoraLayer, adapters: list[str], spec: MixSpec = LINEAR, generator: torch.Generator | None = None
+    layer: LoraLayer,
+    adapters: list[str],
+    spec: MixSpec = LINEAR,
+    generator: torch.Generator | None = None,
+    w0: torch.Tensor | None = None,
 ) -> LayerDelta:
-    """The combined float32 change to one layer's weight (and bias) from every adapter that targets it."""
-    w0 = base_weight(layer).data
+    """The combined float32 change to one layer's weight (and bias) from every adapter that targets it.
+
+    `w0`: the unmerged base weight, when the layer does not hold it (the export's skeleton is on the meta device).
+    """
+    w0 = base_weight(layer).data if w0 is None else w0
     if spec.method == "linear":
         return composed_delta(layer, adapters, w0)
     parts = [adapter_delta(layer, a, w0) for a in adapters if has_adapter(layer, a)]

@@ -61,6 +61,18 @@ def _drop(tau: torch.Tensor, density: float, generator: torch.Generator) -> torc
     return torch.where(keep.to(tau.device), tau / density, torch.zeros_like(tau))
 
 
+def skip_draws(shape: torch.Size, count: int, spec: MixSpec, generator: torch.Generator | None) -> None:
+    """Advance `generator` exactly as `combine` does for `count` deltas of `shape`, without making the deltas.
+
+    The export writes layers in file order, not module order; it replays the draws once to learn where each layer's
+    turn starts. Only DARE draws, one uniform sample per entry per adapter (see `_drop`).
+    """
+    if generator is None or spec.method not in ("dare_linear", "dare_ties") or spec.density >= 1.0:
+        return
+    for _ in range(count):
+        torch.rand(shape, generator=generator)
+
+
 def _disjoint_mean(taus: torch.Tensor) -> torch.Tensor:
     """Elect each entry's sign from the sum over adapters; average the entries that carry that sign."""
     elected = torch.where(taus.sum(dim=0) >= 0, 1.0, -1.0)

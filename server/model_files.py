@@ -15,14 +15,17 @@ from typing import Any, cast
 import torch
 from torch import nn
 from transformers import AutoTokenizer, GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from server.checkpoint import TensorSpec, copy_tokenizer_files
 from server.config import ModelConfig
 
 
 def resolve_dtype(dtype: str, hf_config: PretrainedConfig, specs: list[TensorSpec]) -> torch.dtype:
-    """A configured dtype, or for `auto` the checkpoint's own: config.json's dtype, else its first float tensor's."""
-    if dtype != "auto":
+    """A configured dtype, or the checkpoint's own for `checkpoint` and `auto`: config.json's dtype, else its first
+    float tensor's. (Serving measures `auto` on its device; an offline export has no device to measure, and keeping
+    the stored dtype neither rounds nor widens the weights.)"""
+    if dtype not in ("auto", "checkpoint"):
         return cast(torch.dtype, getattr(torch, dtype))
     declared: Any = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
     if isinstance(declared, str) and isinstance(getattr(torch, declared, None), torch.dtype):
@@ -47,6 +50,16 @@ def tied_names(model: nn.Module) -> tuple[str | None, str | None]:
     return found["in"], found["out"]
 
 
+def causal_lm_architectures(hf_config: PretrainedConfig) -> list[str]:
+    """config.json's `architectures`: the class AutoModelForCausalLM builds for this config, the one we merged in.
+
+    A GGUF's config has none, and loaders that pick the class by name (`transformers serve`, vLLM) fail without it.
+    A remote-code model type is not in transformers' table; its own config names its class.
+    """
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(getattr(hf_config, "model_type", ""))
+    return [name] if isinstance(name, str) else list(getattr(hf_config, "architectures", None) or [])
+
+
 def write_model_files(
     out: Path,
     model_cfg: ModelConfig,
@@ -60,7 +73,9 @@ def write_model_files(
     cfg.dtype = dtype
     cfg.tie_word_embeddings = tie
     cfg.save_pretrained(out)
-    raw = json.loads((out / "config.json").read_text())
+    # Keys starting with "_" are transformers' private attributes (a GGUF's `_model_name_or_path`), not config.
+    raw = {k: v for k, v in json.loads((out / "config.json").read_text()).items() if not k.startswith("_")}
+    raw["architectures"] = causal_lm_architectures(hf_config)
     # transformers 5 writes `dtype`; older loaders (and vLLM's config readers) look for `torch_dtype`.
     raw["torch_dtype"] = raw["dtype"] = str(dtype).removeprefix("torch.")
     raw["tie_word_embeddings"] = tie

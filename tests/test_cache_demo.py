@@ -33,12 +33,14 @@ def test_export_and_cache_hit_reproduce_the_served_demo(tmp_path: Path) -> None:
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) >= 2
     assert (out / "chat_template.jinja").is_file() or "chat_template" in (out / "tokenizer_config.json").read_text()
+    _assert_standard_config(out)
 
     config = load_config(DEMO)
     cold = boot(config)
     hot = boot(config)
     assert (cold.info.cache["status"], hot.info.cache["status"]) == ("miss", "hit")
     assert "load_base" not in hot.info.boot_seconds and hot.info.cache["reproduced_exactly"] is True
+    _assert_standard_config(Path(hot.info.cache["dir"]) / "entries" / hot.info.cache["key"])
 
     exported = AutoModelForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
@@ -51,3 +53,10 @@ def test_export_and_cache_hit_reproduce_the_served_demo(tmp_path: Path) -> None:
         served = cold.model(input_ids=ids).logits
         assert torch.equal(exported(input_ids=ids).logits, served)
         assert torch.equal(hot.model(input_ids=ids).logits, served)
+
+
+def _assert_standard_config(folder: Path) -> None:
+    """What `transformers serve` and other loaders need: the model class named, no private keys (the GGUF has none)."""
+    raw = json.loads((folder / "config.json").read_text())
+    assert raw.get("architectures") == ["LlamaForCausalLM"], raw.get("architectures")
+    assert not [k for k in raw if k.startswith("_")], sorted(raw)

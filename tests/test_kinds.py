@@ -21,9 +21,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from server.boot import boot, load_adapters
 from server.config import AdapterConfig, load_config
+from server.export import export_merged
 from server.merge import lora_layers, merge_and_unload
 from server.merge_kinds import composed_delta, lora_product
 from tests.conftest import TARGETS
+from tests.test_export import _weights
 
 Writer = Callable[[dict[str, Any]], Path]
 IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 11, 300, 64]])
@@ -135,6 +137,59 @@ def test_kind_merges_exactly(kind: Kind, kind_adapter: Callable[[Kind], tuple[Pa
         assert (_logits(peft_merged) - want).abs().max() > 1e-3
         assert merged.get_input_embeddings().weight is not merged.get_output_embeddings().weight
         assert merged.config.tie_word_embeddings is False
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=[k.name for k in KINDS])
+def test_kind_exports_as_served(
+    kind: Kind, kind_adapter: Callable[[Kind], tuple[Path, Path]], write_config: Writer, tmp_path: Path
+) -> None:
+    """`mergeserve merge` writes every kind merged serving merges: PEFT's merged weights, the served logits."""
+    base_dir, path = kind_adapter(kind)
+    data = {
+        "model": {"path": str(base_dir), "dtype": "float32"},
+        "adapters": [{"name": "k", "path": str(path)}],
+        "cache": {"enabled": False},
+        "limits": {"max_input_tokens": 32, "max_total_tokens": 64, "max_new_tokens": 4},
+    }
+    config = load_config(write_config(data))
+    export_merged(config, tmp_path / "out")
+    written = _weights(tmp_path / "out")
+    if kind.peft_merge_is_right:
+        theirs = _peft_unmerged(base_dir, path).merge_and_unload().state_dict()
+        for key, value in written.items():
+            assert torch.allclose(value, theirs[key], atol=1e-5, rtol=0), key
+    served = boot(config)
+    assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "out")), _logits(served.model))
+    served.close()
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+def test_mix_of_bias_and_dora_kinds_exports_as_served(
+    method: str, kind_adapter: Callable[[Kind], tuple[Path, Path]], write_config: Writer, tmp_path: Path
+) -> None:
+    """TIES/DARE over lora_bias and DoRA adapters: the bias deltas draw from DARE's generator after the weights."""
+    (base_dir, bias), (_, dora) = kind_adapter(BY_NAME["lora_bias"]), kind_adapter(BY_NAME["dora_conv1d"])
+    data = {
+        "model": {"path": str(base_dir), "dtype": "float32"},
+        "adapters": [{"name": "bias", "path": str(bias)}, {"name": "dora", "path": str(dora), "weight": 0.6}],
+        "combine": {"method": method, "density": 0.6, "seed": 5},
+        "cache": {"enabled": False},
+        "limits": {"max_input_tokens": 32, "max_total_tokens": 64, "max_new_tokens": 4},
+    }
+    config = load_config(write_config(data))
+    export_merged(config, tmp_path / "out")
+    served = boot(config)
+    state = served.model.state_dict()
+    written = _weights(tmp_path / "out")
+    assert any(k.endswith("c_attn.bias") and not torch.equal(v, _weights_of(base_dir)[k]) for k, v in written.items())
+    for key, value in written.items():
+        assert torch.equal(value, state[key]), key
+    assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "out")), _logits(served.model))
+    served.close()
+
+
+def _weights_of(base_dir: Path) -> dict[str, torch.Tensor]:
+    return dict(AutoModelForCausalLM.from_pretrained(base_dir).state_dict())
 
 
 BOOT_KINDS = ["dora", "lora_bias", "dora_conv1d", "embedding_tied", "modules_to_save", "rank_alpha_pattern"]
