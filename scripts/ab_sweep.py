@@ -64,8 +64,8 @@ def build_adapters(model: dict[str, Any], root: Path, ranks: list[int], count: i
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from server.boot import load_base
-    from server.config import ModelConfig
+    from server.config.schema import ModelConfig
+    from server.load.adapters import load_base
 
     _, base = load_base(ModelConfig.model_validate(model))
     for rank, index in todo:

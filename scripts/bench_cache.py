@@ -25,8 +25,9 @@ KINDS = ("base", "cold", "hit")
 
 
 def child(kind: str, config_path: str) -> None:
-    from server.boot import boot, load_base
-    from server.config import load_config
+    from server.boot.boot import boot
+    from server.config.load import load_config
+    from server.load.adapters import load_base
 
     config = load_config(config_path)
     start = time.perf_counter()

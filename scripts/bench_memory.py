@@ -19,9 +19,9 @@ from pathlib import Path
 
 CHILD = """
 import gc, json, sys
-from server.boot import boot
-from server.config import load_config
-from server.merge import lora_layers
+from server.boot.boot import boot
+from server.config.load import load_config
+from server.merge.apply import lora_layers
 config = load_config(sys.argv[1], {"mode": sys.argv[2]})
 engine = boot(config)
 adapted = 0

@@ -1,8 +1,8 @@
 """Benchmark base vs unmerged vs merged decoding of the demo, in one process, as ratios.
 
-All three arms run the same greedy loop the server uses (server.engine.prefill / decode_one_token) for a fixed number
-of new tokens, interleaved round by round so drift in machine speed hits every arm alike. Warm-up rounds are
-excluded; the figures are medians over the timed rounds.
+All three arms run the same greedy loop the server uses (prefill and decode_one_token in server.engine.scheduler)
+for a fixed number of new tokens, interleaved round by round so drift in machine speed hits every arm alike. Warm-up
+rounds are excluded; the figures are medians over the timed rounds.
 
     python scripts/bench_modes.py [--config configs/demo.yaml] [--rounds 7] [--warmup 2] [--new-tokens 64]
 """
@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from server.boot import load_adapters, load_base
-from server.config import load_config
-from server.merge import merge_and_unload
-from server.scheduler import decode_one_token, prefill
+from server.config.load import load_config
+from server.engine.scheduler import decode_one_token, prefill
+from server.load.adapters import load_adapters, load_base
+from server.merge.apply import merge_and_unload
 
 PROMPT = "What is the capital of Germany? Answer in one sentence, then explain why it became the capital."
 

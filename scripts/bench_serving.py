@@ -43,9 +43,9 @@ import torch
 from local_server import LocalServer
 from transformers.utils import logging as hf_logging
 
-from server.boot import load_adapters, load_base
-from server.config import load_config
-from server.merge import merge_and_unload
+from server.config.load import load_config
+from server.load.adapters import load_adapters, load_base
+from server.merge.apply import merge_and_unload
 
 QUESTIONS = [
     "Tell me a long story about a ship lost at sea.",

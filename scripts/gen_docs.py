@@ -17,15 +17,15 @@ from pydantic import BaseModel
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # document this checkout's code, not whichever copy of `server` is installed
 
-from server.config import Config  # noqa: E402
-from server.metrics import Metrics  # noqa: E402
+from server.config.schema import Config  # noqa: E402
+from server.http.metrics import Metrics  # noqa: E402
 
 README = REPO / "README.md"
 
 
 def _type_name(annotation: Any) -> str:
     text = str(annotation).replace("typing.", "").replace("pathlib.", "").replace("<class '", "").replace("'>", "")
-    return re.sub(r"server\.config\.", "", text).replace("|", "\\|")
+    return re.sub(r"server\.config\.schema\.", "", text).replace("|", "\\|")
 
 
 def _default(field: Any) -> str:

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from server import __version__
-from server.config import ConfigError, load_config
+from server.config.load import load_config
+from server.config.schema import ConfigError
 
 log = logging.getLogger("mergeserve")
 EXIT_UNEXPECTED = 1
@@ -93,9 +94,10 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     import uvicorn  # the config is good: now pay for fastapi, torch and transformers
 
-    from server.app import attach_engine, create_app
-    from server.boot import BootError, boot
-    from server.shutdown import GracefulServer
+    from server.boot.boot import boot
+    from server.http.app import attach_engine, create_app
+    from server.http.shutdown import GracefulServer
+    from server.load.adapters import BootError
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(None, config)
@@ -155,7 +157,7 @@ def merge(args: argparse.Namespace) -> int:
         return 2
     try:
         config = load_config(args.config)
-        from server.checkpoint import parse_size  # imports torch: only once the config is good
+        from server.store.checkpoint import parse_size  # imports torch: only once the config is good
 
         max_shard = parse_size(args.max_shard_size)
     except ConfigError as exc:
@@ -165,8 +167,8 @@ def merge(args: argparse.Namespace) -> int:
         problem, _, fix = str(exc).partition(" | ")
         print(f"mergeserve: --max-shard-size: {problem}; fix: {fix}", file=sys.stderr)
         return 2
-    from server.boot import BootError
-    from server.export import export_merged
+    from server.load.adapters import BootError
+    from server.store.export import export_merged
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

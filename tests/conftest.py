@@ -5,6 +5,7 @@ Adapters are built with init_lora_weights=False, so B != 0 and a merge that forg
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -13,12 +14,22 @@ import pytest
 import torch
 import yaml
 from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
-from server.boot import boot
-from server.config import CACHE_DIR_ENV, Config, load_config
-from server.engine import Engine
+from server.boot.boot import boot
+from server.config.load import load_config
+from server.config.schema import CACHE_DIR_ENV, Config
+from server.engine.engine import Engine
 
 CORPUS = [
     "The capital of France is Paris.",
@@ -93,6 +104,38 @@ def build_adapter(
             if "lora_B" in name:
                 p.mul_(0.2)
     peft_model.save_pretrained(out)
+    return out
+
+
+def make_added_token_adapter(base_dir: Path, out: Path, ship_rows: bool = True) -> Path:
+    """An adapter trained with two added tokens: its tokenizer (with a chat template) is saved beside it."""
+    torch.manual_seed(11)
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    tok.add_tokens(["<ship>", "<parrot>"])
+    tok.chat_template = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    base.resize_token_embeddings(len(tok))
+    with torch.no_grad():
+        base.get_input_embeddings().weight[-2:].normal_(0, 0.05)  # the rows training gave the new tokens
+    targets = ["q_proj", "embed_tokens"] if ship_rows else ["q_proj"]
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "lora_embedding_B" in name:
+                p.mul_(0.2)
+    # The embedding LoRA makes PEFT save the whole (resized) embedding too: the added rows travel with the adapter.
+    model.save_pretrained(out, save_embedding_layers=ship_rows)
+    tok.save_pretrained(out)
+    return out
+
+
+def exported_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a sharded safetensors export, checked against its index."""
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    out: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        out.update(load_file(str(folder / shard)))
+    assert set(out) == set(index["weight_map"])
     return out
 
 

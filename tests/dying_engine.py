@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from server import cli, scheduler
+from server import cli
+from server.engine import scheduler
 
 POISON_LENGTH = 20
 

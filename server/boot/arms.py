@@ -1,0 +1,180 @@
+"""Building the served arms: load the base, attach the adapters, merge as the mode says, and pass the parity gate.
+
+Anything that makes the model unfit to serve raises `BootError` with the exit code the CLI should use: 2 for faulty
+inputs (an adapter that does not fit the base), 3 for a merge that fails its checks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+from peft import PeftModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from server.boot.phases import PhaseTimer, log
+from server.config.schema import AdapterConfig, Config
+from server.load.adapters import (
+    EXIT_BAD_INPUT,
+    EXIT_CHECK_FAILED,
+    AdapterInfo,
+    BootError,
+    _refuse,
+    has_meta_weights,
+    load_adapters,
+    load_base,
+)
+from server.load.policy import (
+    QUANTIZED_MERGE_FIX,
+    adapter_tokenizer,
+    quantization_method,
+    resize_vocab,
+    unfilled_rows,
+)
+from server.merge.apply import (
+    MergeError,
+    lora_layers,
+    merge_and_unload,
+    merged_twin,
+    plan,
+    served_embeddings,
+    temporarily_merged,
+)
+from server.merge.combine import MixSpec, deltas_on_the_side
+from server.merge.parity import ParityResult, compare_logits, probe_logits, with_float32_reference
+from server.merge.precision import can_upcast, resolve_dtype_setting, upcast
+
+
+def _gate(result: ParityResult) -> None:
+    if not result.passed:
+        raise BootError(
+            f"parity gate failed: merged vs unmerged max abs logit diff {result.max_abs_diff:.3g} "
+            f"(tolerance {result.tolerance:.3g}), top-1 agreement {result.top1_agreement:.3f} "
+            f"(need {result.min_top1_agreement:.3f}); refusing to serve; fix: serve unmerged or in float32",
+            EXIT_CHECK_FAILED,
+        )
+
+
+def _refuse_quantized_merge(config: Config) -> None:
+    method = quantization_method(config.model.path)
+    if method and config.mode != "unmerged":
+        names = ", ".join(f"'{a.name}'" for a in config.adapters)
+        raise BootError(
+            f"adapters {names}: the base '{config.model.path}' is {method}-quantized, and merging into quantized "
+            f"weights re-quantizes away the adapters' change (mode {config.mode}); fix: {QUANTIZED_MERGE_FIX}",
+            EXIT_BAD_INPUT,
+        )
+
+
+def serving_tokenizer(
+    adapters: list[AdapterConfig], tokenizer: PreTrainedTokenizerBase, base: PreTrainedModel
+) -> tuple[PreTrainedTokenizerBase, bool]:
+    """The adapter's own tokenizer (added tokens, chat template) if it ships one, with the base grown to fit it.
+
+    Returns the tokenizer to serve and whether the base's vocabulary was resized.
+    """
+    shipped = [(a, tok) for a in adapters if (tok := adapter_tokenizer(a.path)) is not None]
+    if not shipped:
+        return tokenizer, False
+    first, chosen = shipped[0]
+    for adapter, tok in shipped[1:]:
+        if tok.get_vocab() != chosen.get_vocab():
+            raise _refuse(adapter, f"its tokenizer differs from adapter '{first.name}'s", "serve them separately")
+    return chosen, resize_vocab(base, len(chosen))
+
+
+def _references(model: Any, tokenizer: Any, probes: list[str], float32: bool) -> tuple[list[Any], list[Any] | None]:
+    """Unmerged logits in the serving dtype, and (if asked and possible) in float32 too."""
+    reference = probe_logits(model, tokenizer, probes)
+    if not float32:
+        return reference, None
+    if model.dtype == torch.float32:
+        return reference, reference
+    with upcast(model):
+        return reference, probe_logits(model, tokenizer, probes)
+
+
+def _merge_with(
+    peft_model: PeftModel, names: list[str], spec: MixSpec, tokenizer: Any, probes: list[str], float32: bool
+) -> tuple[list[Any], list[Any] | None, Any]:
+    """(reference logits, float32 reference, merged model). The exact sum is checked against the unmerged model
+    itself; TIES/DARE, which change the function on purpose, against the base with the combined deltas on the side."""
+    if spec.method == "linear":
+        return (*_references(peft_model, tokenizer, probes, float32), merge_and_unload(peft_model, names))
+    deltas = plan(peft_model, names, spec)
+    with deltas_on_the_side(peft_model, [(layer, deltas[n]) for n, layer in lora_layers(peft_model)]) as side:
+        reference, reference32 = _references(side, tokenizer, probes, float32)
+    return reference, reference32, merge_and_unload(peft_model, names, deltas)
+
+
+@dataclass
+class BuiltArms:
+    tokenizer: PreTrainedTokenizerBase
+    arms: dict[str, torch.nn.Module]
+    adapter_infos: list[AdapterInfo]
+    parity: ParityResult
+    reference: list[torch.Tensor]  # unmerged probe logits
+    candidate: list[torch.Tensor]  # merged probe logits
+    dtype_reason: str
+
+
+def build_arms(config: Config, timer: PhaseTimer) -> BuiltArms:
+    """Load, attach, merge as the mode says, and pass the parity gate (or raise BootError)."""
+    names = [a.name for a in config.adapters]
+    _refuse_quantized_merge(config)
+    dtype_name, dtype_reason = resolve_dtype_setting(config.model.dtype)
+    model_cfg = config.model.model_copy(update={"dtype": dtype_name})
+    with timer.phase("load_base"):
+        tokenizer, base = load_base(model_cfg, config.security.allow_pickle)
+        tokenizer, resized = serving_tokenizer(config.adapters, tokenizer, base)
+    dtype = cast(torch.dtype, base.dtype)
+    if config.mode != "merged" and has_meta_weights(base):
+        # The side path and the parity check's merged copy would read an offloaded layer's weights as stored,
+        # unmerged, and the gate fails (top-1 0.9 on the tiny test model); merged mode writes each layer back.
+        raise BootError(
+            f"{config.model.path}: model.device_map offloads layers to disk, which mode {config.mode} does not "
+            "support; fix: use mode: merged, or give the model enough memory (model.max_memory)",
+            EXIT_BAD_INPUT,
+        )
+    with timer.phase("load_adapters"):
+        peft_model, adapter_infos = load_adapters(base, config.adapters, allow_pickle=config.security.allow_pickle)
+        if resized and (where := unfilled_rows(served_embeddings(peft_model, names))):
+            listed = ", ".join(repr(n) for n in names)
+            raise BootError(
+                f"adapters {listed}: the adapter tokenizer adds tokens, but no adapter ships their rows of the "
+                f"{where}; fix: save the adapter with save_embedding_layers=True or modules_to_save",
+                EXIT_BAD_INPUT,
+            )
+    probes, parity_cfg = config.parity.probes, config.parity
+    combine = config.combine
+    spec = MixSpec(combine.method, combine.density or 1.0, combine.seed)
+    float32 = parity_cfg.float32_reference and can_upcast(peft_model)
+    try:
+        if config.mode == "merged":
+            with timer.phase("merge"):
+                reference, reference32, merged = _merge_with(peft_model, names, spec, tokenizer, probes, float32)
+                arms: dict[str, torch.nn.Module] = {"merged": merged}
+            with timer.phase("verify"):
+                candidate = probe_logits(arms["merged"], tokenizer, probes)
+        elif config.mode == "ab":
+            with timer.phase("merge"):
+                # The merged arm shares every tensor the adapters leave alone with the unmerged arm.
+                arms = {"merged": merged_twin(peft_model, names), "unmerged": peft_model}
+            with timer.phase("verify"):
+                reference, reference32 = _references(peft_model, tokenizer, probes, float32)
+                candidate = probe_logits(arms["merged"], tokenizer, probes)
+        else:
+            arms = {"unmerged": peft_model}
+            with timer.phase("verify"):
+                reference, reference32 = _references(peft_model, tokenizer, probes, float32)
+                with temporarily_merged(peft_model, names) as merged_view:
+                    candidate = probe_logits(merged_view, tokenizer, probes)
+        parity = compare_logits(reference, candidate, parity_cfg, dtype)
+        if reference32 is not None:
+            parity = with_float32_reference(parity, reference32, reference, candidate)
+    except MergeError as exc:
+        raise BootError(f"merge check failed: {exc}".replace(" | ", "; fix: "), EXIT_CHECK_FAILED) from None
+    log.info("parity: %s", parity.summary())
+    _gate(parity)
+    return BuiltArms(tokenizer, arms, adapter_infos, parity, reference, candidate, dtype_reason)

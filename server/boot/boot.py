@@ -1,0 +1,24 @@
+"""Boot: load the base, attach the adapters, merge (or not), verify, warm up.
+
+Merged mode with the cache on goes through `server.boot.cached` (a verified entry skips the merge); every other
+boot builds its arms in `server.boot.arms`. Both end in `server.boot.phases.finish_boot`.
+"""
+
+from __future__ import annotations
+
+from server.boot.arms import build_arms
+from server.boot.cached import boot_merged_with_cache
+from server.boot.phases import PhaseCallback, PhaseTimer, finish_boot
+from server.config.schema import Config
+from server.engine.engine import Engine
+
+
+def boot(config: Config, on_phase: PhaseCallback | None = None) -> Engine:
+    timer = PhaseTimer(on_phase)
+    if config.mode == "merged" and config.cache.enabled:
+        return boot_merged_with_cache(config, timer)
+    built = build_arms(config, timer)
+    cache = {"enabled": False, "status": "disabled" if config.mode == "merged" else f"not used in {config.mode} mode"}
+    return finish_boot(
+        config, timer, built.arms, built.tokenizer, built.adapter_infos, built.parity, cache, built.dtype_reason
+    )

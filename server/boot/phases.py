@@ -1,0 +1,81 @@
+"""Boot phases: each one timed, logged with its duration and reported through `on_phase` (for the boot metrics),
+and the last step every boot path shares: the engine over verified arms, warmed up.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from server.config.schema import Config
+from server.engine.engine import Engine, EngineInfo
+from server.load.adapters import (
+    AdapterInfo,
+)
+from server.merge.parity import ParityResult
+
+log = logging.getLogger("mergeserve.boot")
+PhaseCallback = Callable[[str, float], None]
+
+
+class PhaseTimer:
+    def __init__(self, on_phase: PhaseCallback | None) -> None:
+        self.on_phase = on_phase
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        log.info("boot phase %s: started", name)
+        start = time.perf_counter()
+        yield
+        seconds = time.perf_counter() - start
+        self.timings[name] = round(seconds, 4)
+        log.info("boot phase %s: done in %.2fs", name, seconds)
+        if self.on_phase:
+            self.on_phase(name, seconds)
+
+
+def device_summary(model: torch.nn.Module) -> dict[str, int]:
+    """Parameter bytes per device: enough to see where device_map put the model."""
+    out: dict[str, int] = {}
+    for p in model.parameters():
+        out[str(p.device)] = out.get(str(p.device), 0) + p.numel() * p.element_size()
+    return out
+
+
+def finish_boot(
+    config: Config,
+    timer: PhaseTimer,
+    arms: dict[str, torch.nn.Module],
+    tokenizer: PreTrainedTokenizerBase,
+    adapter_infos: list[AdapterInfo],
+    parity: ParityResult,
+    cache: dict[str, Any],
+    dtype_reason: str,
+) -> Engine:
+    """The engine over verified arms, warmed up."""
+    model = next(iter(arms.values()))
+    info = EngineInfo(
+        model_id=config.model.model_id,
+        mode=config.mode,
+        adapters=adapter_infos,
+        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+        dtype_reason=dtype_reason,
+        device_map=device_summary(model),
+        boot_seconds=timer.timings,
+        parity=parity,
+        base_path=str(Path(config.model.path)),
+        cache=cache,
+        combine=config.combine.model_dump(),
+    )
+    engine = Engine(arms, tokenizer, info, config.limits)
+    with timer.phase("warmup"):
+        engine.warmup()
+    return engine

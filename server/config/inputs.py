@@ -1,0 +1,105 @@
+"""Security checks on what a valid config makes the server load, and where its API keys come from.
+
+Loading: weights come as safetensors or GGUF; pickle files (.bin, .pt) run code when unpickled, so they are refused
+unless `security.allow_pickle` is set, and even then read with `weights_only=True`. With `security.allowed_roots`,
+the model and adapter paths must resolve (symlinks followed) into one of those folders.
+
+Calling: with API keys configured, requests carry `Authorization: Bearer <key>`. Keys are compared as SHA-256
+digests with `hmac.compare_digest`, so neither a key's content nor its length shows in the answer time. /metrics
+answers without a key unless `security.metrics_need_key`, as TGI's and vLLM's do (scrapers rarely carry one);
+`exposure_notices` names what is open when the server listens beyond loopback, for the startup log.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from server.config.schema import Config, SecurityConfig
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+Problem = tuple[str, str, str]  # (config key, problem, fix), as ConfigError takes them
+
+
+def pickle_only(folder: Path, stem: str = "") -> Path | None:
+    """The first pickle weight file of a folder that holds no safetensors (None if safetensors are there)."""
+    if any(folder.glob(f"{stem}*.safetensors")):
+        return None
+    pickles = sorted(p for p in folder.glob(f"{stem}*") if p.suffix in PICKLE_SUFFIXES)
+    return pickles[0] if pickles else None
+
+
+def _outside(path: Path, roots: list[Path]) -> bool:
+    real = path.resolve()
+    return not any(real.is_relative_to(root.resolve()) for root in roots)
+
+
+def _weights(config: Config) -> Iterator[tuple[str, Path, str]]:
+    """(key, folder, file stem) for every folder whose weights the server will read."""
+    if config.model.path.is_dir():
+        yield "model.path", config.model.path, ""
+    for i, adapter in enumerate(config.adapters):
+        yield f"adapters[{i}].path", adapter.path, "adapter_model"
+
+
+def input_problems(config: Config) -> Iterator[Problem]:
+    """Everything wrong with the files and keys a valid config names, first problem first."""
+    sec = config.security
+    roots = sec.allowed_roots
+    if roots is not None:
+        named = [("model.path", config.model.path)] + [
+            (f"adapters[{i}].path", a.path) for i, a in enumerate(config.adapters)
+        ]
+        for key, path in named:
+            if _outside(path, roots):
+                where = ", ".join(str(r) for r in roots)
+                yield key, f"'{path.resolve()}' is outside security.allowed_roots ({where})", "move it under a root"
+    if not sec.allow_pickle:
+        for key, folder, stem in _weights(config):
+            found = pickle_only(folder, stem)
+            if found is not None:
+                yield (
+                    key,
+                    f"'{found.name}' is a pickle file, which can run code when loaded",
+                    "convert it to safetensors, or set security.allow_pickle: true if you trust its source",
+                )
+    try:
+        load_api_keys(sec)
+    except KeySourceError as exc:
+        yield exc.key, exc.problem, exc.fix
+
+
+class KeySourceError(ValueError):
+    """A configured key source that gives no key; `key` is the config key that names it."""
+
+    def __init__(self, key: str, problem: str, fix: str) -> None:
+        super().__init__(f"{key}: {problem}; fix: {fix}")
+        self.key, self.problem, self.fix = key, problem, fix
+
+
+def load_api_keys(sec: SecurityConfig) -> list[str]:
+    """Keys from the configured env var and/or file; [] when none is configured (the API is open).
+
+    A configured source that yields no key is an error: an operator who asked for keys must not get an open API.
+    """
+    keys: list[str] = []
+    if sec.api_keys_env is not None:
+        from_env = [k.strip() for k in os.environ.get(sec.api_keys_env, "").split(",") if k.strip()]
+        if not from_env:
+            problem = f"environment variable {sec.api_keys_env} is unset or holds no key"
+            raise KeySourceError("security.api_keys_env", problem, "export it (comma-separated keys)")
+        keys += from_env
+    if sec.api_keys_file is not None:
+        try:
+            lines = sec.api_keys_file.read_text().splitlines()
+        except OSError as exc:
+            problem = f"cannot read '{sec.api_keys_file}' ({exc.strerror})"
+            raise KeySourceError("security.api_keys_file", problem, "create it, one key a line") from None
+        from_file = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        if not from_file:
+            raise KeySourceError(
+                "security.api_keys_file", f"'{sec.api_keys_file}' holds no key", "write one key a line"
+            )
+        keys += from_file
+    return keys

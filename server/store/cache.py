@@ -1,0 +1,178 @@
+"""The merge cache: merged checkpoints on disk, keyed by a content hash of everything that determines them.
+
+Layout under the cache folder:
+    entries/<key>/        a standard HF checkpoint (written by server.checkpoint) plus mergeserve-probes.safetensors
+                          and mergeserve-manifest.json, written last, holding the sha256 of every other file
+    locks/<key>.lock      held while an entry is looked up, built and stored, so replicas booting together merge once
+    file-hashes.json      path -> (size, mtime_ns, sha256) of inputs, so unchanged base files are not re-hashed
+    tmp-*/ trash-*/       entries being written (renamed into entries/ when complete) or being deleted
+
+The key covers the base files, every adapter file, each adapter's weight and order, the dtype (as resolved: `auto` is
+keyed as the dtype this machine picked), the merge method and MERGE_FORMAT_VERSION, the combine method (with its
+density and seed), the parity probes (their logits are stored in the entry) and the transformers and PEFT versions
+(the GGUF dequantizer and PEFT's scaling rules live there).
+Keying on an adapter's name alone goes stale.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from contextlib import suppress
+from pathlib import Path
+from typing import Any
+
+import peft
+import torch
+import transformers
+from filelock import FileLock
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from server.config.schema import Config
+from server.store.checkpoint import TensorSpec, files_under, sha256_file, write_sharded
+from server.store.model_files import tied_names, write_model_files
+
+# Bump when the merge math or the entry layout changes: old entries then simply stop matching.
+# 2: per-kind deltas (DoRA, biases, saved modules, untied embeddings) and the combine method joined the key.
+MERGE_FORMAT_VERSION = 2
+MERGE_METHOD = "W0 + per-kind float32 delta (combine: see the key), rounded once"
+MANIFEST = "mergeserve-manifest.json"
+PROBES = "mergeserve-probes.safetensors"
+SHARD_BYTES = 200 * 10**6
+
+
+class FileHashes:
+    """sha256 of input files, remembered by (size, mtime_ns) in a small JSON index inside the cache folder."""
+
+    def __init__(self, root: Path) -> None:
+        self.path = root / "file-hashes.json"
+        self.lock = FileLock(str(root / "locks" / "file-hashes.lock"))
+        self.known: dict[str, list[Any]] = {}
+        with suppress(OSError, ValueError):
+            self.known = json.loads(self.path.read_text())
+        self.changed = False
+
+    def digest(self, path: Path) -> str:
+        st = path.stat()
+        seen = self.known.get(str(path))
+        if seen and seen[0] == st.st_size and seen[1] == st.st_mtime_ns:
+            return str(seen[2])
+        digest = sha256_file(path)
+        self.known[str(path)] = [st.st_size, st.st_mtime_ns, digest]
+        self.changed = True
+        return digest
+
+    def save(self) -> None:
+        if not self.changed:
+            return
+        with self.lock:
+            merged: dict[str, Any] = {}
+            with suppress(OSError, ValueError):
+                merged = json.loads(self.path.read_text())
+            merged.update(self.known)
+            tmp = self.path.with_name(f"file-hashes.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+            tmp.write_text(json.dumps(merged, sort_keys=True))
+            os.replace(tmp, self.path)
+
+
+def _tree_digests(path: Path, hashes: FileHashes) -> list[list[str]]:
+    if path.is_file():
+        return [[path.name, hashes.digest(path)]]
+    return [[str(p.relative_to(path)), hashes.digest(p)] for p in files_under(path)]
+
+
+class MergeCache:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        for sub in ("entries", "locks"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+
+    def key(self, config: Config) -> tuple[str, dict[str, Any]]:
+        if config.model.dtype == "auto":
+            # "auto" names no dtype: replicas on other CPUs would share an entry merged and rounded in another one.
+            raise ValueError("resolve model.dtype auto (server.merge.precision.resolve_dtype_setting) before keying")
+        hashes = FileHashes(self.root)
+        inputs = {
+            "format": MERGE_FORMAT_VERSION,
+            "method": MERGE_METHOD,
+            "combine": config.combine.model_dump(),  # TIES/DARE give other weights than the exact sum
+            "dtype": config.model.dtype,
+            "base": _tree_digests(config.model.path, hashes),
+            "adapters": [{"weight": a.weight, "files": _tree_digests(a.path, hashes)} for a in config.adapters],
+            "probes": config.parity.probes,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+        }
+        hashes.save()
+        return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:32], inputs
+
+    def lock(self, key: str) -> FileLock:
+        return FileLock(str(self.root / "locks" / f"{key}.lock"))
+
+    def entry(self, key: str) -> Path:
+        return self.root / "entries" / key
+
+    def check(self, key: str) -> tuple[dict[str, Any] | None, str | None]:
+        """(manifest, None) for a complete entry, (None, None) when there is none, (None, problem) when damaged."""
+        folder = self.entry(key)
+        if not folder.exists():
+            return None, None
+        try:
+            manifest = json.loads((folder / MANIFEST).read_text())
+            expected: dict[str, str] = manifest["files"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None, "no readable manifest (an interrupted write?)"
+        present = {str(p.relative_to(folder)) for p in files_under(folder)} - {MANIFEST}
+        if present != set(expected):
+            return None, f"files differ from the manifest: {sorted(present ^ set(expected))[:3]}"
+        for name, digest in sorted(expected.items()):
+            if sha256_file(folder / name) != digest:
+                return None, f"'{name}' does not match its recorded sha256"
+        return manifest, None
+
+    def discard(self, key: str) -> None:
+        folder = self.entry(key)
+        trash = self.root / f"trash-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        with suppress(FileNotFoundError):
+            os.rename(folder, trash)  # atomic: no reader sees a half-deleted entry
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def store(self, key: str, config: Config, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
+              probes: dict[str, torch.Tensor], record: dict[str, Any]) -> Path:  # fmt: skip
+        """Write the merged model as an entry: into tmp-*, then one rename, so readers see all of it or nothing."""
+        tmp = self.root / f"tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            state = model.state_dict()
+            embed, head = tied_names(model)
+            tie = bool(getattr(model.config, "tie_word_embeddings", False))
+            if tie and embed in state and head in state and state[embed].data_ptr() != state[head].data_ptr():
+                tie = False  # the two sides differ: writing both and untying keeps each as served
+            seen: set[int] = set()
+            specs = []
+            for name, t in state.items():
+                if tie and t.data_ptr() in seen:
+                    continue  # the tied head: the loader re-ties it to the embeddings
+                seen.add(t.data_ptr())
+                specs.append(TensorSpec(name, tuple(t.shape), t.dtype))
+            dtype = next(s.dtype for s in specs if s.dtype.is_floating_point)
+            write_sharded(tmp, specs, lambda s: state[s.name], SHARD_BYTES)
+            write_model_files(tmp, config.model, model.config, dtype, tie, tokenizer)  # type: ignore[arg-type]
+            save_file({k: v.contiguous() for k, v in probes.items()}, str(tmp / PROBES))
+            files = {str(p.relative_to(tmp)): sha256_file(p) for p in files_under(tmp)}
+            manifest = {**record, "key": key, "format": MERGE_FORMAT_VERSION, "files": files}
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+            self.discard(key)  # a damaged entry found under the lock is already gone; this is belt and braces
+            os.rename(tmp, self.entry(key))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return self.entry(key)
+
+    def probes(self, key: str) -> dict[str, torch.Tensor]:
+        return load_file(str(self.entry(key) / PROBES))

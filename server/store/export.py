@@ -1,0 +1,270 @@
+"""Offline export: `mergeserve merge --config FILE --out DIR` writes the merged model as a standard HF checkpoint.
+
+Memory: the base is never materialised. The model is built on the meta device (shapes only), the small adapter
+tensors are attached to it, and the stored base is read tensor by tensor: each adapted weight is merged in float32
+with the same per-kind delta the server uses (`merge.layer_delta`), rounded once to the output dtype, written and
+freed. Peak memory is about the largest tensor in float32 plus its rounded copy, not the model. Every kind merged
+serving merges streams this way:
+
+- lora_bias: a layer's bias moves with its weight's delta (DoRA rescales it), so the bias is written right after its
+  weight, from the delta computed for the weight; only the small bias delta waits in between.
+- modules_to_save: the replacement modules come with the adapter and are already in memory (the adapter's size);
+  their tensors are written in place of the base's.
+- TIES/DARE (`combine`): each layer's mix needs only that layer's per-adapter deltas, so it streams too, at a
+  higher peak: with n adapters on the largest adapted tensor, their n float32 deltas, the n trimmed or dropped
+  copies, the stack of those and the agreeing entries, roughly 4n float32 copies of that one tensor (one layer at
+  a time; merged serving's `merge.plan` holds every layer's combined delta at once). DARE draws from one generator
+  in module order while the file order differs; the draws are replayed once up front (shapes only, one tensor's
+  worth of random numbers at a time) to record the generator state at each layer's turn, so the same seed drops
+  the same entries as merged serving.
+
+Numerics versus the server: with the output dtype equal to the stored dtype (or float32), the written weights equal
+the server's merged weights bit for bit. When the output dtype is narrower than the stored one, the server rounds
+W0 at load time and then rounds the merge again, while the export rounds W0 + delta once: at least as accurate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import cast
+
+import torch
+from peft.tuners.lora import LoraLayer
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from server.config.schema import Config
+from server.load.adapters import BootError, load_adapters
+from server.merge.apply import MergeError, check_mergeable, layer_delta, lora_layers, saved_modules
+from server.merge.combine import MixSpec, skip_draws
+from server.merge.kinds import LayerDelta, has_adapter, uses_bias
+from server.store.checkpoint import TensorSpec, write_sharded
+from server.store.model_files import resolve_dtype, tied_names, write_model_files
+from server.store.sources import SourceError, TensorSource, open_source
+
+EXIT_BAD_INPUT = 2
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    out: Path
+    files: list[str]
+    dtype: torch.dtype
+    model_bytes: int
+    tie_word_embeddings: bool
+    seconds: float
+    peak_rss_above_baseline: int | None  # bytes; None where /proc is not available
+
+    @property
+    def peak_ratio(self) -> float | None:
+        return None if self.peak_rss_above_baseline is None else self.peak_rss_above_baseline / self.model_bytes
+
+
+def _proc_status_kb(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> None:
+    """Writing 5 to clear_refs resets VmHWM (Linux >= 4.0), so the peak measured is the export's own."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def _refuse(message: str) -> BootError:
+    return BootError(message.replace(" | ", "; fix: "), EXIT_BAD_INPUT)
+
+
+def _prefixless(name: str) -> str:
+    return name.removeprefix("base_model.model.")
+
+
+def generator_states(peft_model: nn.Module, names: list[str], spec: MixSpec) -> dict[str, torch.Tensor]:
+    """DARE's generator state at each layer's turn, replaying the draws `merge.plan` makes in module order."""
+    generator = spec.generator()
+    states: dict[str, torch.Tensor] = {}
+    for name, layer in lora_layers(peft_model):
+        states[_prefixless(name)] = generator.get_state()
+        present = [a for a in names if has_adapter(layer, a)]
+        base = layer.get_base_layer()
+        skip_draws(cast(torch.Tensor, base.weight).shape, len(present), spec, generator)
+        biased = [a for a in present if uses_bias(layer, a)]
+        if biased:
+            skip_draws(cast(torch.Tensor, base.bias).shape, len(biased), spec, generator)
+    return states
+
+
+@dataclass
+class _Deltas:
+    """Each adapted module's float32 delta, made when its weight is written, from W0 read out of the base files."""
+
+    source: TensorSource
+    names: list[str]
+    spec: MixSpec
+    layers: dict[str, LoraLayer]  # module name -> LoRA layer
+    states: dict[str, torch.Tensor]  # module name -> DARE generator state at its turn
+    pending_bias: dict[str, torch.Tensor] = field(default_factory=dict)  # module name -> bias delta to write next
+
+    def weight(self, module: str, w0: torch.Tensor) -> torch.Tensor:
+        generator = None
+        if module in self.states:
+            generator = torch.Generator().set_state(self.states[module])
+        delta: LayerDelta = layer_delta(self.layers[module], self.names, self.spec, generator, w0=w0)
+        if delta.bias is not None:
+            self.pending_bias[module] = delta.bias
+        return delta.weight
+
+    def bias(self, module: str) -> torch.Tensor | None:
+        if module not in self.pending_bias:  # never, as long as each bias is planned right after its weight
+            self.weight(module, self.source.get(f"{module}.weight"))
+        return self.pending_bias.pop(module, None)
+
+
+def _bias_after_weight(specs: list[TensorSpec], biased: set[str]) -> list[TensorSpec]:
+    """The file order, but each adapted bias right after its weight: its delta comes out of the weight's."""
+    moved = {f"{m}.bias" for m in biased}
+    out: list[TensorSpec] = []
+    by_name = {s.name: s for s in specs}
+    for spec in specs:
+        if spec.name in moved:
+            continue
+        out.append(spec)
+        module = spec.name.removesuffix(".weight")
+        if module in biased and f"{module}.bias" in by_name:
+            out.append(by_name[f"{module}.bias"])
+    return out
+
+
+def _saved_tensors(peft_model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    """Tensor name -> the modules_to_save copy's tensor that replaces the base's."""
+    saved = {}
+    for name, wrapper, adapter in saved_modules(peft_model, names):
+        module = cast(nn.Module, wrapper.modules_to_save[adapter])
+        for key, value in module.state_dict().items():
+            saved[f"{_prefixless(name)}.{key}"] = value
+    return saved
+
+
+@dataclass
+class _Plan:
+    """What to write and how to make each tensor of it."""
+
+    source: TensorSource
+    specs: list[TensorSpec]  # output layout, in write order
+    tie: bool
+    saved: dict[str, torch.Tensor]  # tensor name -> modules_to_save replacement
+    deltas: _Deltas
+    biased: set[str]  # modules whose bias an adapter moves (lora_bias)
+    embed_name: str | None
+    untied_head: str | None  # the head name when it is written as a copy of the stored (tied) embedding
+
+    def produce(self, spec: TensorSpec) -> torch.Tensor:
+        if spec.name in self.saved:
+            return self.saved[spec.name].to(spec.dtype)
+        weight = self.source.get(self.embed_name if spec.name == self.untied_head and self.embed_name else spec.name)
+        module, _, leaf = spec.name.rpartition(".")
+        if leaf == "weight" and module in self.deltas.layers:
+            # W0 comes from the source, not the (meta) skeleton: DoRA's column norms are taken of W0 + delta.
+            weight = weight.float() + self.deltas.weight(module, weight)
+        elif leaf == "bias" and module in self.biased and (bias := self.deltas.bias(module)) is not None:
+            weight = weight.float() + bias
+        return weight.to(spec.dtype)
+
+
+def _attach(config: Config, source: TensorSource) -> tuple[nn.Module, nn.Module, list[str]]:
+    """(meta skeleton, PEFT model on it with every adapter's own tensors, adapter names); refuses what boot refuses."""
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(source.config, trust_remote_code=config.model.trust_remote_code)
+    peft_model, _ = load_adapters(
+        skeleton, config.adapters, on_meta_base=True, allow_pickle=config.security.allow_pickle
+    )
+    names = [a.name for a in config.adapters]
+    try:
+        check_mergeable(peft_model, names)
+    except MergeError as exc:
+        raise BootError(f"merge check failed: {exc}".replace(" | ", "; fix: "), 3) from None
+    return skeleton, peft_model, names
+
+
+def _plan(config: Config, source: TensorSource, out_dtype: torch.dtype) -> _Plan:
+    skeleton, peft_model, names = _attach(config, source)
+    embed_name, head_name = tied_names(skeleton)
+    spec = MixSpec(config.combine.method, config.combine.density or 1.0, config.combine.seed)
+    layers = {_prefixless(name): layer for name, layer in lora_layers(peft_model)}
+    biased = {m for m, layer in layers.items() if any(uses_bias(layer, a) for a in names)}
+    saved = _saved_tensors(peft_model, names)
+    tie = bool(getattr(source.config, "tie_word_embeddings", False))
+    specs = source.specs()
+    stored = {s.name for s in specs}
+    touched = {f"{m}.weight" for m in layers} | set(saved)
+    untied_head = None
+    if tie and head_name and embed_name and head_name not in stored and {embed_name, head_name} & touched:
+        # An adapter changes one side of tied embeddings: the two matrices differ after the merge, so both are written
+        # and the config unties them; otherwise the loader would re-tie and one side would overwrite the other.
+        tie, untied_head = False, head_name
+        specs.append(next(TensorSpec(head_name, s.shape, s.dtype) for s in specs if s.name == embed_name))
+    specs = _bias_after_weight(specs, biased)
+    states = generator_states(peft_model, names, spec) if spec.method.startswith("dare") else {}
+    return _Plan(
+        source=source,
+        specs=[TensorSpec(s.name, s.shape, out_dtype if s.dtype.is_floating_point else s.dtype) for s in specs],
+        tie=tie,
+        saved=saved,
+        deltas=_Deltas(source, names, spec, layers, states),
+        biased=biased,
+        embed_name=embed_name,
+        untied_head=untied_head,
+    )
+
+
+def export_merged(
+    config: Config, out: Path, dtype: str | None = None, max_shard_bytes: int = 200 * 10**6
+) -> ExportResult:
+    """Stream the merged model into `out` (which must not exist or be empty); raises BootError as boot does."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise _refuse(f"--out '{out}' exists and is not an empty folder | give a new folder")
+    start = time.perf_counter()
+    _reset_peak_rss()
+    baseline_kb = _proc_status_kb("VmRSS")
+    try:
+        source = open_source(config.model.path, config.model.trust_remote_code)
+    except SourceError as exc:
+        raise _refuse(f"base model '{config.model.path}': {exc}") from None
+    out_dtype = resolve_dtype(dtype or config.model.dtype, source.config, source.specs())
+    plan = _plan(config, source, out_dtype)
+    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        # The small files first: building a tokenizer from a GGUF takes memory that is freed before the weights start.
+        files = write_model_files(partial, config.model, source.config, out_dtype, plan.tie)
+        gc.collect()
+        files += write_sharded(partial, plan.specs, plan.produce, max_shard_bytes)
+        if out.exists():
+            out.rmdir()
+        os.rename(partial, out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    peak_kb = _proc_status_kb("VmHWM")
+    above = None if peak_kb is None or baseline_kb is None else (peak_kb - baseline_kb) * 1024
+    return ExportResult(
+        out=out,
+        files=sorted(files),
+        dtype=out_dtype,
+        model_bytes=sum(s.nbytes for s in plan.specs),
+        tie_word_embeddings=plan.tie,
+        seconds=time.perf_counter() - start,
+        peak_rss_above_baseline=above,
+    )

@@ -1,0 +1,127 @@
+"""The A/B report's statistics and outputs, on synthetic samples whose true speed-up is known."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+import ab_plots
+import ab_report
+import ab_stats
+
+
+def synthetic(tpot: dict[str, float], n: int, levels: list[int], seed: int = 0) -> list[ab_stats.Sample]:
+    """n requests per arm and level with 20 tokens each, TTFT 50 ms and TPOT drawn around the arm's mean (±10%)."""
+    rng = np.random.default_rng(seed)
+    samples = []
+    for level in levels:
+        t = 0.0
+        for pair in range(n):
+            for arm in ab_stats.ARMS:
+                per_token = tpot[arm] * rng.uniform(0.9, 1.1)
+                s = ab_stats.Sample(level, arm, pair, pair % 8, warmup=False, start=t, ttft=0.05, tokens=20)
+                s.queue = 0.01 * rng.uniform(0.5, 1.5)
+                s.end = t + 0.05 + 19 * per_token
+                s.text = f"answer {pair}"
+                samples.append(s)
+                t = s.end
+    return samples
+
+
+def test_speedup_finds_a_real_difference() -> None:
+    samples = synthetic({"merged": 0.020, "unmerged": 0.030}, 30, [1, 2])
+    result = ab_stats.speedup(samples, "tpot", [1, 2], resamples=2000, seed=0)
+    for key in ("1", "2", "overall"):
+        assert 1.4 < result[key]["ratio"] < 1.6
+        assert result[key]["lo"] > 1.0
+        assert result[key]["verdict"] == "merged significantly faster"
+
+
+def test_speedup_says_plainly_when_the_interval_holds_one() -> None:
+    samples = synthetic({"merged": 0.020, "unmerged": 0.020}, 30, [1])
+    result = ab_stats.speedup(samples, "tpot", [1], resamples=2000, seed=0)["1"]
+    assert result["lo"] <= 1.0 <= result["hi"]
+    assert result["verdict"] == "no significant difference"
+
+
+def test_warmup_and_failed_requests_are_not_counted() -> None:
+    samples = synthetic({"merged": 0.02, "unmerged": 0.02}, 4, [1])
+    samples[0].warmup = True
+    samples[1].error = "HTTP 503"
+    stats = {arm: ab_stats.arm_stats(samples, 1, arm) for arm in ab_stats.ARMS}
+    assert stats["merged"]["n"] == 3 and stats["unmerged"]["n"] == 3
+    assert stats["unmerged"]["errors"] == 1 and stats["unmerged"]["first_error"] == "HTTP 503"
+
+
+def test_queue_means_are_per_level_differences() -> None:
+    before = {"merged": (1.0, 10.0), "unmerged": (2.0, 10.0)}
+    after = {"merged": (1.5, 20.0), "unmerged": (2.0, 10.0)}
+    means = ab_report.queue_means(before, after)
+    assert means["merged"] == {"n": 10.0, "mean": pytest.approx(0.05)}
+    assert means["unmerged"] == {"n": 0.0, "mean": None}
+
+
+def test_report_files_are_written(tmp_path: Path) -> None:
+    levels = [1, 2]
+    samples = synthetic({"merged": 0.020, "unmerged": 0.025}, 12, levels)
+    args = ab_report.parse(["--url", "http://127.0.0.1:1", "--levels", "1,2", "--resamples", "2000"])
+    report: dict[str, Any] = {
+        "source": "synthetic",
+        "settings": {"requests": 12, "warmup": 0, "max_new_tokens": 20, "phase": "staggered", "resamples": 2000,
+                     "seed": 0, "levels": levels},
+        "environment": {"cpus": 2, "git": {"commit": "0" * 40, "dirty": []}, "load_before": (0.1, 0, 0),
+                        "load_after": (0.2, 0, 0), "heavy_seen": []},
+        "server_info": {"merged": {"mode": "ab", "dtype": "float32", "adapters": [], "parity": {"max_abs_diff": 0}}},
+    }  # fmt: skip
+    report.update(ab_report.analyse(samples, args, levels))
+    report["levels"]["1"]["queue"] = {"merged": {"n": 12, "mean": 0.001}, "unmerged": {"n": 12, "mean": 0.003}}
+    ab_plots.write_outputs(report, samples, tmp_path)
+    for name in ("report.md", "report.json", "latency_cdf.png", "ttft_tpot.png", "throughput.png", "speedup.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    page = (tmp_path / "report.md").read_text()
+    assert "| no bias detected | 1.0 / 3.0 |" in page  # the queue table: equal synthetic queues; /metrics means in ms
+    ratio = re.search(
+        r"TPOT concurrency 1: unmerged/merged = \*\*(1\.\d{3})\*\* \(95% CI (1\.\d{3})-(\d\.\d{3})\)", page
+    )
+    assert ratio, page
+    assert 1.0 < float(ratio[2]) < float(ratio[1]) < float(ratio[3])  # a true 1.25x, found with its CI above 1
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert len(saved["samples"]) == len(samples)
+    assert saved["levels"]["2"]["same_text"] == [12, 12]
+    again = ab_report.reanalyse(tmp_path, args)  # from report.json alone: same statistics, queue table kept
+    assert again["speedup"] == json.loads(json.dumps(report["speedup"]))
+    assert again["levels"]["1"]["queue"] == report["levels"]["1"]["queue"]
+
+
+def test_pairs_cancel_the_spread_between_prompts() -> None:
+    """Answer lengths vary 8x between prompts and unmerged is 5% slower on each pair: the paired CI excludes 1."""
+    rng = np.random.default_rng(1)
+    samples = []
+    for pair in range(24):
+        tokens = [8, 16, 32, 64][pair % 4]
+        for arm, slower in (("merged", 1.0), ("unmerged", 1.05)):
+            s = ab_stats.Sample(1, arm, pair, pair % 8, warmup=False, ttft=0.05, tokens=tokens)
+            s.end = 0.05 + tokens * 0.02 * slower * rng.uniform(0.99, 1.01)
+            samples.append(s)
+    paired = ab_stats.speedup(samples, "latency", [1], resamples=2000, seed=0)["1"]
+    assert paired["lo"] > 1.0 and paired["pairs"] == 24
+    unpaired = [np.median(ab_stats.values(samples, 1, arm, "latency")) for arm in ("unmerged", "merged")]
+    assert unpaired[0] / unpaired[1] == pytest.approx(paired["ratio"], abs=0.05)  # same effect, seen either way
+
+
+def test_queue_bias_is_measured_with_its_interval() -> None:
+    samples = synthetic({"merged": 0.02, "unmerged": 0.02}, 30, [1])
+    fair = ab_stats.queue_bias(samples, 1, resamples=2000, seed=0)
+    assert fair["lo"] <= 0.0 <= fair["hi"] and fair["verdict"] == "no bias detected"
+    for s in samples:
+        if s.arm == "unmerged" and s.queue is not None:
+            s.queue += 0.05  # every unmerged request waits 50 ms longer
+    biased = ab_stats.queue_bias(samples, 1, resamples=2000, seed=0)
+    assert biased["verdict"] == "unmerged waits longer" and 0.04 < biased["diff"] < 0.06 and biased["lo"] > 0

@@ -1,0 +1,241 @@
+"""Every served token against an independent reference: one plain forward of PEFT's own merge, no cache, no mask.
+
+The reference model is built here from the files on disk (transformers + PEFT `merge_and_unload`), never by
+mergeserve's merge, and is run as one `model(input_ids)` over prompt + generated ids. A served token's logprob must
+equal the reference's log-softmax at its position within 1e-4 (float32), and greedy must pick the argmax. Comparing
+batched with solo output of the same loop, or the merged arm with the unmerged one, cannot catch a decode bug that
+both share (an off-by-one mask once shifted every position and all such tests passed).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from fastapi.testclient import TestClient
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from server.boot.boot import boot
+from server.config.load import load_config
+from server.config.schema import Config
+from server.engine.engine import Engine
+from server.engine.sampling import SamplingParams
+from server.engine.types import Generation, PreparedRequest
+from server.http.app import create_app
+from tests.conftest import build_adapter, build_model, build_tokenizer
+from tests.reference import assert_served_like_reference, reference_greedy
+
+TOL = 1e-4
+PROMPTS = [
+    "Once upon a time",
+    "The capital of France is Paris. The capital of",
+    "Arr",
+    "def fibonacci(n): return n if n < 2 else",
+    "Arr matey, hoist the sails and find the treasure! Once upon a time there was a small model",
+    "pirate",
+    "Paris Paris Paris",
+    "The capital of France is",
+]
+MAX_NEW = [9, 17, 5, 23, 12, 3, 20, 14]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def peaky(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny Llama with 10x the default init scale, and an adapter for it.
+
+    At the default scale (0.02) the next-token distribution is nearly uniform: a decode bug that shifts every
+    position by one moves logprobs by ~3e-4 and rarely changes the argmax, so text-only checks would pass. At 0.2
+    the logits spread over several units and such a bug changes the greedy text too.
+    """
+    folder = tmp_path_factory.mktemp("peaky")
+    base = folder / "base"
+    tok = build_tokenizer(base)
+    build_model(base, vocab_size=len(tok), init_range=0.2)
+    (base / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    return base, build_adapter(base, folder / "alpha", seed=1)
+
+
+@pytest.fixture(scope="module")
+def ab(peaky: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """An A/B engine (both arms) with a batch of 4, so 8 requests queue, join and leave at different steps."""
+    base, adapter = peaky
+    path = tmp_path_factory.mktemp("served") / "config.yaml"
+    data = {
+        "model": {"path": str(base), "id": "tiny-llama", "dtype": "float32"},
+        "adapters": [{"name": "alpha", "path": str(adapter)}],
+        "mode": "ab",
+        "limits": {
+            "max_input_tokens": 64,
+            "max_total_tokens": 128,
+            "max_new_tokens": 32,
+            "max_batch_size": 4,
+            "max_concurrent_requests": 16,
+        },
+    }
+    path.write_text(yaml.safe_dump(data))
+    config = load_config(path)
+    engine = boot(config)
+    yield config, engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def reference(peaky: tuple[Path, Path]) -> PreTrainedModel:
+    base = AutoModelForCausalLM.from_pretrained(peaky[0], dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, peaky[1]).merge_and_unload()
+    return merged.eval()
+
+
+def _request(engine: Engine, prompt: str, n: int) -> PreparedRequest:
+    return PreparedRequest(input_ids=engine.tokenize(prompt), params=SamplingParams(), max_new_tokens=n)
+
+
+def _check(reference: PreTrainedModel, prompt_ids: list[int], gen: Generation) -> None:
+    tokens = [(t.id, t.logprob) for t in gen.tokens]
+    assert_served_like_reference(reference, prompt_ids, tokens, tol=TOL)
+
+
+@pytest.mark.parametrize("arm", ["merged", "unmerged"])
+def test_one_request_alone(ab: tuple[Config, Engine], reference: PreTrainedModel, arm: str) -> None:
+    engine = ab[1]
+    for prompt, n in zip(PROMPTS[:3], MAX_NEW[:3], strict=True):
+        request = _request(engine, prompt, n)
+        _check(reference, request.input_ids, engine.generate(request, arm))
+
+
+def _batched(engine: Engine, requests: list[PreparedRequest], arm: str) -> list[Generation]:
+    """Submit all requests while the first one's first token holds the model thread, so the rest queue up.
+
+    With a batch of 4 they then join a running batch: three at once behind the first, the others one by one as
+    rows with fewer tokens leave.
+    """
+    gate, finished = threading.Event(), threading.Semaphore(0)
+    results: list[Generation | BaseException | None] = [None] * len(requests)
+
+    def emitter(i: int) -> Callable[[Any, Generation], None]:
+        def emit(item: Any, gen: Generation) -> None:
+            if i == 0:
+                gate.wait(30)
+            if isinstance(item, BaseException) or gen.finish_reason is not None:
+                results[i] = item if isinstance(item, BaseException) else gen
+                finished.release()
+
+        return emit
+
+    for i, request in enumerate(requests):
+        engine.submit(request, emitter(i), arm)
+    gate.set()
+    for _ in requests:
+        assert finished.acquire(timeout=60)
+    assert all(isinstance(r, Generation) for r in results), results
+    return [r for r in results if isinstance(r, Generation)]
+
+
+@pytest.mark.parametrize("arm", ["merged", "unmerged"])
+def test_eight_requests_joining_and_leaving(ab: tuple[Config, Engine], reference: PreTrainedModel, arm: str) -> None:
+    engine = ab[1]
+    requests = [_request(engine, p, n) for p, n in zip(PROMPTS, MAX_NEW, strict=True)]
+    sizes: list[int] = []
+    engine.scheduler.on_step = lambda _lane, batch, _queue: sizes.append(batch)
+    try:
+        gens = _batched(engine, requests, arm)
+    finally:
+        engine.scheduler.on_step = None
+    assert len(gens) == 8
+    for request, gen in zip(requests, gens, strict=True):
+        _check(reference, request.input_ids, gen)
+    # Rows really shared forward passes, and the batch shrank (rows were trimmed) while others still ran.
+    assert max(sizes) == 4
+    assert any(later < earlier for earlier, later in itertools.pairwise(sizes))
+
+
+def test_sampled_tokens_carry_the_tempered_logprob(ab: tuple[Config, Engine], reference: PreTrainedModel) -> None:
+    engine = ab[1]
+    requests = [
+        PreparedRequest(engine.tokenize(p), SamplingParams(do_sample=True, temperature=0.7, seed=i), n)
+        for i, (p, n) in enumerate(zip(PROMPTS, MAX_NEW, strict=True))
+    ]
+    for request, gen in zip(requests, _batched(engine, requests, "merged"), strict=True):
+        tokens = [(t.id, t.logprob) for t in gen.tokens]
+        assert_served_like_reference(reference, request.input_ids, tokens, tol=TOL, temperature=0.7)
+
+
+def _events(client: TestClient, path: str, body: dict[str, Any], headers: dict[str, str]) -> list[Any]:
+    with client.stream("POST", path, json=body, headers=headers) as r:
+        assert r.status_code == 200, r.read()
+        datas = [line.removeprefix("data:").strip() for line in r.iter_lines() if line.startswith("data:")]
+    return [json.loads(d) for d in datas if d != "[DONE]"]
+
+
+RouteCheck = Callable[[TestClient, dict[str, str], PreTrainedModel, Engine], None]
+
+
+def _tgi_generate(client: TestClient, headers: dict[str, str], reference: PreTrainedModel, engine: Engine) -> None:
+    prompt = PROMPTS[1]
+    body = {"inputs": prompt, "parameters": {"max_new_tokens": 12, "details": True}}
+    r = client.post("/generate", json=body, headers=headers)
+    assert r.status_code == 200, r.text
+    tokens = [(t["id"], t["logprob"]) for t in r.json()["details"]["tokens"]]
+    assert_served_like_reference(reference, engine.tokenize(prompt), tokens, tol=TOL)
+
+
+def _tgi_stream(client: TestClient, headers: dict[str, str], reference: PreTrainedModel, engine: Engine) -> None:
+    prompt = PROMPTS[3]
+    body = {"inputs": prompt, "parameters": {"max_new_tokens": 12}}
+    tokens = [(e["token"]["id"], e["token"]["logprob"]) for e in _events(client, "/generate_stream", body, headers)]
+    assert_served_like_reference(reference, engine.tokenize(prompt), tokens, tol=TOL)
+
+
+def _openai_completion(client: TestClient, headers: dict[str, str], reference: PreTrainedModel, engine: Engine) -> None:
+    prompt = PROMPTS[4]
+    body = {"model": "tiny-llama", "prompt": prompt, "max_tokens": 10, "temperature": 0}
+    r = client.post("/v1/completions", json=body, headers=headers)
+    assert r.status_code == 200, r.text
+    ids = reference_greedy(reference, engine.tokenize(prompt), 10, engine.eos_ids)
+    assert r.json()["choices"][0]["text"] == engine.decode(ids)
+    streamed = _events(client, "/v1/completions", {**body, "stream": True}, headers)
+    assert "".join(e["choices"][0]["text"] for e in streamed if e["choices"]) == engine.decode(ids)
+
+
+def _openai_chat(client: TestClient, headers: dict[str, str], reference: PreTrainedModel, engine: Engine) -> None:
+    messages = [{"role": "user", "content": PROMPTS[0]}]
+    body = {"model": "tiny-llama", "messages": messages, "max_tokens": 10, "temperature": 0}
+    r = client.post("/v1/chat/completions", json=body, headers=headers)
+    assert r.status_code == 200, r.text
+    # The route renders the template to text and tokenizes that, as /generate would.
+    prompt_ids = engine.tokenize(
+        str(engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    )
+    ids = reference_greedy(reference, prompt_ids, 10, engine.eos_ids)
+    assert r.json()["choices"][0]["message"]["content"] == engine.decode(ids)
+    assert r.json()["usage"]["prompt_tokens"] == len(prompt_ids)
+
+
+ROUTES: dict[str, RouteCheck] = {
+    "generate": _tgi_generate,
+    "generate_stream": _tgi_stream,
+    "v1_completions": _openai_completion,
+    "v1_chat": _openai_chat,
+}
+
+
+@pytest.mark.parametrize("route", list(ROUTES))
+@pytest.mark.parametrize("arm", ["merged", "unmerged"])
+def test_every_route_serves_the_reference(
+    ab: tuple[Config, Engine], reference: PreTrainedModel, route: str, arm: str
+) -> None:
+    config, engine = ab
+    client = TestClient(create_app(engine, config))
+    ROUTES[route](client, {"x-merge-mode": arm}, reference, engine)
