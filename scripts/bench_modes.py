@@ -1,6 +1,6 @@
 """Benchmark base vs unmerged vs merged decoding of the demo, in one process, as ratios.
 
-All three arms run the same greedy loop the server uses (prefill and decode_one_token in server.engine.scheduler)
+All three arms run the same greedy loop the server uses (prefill and decode_one_token in server.engine.batch)
 for a fixed number of new tokens, interleaved round by round so drift in machine speed hits every arm alike. Warm-up
 rounds are excluded; the figures are medians over the timed rounds.
 
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from server.config.load import load_config
-from server.engine.scheduler import decode_one_token, prefill
+from server.engine.batch import decode_one_token, prefill
 from server.load.adapters import load_adapters, load_base
 from server.merge.apply import merge_and_unload
 

@@ -14,13 +14,13 @@ from typing import Any
 import torch
 
 from server import cli
-from server.engine import scheduler
+from server.engine import batch, scheduler
 
 POISON_LENGTH = 20
 
 
 def main() -> int:
-    real_decode, real_fail = scheduler.decode_one_token, scheduler._Lane.fail
+    real_decode, real_fail = batch.decode_one_token, scheduler._Lane.fail
     closed = asyncio.new_event_loop()
     closed.close()
 
@@ -34,7 +34,7 @@ def main() -> int:
             row.emit = lambda item, gen: closed.call_soon_threadsafe(print, item)
         real_fail(lane, exc)
 
-    scheduler.decode_one_token = decode  # type: ignore[assignment]
+    batch.decode_one_token = decode  # type: ignore[assignment]
     scheduler._Lane.fail = fail  # type: ignore[method-assign]
     return cli.main(sys.argv[1:])
 

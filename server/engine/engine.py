@@ -17,9 +17,10 @@ from transformers import PreTrainedTokenizerBase
 
 from server.config.schema import LimitsConfig
 from server.engine.sampling import SamplingParams
-from server.engine.scheduler import Emit, Handle, Scheduler
+from server.engine.scheduler import Scheduler
+from server.engine.stopping import eos_ids
 from server.engine.token_floor import TokenFloor, token_floor
-from server.engine.types import Generation, PreparedRequest, Token
+from server.engine.types import Emit, Generation, Handle, PreparedRequest, Token
 from server.load.adapters import AdapterInfo
 from server.merge.parity import ParityResult
 
@@ -50,7 +51,7 @@ class Engine:
         self.info = info
         self.limits = limits
         self.device = next(self.model.parameters()).device
-        self.eos_ids = self._eos_ids()
+        self.eos_ids = eos_ids(tokenizer, self.model)
         self.token_floor: TokenFloor | None = token_floor(tokenizer)  # refuses hopeless inputs before tokenizing
         self.scheduler = Scheduler(arms, tokenizer, self.eos_ids, limits.max_batch_size, limits.max_concurrent_requests)
 
@@ -66,16 +67,6 @@ class Engine:
         if requested not in self.arms:
             raise KeyError(requested)
         return requested
-
-    def _eos_ids(self) -> set[int]:
-        ids: set[int] = set()
-        for source in (self.tokenizer.eos_token_id, getattr(self.model, "generation_config", None)):
-            value: Any = getattr(source, "eos_token_id", source)
-            if isinstance(value, int):
-                ids.add(value)
-            elif isinstance(value, (list, tuple)):
-                ids.update(int(v) for v in value)
-        return ids
 
     def tokenize(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=True).input_ids)

@@ -1,11 +1,12 @@
-"""What flows between validation, the scheduler and the HTTP layer: a prepared request and its generation."""
+"""What flows between validation, the scheduler and the HTTP layer: a prepared request, its generation, and the
+handle that cancels it."""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
-
-from transformers import PreTrainedTokenizerBase
 
 from server.engine.sampling import SamplingParams
 
@@ -44,29 +45,21 @@ class Generation:
     first_token_seconds: float | None = None  # from submission, so it includes queueing, as TTFT does
 
 
-@dataclass
-class TextStream:
-    """Each new token's text, decoded against a short window of the tokens before it (TGI's offsets scheme).
+Emit = Callable[[Token | BaseException, Generation], None]
 
-    Decoding the whole generation at every step costs O(n) per token and O(n^2) per request. Only the tokens since
-    the last emitted text are needed for context: byte-level BPE splits multi-byte characters across tokens, and
-    SentencePiece decodes a leading space only after a preceding token. While the window decodes to a partial
-    character (it ends in U+FFFD) the token's text is empty and the bytes come out with the token that completes it.
+
+@dataclass
+class Handle:
+    """The caller's side of a submitted request; `cancel()` frees its batch slot within one decode step.
+
+    A request still waiting in the queue is withdrawn at once, so its max_concurrent_requests slot is free for the
+    next submission, not only when the scheduler would next have admitted it (which, with a full batch, is when a
+    running request finishes: up to max_new_tokens steps later).
     """
 
-    tokenizer: PreTrainedTokenizerBase
-    ids: list[int] = field(default_factory=list)
-    prefix_offset: int = 0  # start of the context window
-    read_offset: int = 0  # end of the text already emitted
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    withdraw: Callable[[], None] = lambda: None
 
-    def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        before = self._decode(self.ids[self.prefix_offset : self.read_offset])
-        after = self._decode(self.ids[self.prefix_offset :])
-        if len(after) <= len(before) or after.endswith("\ufffd"):
-            return ""
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        return after[len(before) :]
-
-    def _decode(self, ids: list[int]) -> str:
-        return str(self.tokenizer.decode(ids, skip_special_tokens=False)) if ids else ""
+    def cancel(self) -> None:
+        self.cancelled.set()
+        self.withdraw()

@@ -14,10 +14,11 @@ from transformers import AutoTokenizer
 
 from server.boot.boot import boot
 from server.config.load import load_config
+from server.engine.detokenizer import TextStream
 from server.engine.engine import Engine
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import Overloaded
-from server.engine.types import Generation, PreparedRequest, TextStream, Token
+from server.engine.types import Generation, PreparedRequest, Token
 
 PROMPTS = ["Once upon a time", "The capital of France is", "Arr matey", "def fibonacci(n):", "pirate", "Paris"]
 

@@ -170,12 +170,12 @@ def test_overload_is_429_in_both_shapes(tiny_base: Path, tiny_adapters: dict[str
 
 
 def test_error_after_the_first_token_arrives_in_the_stream(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
-    import server.engine.scheduler
+    import server.engine.batch
 
     def broken(*_args: Any, **_kwargs: Any) -> Any:
         raise RuntimeError("decode exploded")
 
-    monkeypatch.setattr(server.engine.scheduler, "decode_one_token", broken)
+    monkeypatch.setattr(server.engine.batch, "decode_one_token", broken)
     events = _events(client, "/generate_stream", {"inputs": "Arr", "parameters": {"max_new_tokens": 5}})
     assert "token" in events[0]  # the prefill token still arrived
     assert events[-1] == {"error": "Request failed during generation: decode exploded", "error_type": "generation"}
