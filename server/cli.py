@@ -2,10 +2,11 @@
 
 `python -m server ...` does the same as the console script.
 
+Every refusal is a `MergeserveError`: the CLI prints its `line()` on stderr and exits with its `ExitCode`.
 uvicorn binds the port at once and answers /health with 503 while boot runs in a thread; a boot that refuses the
-model stops the server and exits with the refusal's code (2 bad input, 3 failed check) and one line on stderr.
-SIGTERM or Ctrl-C drains in-flight requests (see server.shutdown) and exits 0. If the model thread dies the server
-stops and exits 1 with one line on stderr, so an orchestrator restarts it.
+model stops the server and exits with the refusal's code (BAD_INPUT 2, CHECK_FAILED 3). SIGTERM or Ctrl-C drains
+in-flight requests (see server.shutdown) and exits OK. If the model thread dies the server stops and exits
+UNEXPECTED (1), so an orchestrator restarts it.
 
 Only argparse and the config module load at start-up: torch, transformers and peft take seconds to import, so they
 come in with the command body that needs them, after the config has validated, and `--help`, `--version` and a
@@ -24,18 +25,17 @@ from typing import Any, NoReturn
 
 from server import __version__
 from server.config.load import load_config
-from server.config.schema import ConfigError
+from server.config.schema import Config
+from server.errors import ExitCode, MergeserveError
 
 log = logging.getLogger("mergeserve")
-EXIT_UNEXPECTED = 1
-EXIT_MERGE_FAILED = 3  # `mergeserve merge` exits 0, 2 (bad input) or 3 (the merge failed), never with a traceback
 
 
 class _OneLineParser(argparse.ArgumentParser):
     """Usage errors as one line with a fix, like every other refusal (argparse prints the usage block first)."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: {message}; fix: see {self.prog} --help\n")
+        self.exit(ExitCode.BAD_INPUT, f"{self.prog}: {message}; fix: see {self.prog} --help\n")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -83,21 +83,33 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in pairs.items() if v is not None}
 
 
-def serve(args: argparse.Namespace) -> int:
+def _one_line(exc: BaseException) -> str:
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def _refuse(exc: MergeserveError) -> ExitCode:
+    """The one place a refusal reaches the operator: one line on stderr, and the exit code it names."""
+    print(f"mergeserve: {exc.line()}", file=sys.stderr)
+    return exc.exit_code
+
+
+def _load(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> Config:
     if not args.config:
-        print("mergeserve: no config given; fix: pass --config FILE or set MERGESERVE_CONFIG", file=sys.stderr)
-        return 2
+        raise MergeserveError("no config given", "pass --config FILE or set MERGESERVE_CONFIG")
+    return load_config(args.config, overrides)
+
+
+def serve(args: argparse.Namespace) -> ExitCode:
     try:
-        config = load_config(args.config, _overrides(args))
-    except ConfigError as exc:
-        print(f"mergeserve: {exc}", file=sys.stderr)
-        return 2
+        config = _load(args, _overrides(args))
+    except MergeserveError as exc:
+        return _refuse(exc)
     import uvicorn  # the config is good: now pay for fastapi, torch and transformers
 
     from server.boot.boot import boot
     from server.http.app import attach_engine, create_app
     from server.http.shutdown import GracefulServer
-    from server.load.adapters import BootError
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(None, config)
@@ -110,90 +122,73 @@ def serve(args: argparse.Namespace) -> int:
         return None if app.state.engine is None else app.state.engine.scheduler.death
 
     server = GracefulServer(uv_config, app.state.lifecycle, config.server.shutdown_grace_seconds, engine_death)
-    failure: list[tuple[str, int]] = []
+    failure: list[MergeserveError] = []
 
     def run_boot() -> None:
         try:
             attach_engine(app, boot(config, on_phase=app.state.metrics.observe_boot_phase))
             log.info("ready: serving %s in %s mode on %s:%d", config.model.model_id, config.mode,
                      config.server.host, config.server.port)  # fmt: skip
-        except BootError as exc:
-            failure.append((str(exc), exc.exit_code))
+        except MergeserveError as exc:
+            failure.append(exc)
             server.should_exit = True
         except Exception as exc:  # not a refusal we foresaw: keep the traceback for the bug report
             log.exception("boot failed")
-            failure.append((f"boot failed: {type(exc).__name__}: {exc}", EXIT_UNEXPECTED))
+            fix = "report this as a bug with the traceback logged above"
+            failure.append(MergeserveError(f"boot failed: {_one_line(exc)}", fix, "", ExitCode.UNEXPECTED))
             server.should_exit = True
 
     threading.Thread(target=run_boot, name="boot", daemon=True).start()
     try:
         server.run()
     except SystemExit:  # uvicorn exits this way when it cannot bind
-        print(
-            f"mergeserve: {args.config}: server.port: cannot listen on {config.server.host}:{config.server.port}; "
-            "fix: free the port or pass --port",
-            file=sys.stderr,
-        )
-        return 2
+        where = f"{args.config}: server.port"
+        listen = f"cannot listen on {config.server.host}:{config.server.port}"
+        return _refuse(MergeserveError(listen, "free the port or pass --port", where))
     if failure:
-        message, code = failure[0]
-        print(f"mergeserve: {message}", file=sys.stderr)
-        return code
+        return _refuse(failure[0])
     if server.died is not None:
-        print(f"mergeserve: model thread died ({server.died}); exiting so the server is restarted", file=sys.stderr)
-        return EXIT_UNEXPECTED
-    return 0
+        problem = f"model thread died ({server.died}); exiting so the server is restarted"
+        return _refuse(MergeserveError(problem, "", "", ExitCode.UNEXPECTED))
+    return ExitCode.OK
 
 
-def _one_line(exc: BaseException) -> str:
-    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+def merge(args: argparse.Namespace) -> ExitCode:
+    """Offline export; the last line on stdout names the folder, stderr gets one line on a refusal.
 
-
-def merge(args: argparse.Namespace) -> int:
-    """Offline export; the last line on stdout names the folder, stderr gets one line on a refusal."""
-    if not args.config:
-        print("mergeserve: no config given; fix: pass --config FILE or set MERGESERVE_CONFIG", file=sys.stderr)
-        return 2
+    Exits OK, BAD_INPUT or CHECK_FAILED (the merge failed, however), never with a traceback.
+    """
     try:
-        config = load_config(args.config)
+        config = _load(args)
         from server.store.checkpoint import parse_size  # imports torch: only once the config is good
 
         max_shard = parse_size(args.max_shard_size)
-    except ConfigError as exc:
-        print(f"mergeserve: {exc}", file=sys.stderr)
-        return 2
-    except ValueError as exc:
-        problem, _, fix = str(exc).partition(" | ")
-        print(f"mergeserve: --max-shard-size: {problem}; fix: {fix}", file=sys.stderr)
-        return 2
-    from server.load.adapters import BootError
+    except MergeserveError as exc:
+        return _refuse(exc)
     from server.store.export import export_merged
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         result = export_merged(config, args.out.resolve(), args.dtype, max_shard)
-    except BootError as exc:
-        print(f"mergeserve: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except Exception as exc:  # not a refusal we foresaw: one line (the contract is 0, 2 or 3), traceback on debug
+    except MergeserveError as exc:
+        return _refuse(exc)
+    except Exception as exc:  # not a refusal we foresaw: one line, traceback on debug
         log.debug("merge failed", exc_info=True)
-        print(f"mergeserve: merge failed: {_one_line(exc)}; fix: check the base and adapter files, and report this "
-              "as a bug with the traceback from --log-level debug", file=sys.stderr)  # fmt: skip
-        return EXIT_MERGE_FAILED
+        fix = "check the base and adapter files, and report this as a bug with the traceback from --log-level debug"
+        return _refuse(MergeserveError(f"merge failed: {_one_line(exc)}", fix, "", ExitCode.CHECK_FAILED))
     peak = "n/a" if result.peak_ratio is None else f"{result.peak_rss_above_baseline / 1e6:.0f} MB"  # type: ignore[operator]
     ratio = "" if result.peak_ratio is None else f" ({result.peak_ratio:.2f}x the model)"
     log.info("export: %d files, %s, %.0f MB of weights, peak memory above baseline %s%s, %.1fs",
              len(result.files), str(result.dtype).removeprefix("torch."), result.model_bytes / 1e6, peak, ratio,
              result.seconds)  # fmt: skip
     print(result.out)
-    return 0
+    return ExitCode.OK
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> ExitCode:
     args = _parser().parse_args(argv)
     if args.command == "serve":
         return serve(args)
     if args.command == "merge":
         return merge(args)
-    return 2
+    return ExitCode.BAD_INPUT

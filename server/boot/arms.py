@@ -1,7 +1,7 @@
 """Building the served arms: load the base, attach the adapters, merge as the mode says, and pass the parity gate.
 
-Anything that makes the model unfit to serve raises `BootError` with the exit code the CLI should use: 2 for faulty
-inputs (an adapter that does not fit the base), 3 for a merge that fails its checks.
+Anything that makes the model unfit to serve raises `BootError` with the exit code the CLI should use: BAD_INPUT for
+faulty inputs (an adapter that does not fit the base), CHECK_FAILED for a merge that fails its checks.
 """
 
 from __future__ import annotations
@@ -15,15 +15,15 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from server.boot.phases import PhaseTimer, log
 from server.config.schema import AdapterConfig, Config
+from server.errors import ExitCode
 from server.load.adapters import (
-    EXIT_BAD_INPUT,
-    EXIT_CHECK_FAILED,
     AdapterInfo,
     BootError,
     _refuse,
     has_meta_weights,
     load_adapters,
     load_base,
+    merge_refusal,
 )
 from server.load.policy import (
     QUANTIZED_MERGE_FIX,
@@ -51,8 +51,9 @@ def _gate(result: ParityResult) -> None:
         raise BootError(
             f"parity gate failed: merged vs unmerged max abs logit diff {result.max_abs_diff:.3g} "
             f"(tolerance {result.tolerance:.3g}), top-1 agreement {result.top1_agreement:.3f} "
-            f"(need {result.min_top1_agreement:.3f}); refusing to serve; fix: serve unmerged or in float32",
-            EXIT_CHECK_FAILED,
+            f"(need {result.min_top1_agreement:.3f}); refusing to serve",
+            "serve unmerged or in float32",
+            exit_code=ExitCode.CHECK_FAILED,
         )
 
 
@@ -61,9 +62,10 @@ def _refuse_quantized_merge(config: Config) -> None:
     if method and config.mode != "unmerged":
         names = ", ".join(f"'{a.name}'" for a in config.adapters)
         raise BootError(
-            f"adapters {names}: the base '{config.model.path}' is {method}-quantized, and merging into quantized "
-            f"weights re-quantizes away the adapters' change (mode {config.mode}); fix: {QUANTIZED_MERGE_FIX}",
-            EXIT_BAD_INPUT,
+            f"the base '{config.model.path}' is {method}-quantized, and merging into quantized weights re-quantizes "
+            f"away the adapters' change (mode {config.mode})",
+            QUANTIZED_MERGE_FIX,
+            f"adapters {names}",
         )
 
 
@@ -133,18 +135,18 @@ def build_arms(config: Config, timer: PhaseTimer) -> BuiltArms:
         # The side path and the parity check's merged copy would read an offloaded layer's weights as stored,
         # unmerged, and the gate fails (top-1 0.9 on the tiny test model); merged mode writes each layer back.
         raise BootError(
-            f"{config.model.path}: model.device_map offloads layers to disk, which mode {config.mode} does not "
-            "support; fix: use mode: merged, or give the model enough memory (model.max_memory)",
-            EXIT_BAD_INPUT,
+            f"model.device_map offloads layers to disk, which mode {config.mode} does not support",
+            "use mode: merged, or give the model enough memory (model.max_memory)",
+            str(config.model.path),
         )
     with timer.phase("load_adapters"):
         peft_model, adapter_infos = load_adapters(base, config.adapters, allow_pickle=config.security.allow_pickle)
         if resized and (where := unfilled_rows(served_embeddings(peft_model, names))):
             listed = ", ".join(repr(n) for n in names)
             raise BootError(
-                f"adapters {listed}: the adapter tokenizer adds tokens, but no adapter ships their rows of the "
-                f"{where}; fix: save the adapter with save_embedding_layers=True or modules_to_save",
-                EXIT_BAD_INPUT,
+                f"the adapter tokenizer adds tokens, but no adapter ships their rows of the {where}",
+                "save the adapter with save_embedding_layers=True or modules_to_save",
+                f"adapters {listed}",
             )
     probes, parity_cfg = config.parity.probes, config.parity
     combine = config.combine
@@ -174,7 +176,7 @@ def build_arms(config: Config, timer: PhaseTimer) -> BuiltArms:
         if reference32 is not None:
             parity = with_float32_reference(parity, reference32, reference, candidate)
     except MergeError as exc:
-        raise BootError(f"merge check failed: {exc}".replace(" | ", "; fix: "), EXIT_CHECK_FAILED) from None
+        raise merge_refusal(exc, ExitCode.CHECK_FAILED, "merge check failed") from None
     log.info("parity: %s", parity.summary())
     _gate(parity)
     return BuiltArms(tokenizer, arms, adapter_infos, parity, reference, candidate, dtype_reason)

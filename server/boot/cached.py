@@ -29,6 +29,7 @@ from server.boot.arms import BuiltArms, build_arms
 from server.boot.phases import PhaseTimer, finish_boot, log
 from server.config.schema import Config
 from server.engine.engine import Engine
+from server.errors import MergeserveError
 from server.load.adapters import _adapter_info, has_meta_weights, load_base
 from server.merge.parity import compare_logits, probe_logits
 from server.merge.precision import resolve_dtype_setting
@@ -37,8 +38,11 @@ from server.store.cache import MergeCache
 cache_log = logging.getLogger("mergeserve.cache")
 
 
-class DamagedEntry(Exception):
-    pass
+class DamagedEntry(MergeserveError):
+    """A cache entry that loads but does not reproduce what was stored; boot discards it and merges again."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(problem, "nothing: boot discards the entry and merges again")
 
 
 def _serve_hit(config: Config, timer: PhaseTimer, cache: MergeCache, key: str) -> tuple[Any, ...]:
@@ -123,7 +127,7 @@ def boot_merged_with_cache(config: Config, timer: PhaseTimer) -> Engine:
             try:
                 tokenizer, model, infos, parity, exact = _serve_hit(config, timer, cache, key)
             except DamagedEntry as exc:
-                problem = str(exc)
+                problem = exc.problem
             else:
                 report.update(status="hit", hit=True, reproduced_exactly=exact, parity_reference=(
                     "stored: unmerged probe logits recorded when the entry was built, compared with the loaded "

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from server.config.schema import Config, SecurityConfig
+from server.errors import MergeserveError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 Problem = tuple[str, str, str]  # (config key, problem, fix), as ConfigError takes them
@@ -70,12 +71,12 @@ def input_problems(config: Config) -> Iterator[Problem]:
         yield exc.key, exc.problem, exc.fix
 
 
-class KeySourceError(ValueError):
-    """A configured key source that gives no key; `key` is the config key that names it."""
+class KeySourceError(MergeserveError):
+    """A configured key source that gives no key; `key` (also `where`) is the config key that names it."""
 
     def __init__(self, key: str, problem: str, fix: str) -> None:
-        super().__init__(f"{key}: {problem}; fix: {fix}")
-        self.key, self.problem, self.fix = key, problem, fix
+        self.key = key
+        super().__init__(problem, fix, key)
 
 
 def load_api_keys(sec: SecurityConfig) -> list[str]:

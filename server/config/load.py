@@ -1,6 +1,6 @@
 """Reading a config file: YAML, dotted overrides, validation, then the checks that read files and the environment.
 
-Every failure raises `ConfigError`, whose `str()` is one line naming the file, the key and the fix.
+Every failure raises `ConfigError`, whose `line()` names the file, the key and the fix.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ def _first_error(file: str, err: ValidationError) -> ConfigError:
     e = err.errors()[0]
     key = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in e["loc"]).replace(".[", "[") or "(top level)"
     msg = str(e["msg"]).removeprefix("Value error, ")
+    # Pydantic keeps only a validator's message, so schema.py writes "problem | fix" into it; this is the one place
+    # that text is split, and everywhere past it the two travel as ConfigError fields.
     problem, sep, fix = msg.partition(" | ")
     if not sep:
         if e["type"] == "extra_forbidden":

@@ -1,8 +1,11 @@
 """The YAML config, validated once at start-up.
 
 Every relative path is resolved against the config file's folder, so a config and the adapters beside it can be
-moved together. A config that fails validation raises `ConfigError`, whose `str()` is one line naming the file, the
-key and the fix; the CLI prints it and exits with code 2.
+moved together. A config that fails validation raises `ConfigError`, whose `line()` names the file, the key and the
+fix; the CLI prints it and exits with ExitCode.BAD_INPUT.
+
+Validators must raise ValueError (pydantic collects only those), so they write "problem | fix" and
+`server.config.load._first_error` splits it into a ConfigError's fields: the one place that text is parsed.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from server.errors import MergeserveError
+
 Mode = Literal["merged", "unmerged", "ab"]
 Arm = Literal["merged", "unmerged"]
 DType = Literal["auto", "checkpoint", "float32", "float16", "bfloat16"]
@@ -21,12 +26,12 @@ PACKAGE_SCHEME = "package:"
 CACHE_DIR_ENV = "MERGESERVE_CACHE_DIR"
 
 
-class ConfigError(Exception):
-    """A config that cannot be served; the message is the one line the operator sees."""
+class ConfigError(MergeserveError):
+    """A config that cannot be served, at `file` and `key` (dotted, or a YAML line and column)."""
 
     def __init__(self, file: str, key: str, problem: str, fix: str) -> None:
-        self.file, self.key, self.problem, self.fix = file, key, problem, fix
-        super().__init__(f"{file}: {key}: {problem}; fix: {fix}")
+        self.file, self.key = file, key
+        super().__init__(problem, fix, f"{file}: {key}")
 
 
 class _Strict(BaseModel):

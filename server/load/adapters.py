@@ -1,7 +1,8 @@
 """Loading the base and the adapters, with the checks that refuse what does not fit before anything is served.
 
-Every refusal is a `BootError` with the exit code the CLI should use: 2 for faulty inputs (a file that cannot be read,
-an adapter for another base, a tensor that matches no module), 3 for a merge that fails its checks (raised in boot).
+Every refusal is a `BootError` with the exit code the CLI should use: ExitCode.BAD_INPUT for faulty inputs (a file that
+cannot be read, an adapter for another base, a tensor that matches no module), ExitCode.CHECK_FAILED for a merge that
+fails its checks (raised in boot).
 """
 
 from __future__ import annotations
@@ -18,10 +19,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from server.config.schema import AdapterConfig, ModelConfig
+from server.errors import ExitCode, MergeserveError
 from server.load.policy import config_refusal, kinds, missing_targets
 from server.merge.apply import MergeError, check_mergeable, lora_layers
-
-EXIT_BAD_INPUT, EXIT_CHECK_FAILED = 2, 3
 
 
 @dataclass(frozen=True)
@@ -38,10 +38,14 @@ class AdapterInfo:
     kinds: list[str] = field(default_factory=list)
 
 
-class BootError(Exception):
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
+class BootError(MergeserveError):
+    """The model cannot be served (or exported) as configured: refused while loading, merging or checking it."""
+
+
+def merge_refusal(exc: MergeError, exit_code: ExitCode, context: str = "") -> BootError:
+    """A MergeError as a boot refusal; `context` ("merge check failed") goes before the adapter and module."""
+    where = ": ".join(part for part in (context, exc.where) if part)
+    return BootError(exc.problem, exc.fix, where, exit_code)
 
 
 def _torch_dtype(dtype: str) -> Any:
@@ -96,7 +100,7 @@ def _model_key(file_key: str, adapter: str) -> str:
 
 
 def _refuse(adapter: AdapterConfig, problem: str, fix: str) -> BootError:
-    return BootError(f"adapter '{adapter.name}' ({adapter.path}): {problem}; fix: {fix}", EXIT_BAD_INPUT)
+    return BootError(problem, fix, f"adapter '{adapter.name}' ({adapter.path})")
 
 
 def _read_adapter(adapter: AdapterConfig, allow_pickle: bool) -> tuple[PeftConfig, dict[str, torch.Tensor]]:
@@ -226,7 +230,7 @@ def load_adapters(
     try:
         check_mergeable(model, [a.name for a in adapters])
     except MergeError as exc:
-        raise BootError(f"{exc}".replace(" | ", "; fix: "), EXIT_BAD_INPUT) from None
+        raise merge_refusal(exc, ExitCode.BAD_INPUT) from None
     cast(Any, model.base_model).set_adapter([a.name for a in adapters])
     for _, layer in lora_layers(model):
         for adapter in adapters:

@@ -12,6 +12,8 @@ from typing import Any
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from server.errors import Refusal
+
 # init_lora_weights values whose adapter is only correct on a base the initialisation itself modified. PEFT's
 # save_pretrained(path_initial_model_for_weight_conversion=...) turns them into a plain LoRA of rank 2r against the
 # original base and records init_lora_weights=True; that converted form is what we accept.
@@ -34,23 +36,25 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 QUANTIZED_MERGE_FIX = "merge into the float16/bfloat16 base checkpoint, or serve with mode: unmerged"
 
 
-def config_refusal(raw: dict[str, Any]) -> tuple[str, str] | None:
+def config_refusal(raw: dict[str, Any]) -> Refusal | None:
     """(problem, fix) if this adapter_config.json (as read, before PEFT parses it) cannot be merged exactly."""
     if raw.get("megatron_config"):
         # PEFT would import the module that `megatron_core` names: a config must never choose code to run.
-        return "adapter_config.json sets megatron_config", "remove megatron_config/megatron_core"
+        return Refusal("adapter_config.json sets megatron_config", "remove megatron_config/megatron_core")
     if str(raw.get("peft_type", "")).upper() not in ("LORA", ""):
-        return f"peft_type is {raw.get('peft_type')}, not LORA", "give a LoRA adapter (or serve this one with PEFT)"
+        return Refusal(
+            f"peft_type is {raw.get('peft_type')}, not LORA", "give a LoRA adapter (or serve this one with PEFT)"
+        )
     init = raw.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(_BASE_MODIFYING_INITS):
-        return (
+        return Refusal(
             f"init_lora_weights is '{init}', so the adapter only fits the base that initialisation modified",
             "re-save it with save_pretrained(..., path_initial_model_for_weight_conversion=...) to convert it to "
             "plain LoRA",
         )
     for key, what in _UNSUPPORTED.items():
         if raw.get(key):
-            return f"{what} is not supported", "serve it with PEFT, or retrain as plain LoRA"
+            return Refusal(f"{what} is not supported", "serve it with PEFT, or retrain as plain LoRA")
     return None
 
 

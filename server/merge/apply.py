@@ -28,6 +28,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, onload_layer
 from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 
+from server.errors import ExitCode, MergeserveError, Refusal
 from server.merge.check import write_problem
 from server.merge.combine import MixSpec, combine
 from server.merge.kinds import LayerDelta, adapter_delta, composed_delta, has_adapter, layer_kind_problem
@@ -35,8 +36,14 @@ from server.merge.kinds import LayerDelta, adapter_delta, composed_delta, has_ad
 LINEAR = MixSpec()
 
 
-class MergeError(Exception):
-    """A merge that cannot be done exactly; the message names the adapter, the module and the fix."""
+class MergeError(MergeserveError):
+    """A merge that cannot be done exactly; `where` names the adapter and the module when one is to blame.
+
+    Raised after loading it is a failed check (ExitCode.CHECK_FAILED); `check_mergeable` refusing an adapter before
+    anything is touched is a bad input, and the loader says so when it re-raises it.
+    """
+
+    default_exit_code = ExitCode.CHECK_FAILED
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
@@ -59,14 +66,12 @@ def check_mergeable(model: nn.Module, adapters: list[str]) -> None:
     for name, layer in lora_layers(model):
         for adapter in adapters:
             if has_adapter(layer, adapter) and (problem := layer_kind_problem(layer, adapter)):
-                raise MergeError(f"adapter '{adapter}', module '{name}': {problem}")
+                raise MergeError(*problem, f"adapter '{adapter}', module '{name}'")
     owners: dict[str, str] = {}
     for name, _, adapter in saved_modules(model, adapters):
         if name in owners:
-            raise MergeError(
-                f"adapters '{owners[name]}' and '{adapter}', module '{name}': both replace it whole "
-                "(modules_to_save) | serve one of them"
-            )
+            where = f"adapters '{owners[name]}' and '{adapter}', module '{name}'"
+            raise MergeError("both replace it whole (modules_to_save)", "serve one of them", where)
         owners[name] = adapter
 
 
@@ -99,7 +104,7 @@ def merged_weight(w0: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     return (w0.float() + delta.to(w0.device)).to(w0.dtype)
 
 
-def merge_layer(layer: LoraLayer, adapters: list[str], delta: LayerDelta | None = None) -> str | None:
+def merge_layer(layer: LoraLayer, adapters: list[str], delta: LayerDelta | None = None) -> Refusal | None:
     """Write the merged weight (and bias) into the base layer, on the device where that weight lives.
 
     Returns None if what is now stored is W0 + delta rounded once (`server.merge_check`), else the problem: a weight
@@ -216,10 +221,10 @@ def merge_and_unload(
     return model
 
 
-def _refuse_writes(problems: list[tuple[str, str]]) -> None:
+def _refuse_writes(problems: list[tuple[str, Refusal]]) -> None:
     if problems:
-        name, problem = problems[0]
-        raise MergeError(f"{len(problems)} targeted weights are wrong after merging (first: '{name}'): {problem}")
+        name, (problem, fix) = problems[0]
+        raise MergeError(f"{len(problems)} targeted weights are wrong after merging (first: '{name}'): {problem}", fix)
 
 
 def check_clean(model: nn.Module) -> None:
@@ -227,10 +232,10 @@ def check_clean(model: nn.Module) -> None:
     leftovers = [n for n, m in model.named_modules() if isinstance(m, BaseTunerLayer) or ".lora_" in n]
     leftovers += [n for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
     if leftovers:
-        raise MergeError(f"LoRA modules remain after merging (first: '{leftovers[0]}') | report this as a bug")
+        raise MergeError(f"LoRA modules remain after merging (first: '{leftovers[0]}')", "report this as a bug")
     meta = [n for n, p in model.named_parameters() if p.device.type == "meta" and not _offloaded(model, n)]
     if meta:
-        raise MergeError(f"meta tensors remain after merging (first: '{meta[0]}') | give the model more device memory")
+        raise MergeError(f"meta tensors remain after merging (first: '{meta[0]}')", "give the model more device memory")
 
 
 def _offloaded(model: nn.Module, param_name: str) -> bool:

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from server.errors import Refusal
+
 # float32's unit roundoff is 2^-24; two of them cover forming W0 + delta and the residual's subtractions.
 _FLOAT32_SLACK = 2.0**-23
 
@@ -41,7 +43,7 @@ def half_spacing(stored: torch.Tensor) -> torch.Tensor:
     return gap / 2
 
 
-def write_problem(before: torch.Tensor, after: torch.Tensor, delta: torch.Tensor) -> str | None:
+def write_problem(before: torch.Tensor, after: torch.Tensor, delta: torch.Tensor) -> Refusal | None:
     """None if `after` is `before + delta` rounded once to `after`'s dtype; else what is wrong, with the fix.
 
     `before` and `after` are the stored tensors (any dtype, same shape); `delta` is the float32 change the adapters
@@ -54,11 +56,14 @@ def write_problem(before: torch.Tensor, after: torch.Tensor, delta: torch.Tensor
     wrong = residual.abs() > bound
     if bool(wrong.any()):
         worst = int((residual.abs() - bound).argmax())
-        return (
+        return Refusal(
             f"{int(wrong.sum())} of {wrong.numel()} elements differ from W0 + delta by more than one rounding to "
             f"{after.dtype} (worst: off by {residual.flatten()[worst].item():.3g}, delta "
-            f"{delta.flatten()[worst].item():.3g}) | report this as a bug"
+            f"{delta.flatten()[worst].item():.3g})",
+            "report this as a bug",
         )
     if bool(delta.any()) and torch.equal(before, after):
-        return f"it did not change: the delta rounds away entirely in {after.dtype} | serve in float32 or unmerged"
+        return Refusal(
+            f"it did not change: the delta rounds away entirely in {after.dtype}", "serve in float32 or unmerged"
+        )
     return None

@@ -25,6 +25,8 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from server.errors import Refusal
+
 
 @dataclass
 class LayerDelta:
@@ -112,14 +114,14 @@ def composed_delta(layer: LoraLayer, adapters: list[str], w0: torch.Tensor) -> L
     return LayerDelta(delta, bias)
 
 
-def layer_kind_problem(layer: LoraLayer, adapter: str) -> str | None:
+def layer_kind_problem(layer: LoraLayer, adapter: str) -> Refusal | None:
     """Why this adapter's delta on this layer cannot be computed exactly here, or None if it can."""
     base = layer.get_base_layer()
     if not isinstance(base, (nn.Linear, nn.Embedding)) and type(base).__name__ != "Conv1D":
-        return f"cannot merge into {type(base).__name__} | serve unmerged"
+        return Refusal(f"cannot merge into {type(base).__name__}", "serve unmerged")
     variant = getattr(layer, "lora_variant", {}).get(adapter)
     if variant is not None and not uses_dora(layer, adapter):
-        return f"LoRA variant {type(variant).__name__} is not supported | serve it with PEFT"
+        return Refusal(f"LoRA variant {type(variant).__name__} is not supported", "serve it with PEFT")
     if uses_bias(layer, adapter) and getattr(base, "bias", None) is None:
-        return "lora_bias on a layer without a bias cannot be merged | retrain with lora_bias=False"
+        return Refusal("lora_bias on a layer without a bias cannot be merged", "retrain with lora_bias=False")
     return None

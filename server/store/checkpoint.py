@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from server.errors import MergeserveError
+
 SAFETENSORS_DTYPES = {
     torch.float32: "F32",
     torch.float16: "F16",
@@ -57,7 +59,7 @@ def parse_size(text: str) -> int:
     """'200MB' -> 200_000_000; '1GiB' -> 2**30; a bare number is bytes."""
     m = _SIZE.match(text)
     if not m:
-        raise ValueError(f"cannot read size '{text}' | write it like 200MB or 2GB")
+        raise MergeserveError(f"cannot read size '{text}'", "write it like 200MB or 2GB", "--max-shard-size")
     return int(float(m.group(1)) * _UNITS[(m.group(2) or "B").lower()])
 
 

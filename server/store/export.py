@@ -40,15 +40,14 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from server.config.schema import Config
-from server.load.adapters import BootError, load_adapters
+from server.errors import ExitCode
+from server.load.adapters import BootError, load_adapters, merge_refusal
 from server.merge.apply import MergeError, check_mergeable, layer_delta, lora_layers, saved_modules
 from server.merge.combine import MixSpec, skip_draws
 from server.merge.kinds import LayerDelta, has_adapter, uses_bias
 from server.store.checkpoint import TensorSpec, write_sharded
 from server.store.model_files import resolve_dtype, tied_names, write_model_files
 from server.store.sources import SourceError, TensorSource, open_source
-
-EXIT_BAD_INPUT = 2
 
 
 @dataclass(frozen=True)
@@ -80,10 +79,6 @@ def _reset_peak_rss() -> None:
     """Writing 5 to clear_refs resets VmHWM (Linux >= 4.0), so the peak measured is the export's own."""
     with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")
-
-
-def _refuse(message: str) -> BootError:
-    return BootError(message.replace(" | ", "; fix: "), EXIT_BAD_INPUT)
 
 
 def _prefixless(name: str) -> str:
@@ -193,7 +188,7 @@ def _attach(config: Config, source: TensorSource) -> tuple[nn.Module, nn.Module,
     try:
         check_mergeable(peft_model, names)
     except MergeError as exc:
-        raise BootError(f"merge check failed: {exc}".replace(" | ", "; fix: "), 3) from None
+        raise merge_refusal(exc, ExitCode.CHECK_FAILED, "merge check failed") from None
     return skeleton, peft_model, names
 
 
@@ -233,14 +228,14 @@ def export_merged(
 ) -> ExportResult:
     """Stream the merged model into `out` (which must not exist or be empty); raises BootError as boot does."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise _refuse(f"--out '{out}' exists and is not an empty folder | give a new folder")
+        raise BootError(f"--out '{out}' exists and is not an empty folder", "give a new folder")
     start = time.perf_counter()
     _reset_peak_rss()
     baseline_kb = _proc_status_kb("VmRSS")
     try:
         source = open_source(config.model.path, config.model.trust_remote_code)
     except SourceError as exc:
-        raise _refuse(f"base model '{config.model.path}': {exc}") from None
+        raise BootError(exc.problem, exc.fix, f"base model '{config.model.path}'") from None
     out_dtype = resolve_dtype(dtype or config.model.dtype, source.config, source.specs())
     plan = _plan(config, source, out_dtype)
     partial = out.parent / f".{out.name}.partial-{os.getpid()}"

@@ -20,14 +20,15 @@ import numpy as np
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+from server.errors import MergeserveError
 from server.store.checkpoint import TensorSpec
 
 # Tensors are dequantized in slices of this many rows, so gguf-py's temporaries stay small for big embeddings.
 GGUF_ROWS_PER_SLICE = 4096
 
 
-class SourceError(Exception):
-    """The stored base cannot be read tensor by tensor; the message ends with ' | fix'."""
+class SourceError(MergeserveError):
+    """The stored base cannot be read tensor by tensor."""
 
 
 class TensorSource(Protocol):
@@ -49,7 +50,7 @@ class SafetensorsSource:
         elif (folder / "model.safetensors").is_file():
             files = ["model.safetensors"]
         else:
-            raise SourceError(f"'{folder}' has no model.safetensors | convert the base to safetensors")
+            raise SourceError(f"'{folder}' has no model.safetensors", "convert the base to safetensors")
         # Read with plain file reads, not safe_open: its memory map would leave every touched page of the stored
         # model in our resident set until the end, which is the full model size for a float32 base.
         self.where: dict[str, tuple[Path, int, int]] = {}  # name -> (file, byte offset, byte length)
@@ -77,7 +78,7 @@ class SafetensorsSource:
         with open(path, "rb") as f:
             f.seek(offset)
             if f.readinto(raw.numpy().data) != length:
-                raise SourceError(f"'{path}' ends inside tensor '{name}' | re-download the base")
+                raise SourceError(f"'{path}' ends inside tensor '{name}'", "re-download the base")
         return raw.view(spec.dtype).reshape(spec.shape)
 
 
@@ -152,5 +153,5 @@ def open_source(path: Path, trust_remote_code: bool = False) -> TensorSource:
     if path.suffix == ".gguf":
         return GGUFSource(path)
     if any(path.glob("*.bin")) and not any(path.glob("*.safetensors")):
-        raise SourceError(f"'{path}' holds pickle .bin weights only | convert the base to safetensors")
+        raise SourceError(f"'{path}' holds pickle .bin weights only", "convert the base to safetensors")
     return SafetensorsSource(path, trust_remote_code)
