@@ -6,7 +6,10 @@ directly. Buckets follow vLLM's latency buckets, stretched for CPU serving where
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.metrics import MetricWrapperBase
 
 from server.engine.engine import EngineInfo
 
@@ -20,120 +23,109 @@ TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
 
 
-REQUEST_LABELS = ["mode", "adapter"]  # adapter: the served adapter set, e.g. "pirate" or "pirate+legal"
+PREFIX = "mergeserve_"
+REQUEST_LABELS = ("mode", "adapter")  # adapter: the served adapter set, e.g. "pirate" or "pirate+legal"
+
+
+class Spec(NamedTuple):
+    """One metric: its kind, its name after PREFIX (also its attribute on `Metrics`), help text, labels, buckets."""
+
+    kind: type[MetricWrapperBase]
+    name: str
+    help: str
+    labels: tuple[str, ...] = REQUEST_LABELS
+    buckets: tuple[float, ...] | None = None
+
+
+def _histogram(name: str, buckets: tuple[float, ...], help: str, labels: tuple[str, ...] = REQUEST_LABELS) -> Spec:
+    return Spec(Histogram, name, help, labels, buckets)
+
+
+# In the order /metrics and the README's metrics reference list them.
+SPECS = (
+    _histogram("request_duration_seconds", LATENCY_BUCKETS, "End-to-end request latency, validation to response."),
+    _histogram("request_queue_duration_seconds", LATENCY_BUCKETS, "Time a request waited before the engine took it."),
+    _histogram("request_inference_duration_seconds", LATENCY_BUCKETS, "Prefill plus decode time of a request."),
+    _histogram("request_time_per_output_token_seconds", TPOT_BUCKETS, "Inference time divided by generated tokens."),
+    _histogram("request_prompt_tokens", TOKEN_BUCKETS, "Prompt length in tokens."),
+    _histogram("request_generated_tokens", TOKEN_BUCKETS, "Generated tokens per request."),
+    _histogram("time_to_first_token_seconds", LATENCY_BUCKETS, "From arrival (queueing included) to the first token."),
+    _histogram("inter_token_latency_seconds", TPOT_BUCKETS, "Gap between consecutive tokens of one request."),
+    _histogram("batch_size", BATCH_BUCKETS, "Requests sharing each decode step.", ("mode",)),
+    Spec(Gauge, "queue_size", "Requests waiting to join the batch.", ("mode",)),
+    Spec(Counter, "requests", "Finished requests by finish reason.", (*REQUEST_LABELS, "finish_reason")),
+    Spec(Counter, "request_failures", "Failed requests by TGI error_type.", (*REQUEST_LABELS, "error_type")),
+    Spec(Gauge, "requests_in_flight", "Requests being served now."),
+    Spec(Gauge, "boot_phase_duration_seconds", "Duration of each boot phase.", ("phase",)),
+    Spec(Gauge, "ready", "1 once boot finished and the server takes requests.", ()),
+    Spec(Gauge, "parity_max_abs_logit_diff", "Merged vs unmerged max abs logit diff at boot.", ("mode",)),
+    Spec(Gauge, "parity_top1_agreement", "Merged vs unmerged argmax agreement at boot.", ("mode",)),
+    Spec(Gauge, "merge_cache_hit", "1 if the merged model came from the merge cache, 0 if merged at boot.", ()),
+    Spec(Counter, "merge_cache_corrupt_entries", "Damaged merge cache entries found, discarded and rebuilt.", ()),
+    Spec(Gauge, "parity_float32_max_abs_logit_diff",
+         "Max abs logit diff at boot against the unmerged model run in float32, per arm: the serving dtype's cost.",
+         ("mode", "arm")),
+    Spec(Info, "model", "What this process serves: base_model, adapters, dtype, device, mode.", ()),
+)  # fmt: skip
 
 
 class Metrics:
+    """One app's metrics, registered from SPECS; each is the attribute named as its metric without PREFIX."""
+
+    request_duration_seconds: Histogram
+    request_queue_duration_seconds: Histogram
+    request_inference_duration_seconds: Histogram
+    request_time_per_output_token_seconds: Histogram
+    request_prompt_tokens: Histogram
+    request_generated_tokens: Histogram
+    time_to_first_token_seconds: Histogram
+    inter_token_latency_seconds: Histogram
+    batch_size: Histogram
+    queue_size: Gauge
+    requests: Counter
+    request_failures: Counter
+    requests_in_flight: Gauge
+    boot_phase_duration_seconds: Gauge
+    ready: Gauge
+    parity_max_abs_logit_diff: Gauge
+    parity_top1_agreement: Gauge
+    merge_cache_hit: Gauge
+    merge_cache_corrupt_entries: Counter
+    parity_float32_max_abs_logit_diff: Gauge
+    model: Info
+
     def __init__(self, adapter: str = "") -> None:
         self.adapter = adapter
         self.registry = CollectorRegistry()
-        r = self.registry
-        self.request_duration = Histogram(
-            "mergeserve_request_duration_seconds", "End-to-end request latency, validation to response.",
-            REQUEST_LABELS, buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.queue_duration = Histogram(
-            "mergeserve_request_queue_duration_seconds", "Time a request waited before the engine took it.",
-            REQUEST_LABELS, buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.inference_duration = Histogram(
-            "mergeserve_request_inference_duration_seconds", "Prefill plus decode time of a request.",
-            REQUEST_LABELS, buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.time_per_output_token = Histogram(
-            "mergeserve_request_time_per_output_token_seconds", "Inference time divided by generated tokens.",
-            REQUEST_LABELS, buckets=TPOT_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.prompt_tokens = Histogram(
-            "mergeserve_request_prompt_tokens",
-            "Prompt length in tokens.",
-            REQUEST_LABELS,
-            buckets=TOKEN_BUCKETS,
-            registry=r,
-        )
-        self.generated_tokens = Histogram(
-            "mergeserve_request_generated_tokens", "Generated tokens per request.",
-            REQUEST_LABELS, buckets=TOKEN_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.time_to_first_token = Histogram(
-            "mergeserve_time_to_first_token_seconds", "From arrival (queueing included) to the first token.",
-            REQUEST_LABELS, buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.inter_token_latency = Histogram(
-            "mergeserve_inter_token_latency_seconds", "Gap between consecutive tokens of one request.",
-            REQUEST_LABELS, buckets=TPOT_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.batch_size = Histogram(
-            "mergeserve_batch_size", "Requests sharing each decode step.", ["mode"], buckets=BATCH_BUCKETS, registry=r
-        )
-        self.queue_size = Gauge("mergeserve_queue_size", "Requests waiting to join the batch.", ["mode"], registry=r)
-        self.requests = Counter(
-            "mergeserve_requests", "Finished requests by finish reason.", [*REQUEST_LABELS, "finish_reason"], registry=r
-        )
-        self.failures = Counter(
-            "mergeserve_request_failures",
-            "Failed requests by TGI error_type.",
-            [*REQUEST_LABELS, "error_type"],
-            registry=r,
-        )
-        self.in_flight = Gauge(
-            "mergeserve_requests_in_flight", "Requests being served now.", REQUEST_LABELS, registry=r
-        )
-        self.boot_phase = Gauge(
-            "mergeserve_boot_phase_duration_seconds", "Duration of each boot phase.", ["phase"], registry=r
-        )
-        self.ready = Gauge("mergeserve_ready", "1 once boot finished and the server takes requests.", registry=r)
-        self.parity_diff = Gauge(
-            "mergeserve_parity_max_abs_logit_diff",
-            "Merged vs unmerged max abs logit diff at boot.",
-            ["mode"],
-            registry=r,
-        )
-        self.parity_top1 = Gauge(
-            "mergeserve_parity_top1_agreement", "Merged vs unmerged argmax agreement at boot.", ["mode"], registry=r
-        )
-        self.cache_hit = Gauge(
-            "mergeserve_merge_cache_hit", "1 if the merged model came from the merge cache, 0 if merged at boot.",
-            registry=r,
-        )  # fmt: skip
-        self.cache_corrupt = Counter(
-            "mergeserve_merge_cache_corrupt_entries", "Damaged merge cache entries found, discarded and rebuilt.",
-            registry=r,
-        )  # fmt: skip
-        self.parity_float32 = Gauge(
-            "mergeserve_parity_float32_max_abs_logit_diff",
-            "Max abs logit diff at boot against the unmerged model run in float32, per arm: the serving dtype's cost.",
-            ["mode", "arm"],
-            registry=r,
-        )
-        self.model_info = Info(
-            "mergeserve_model", "What this process serves: base_model, adapters, dtype, device, mode.", registry=r
-        )
+        for spec in SPECS:
+            extra: dict[str, Any] = {} if spec.buckets is None else {"buckets": spec.buckets}
+            metric = spec.kind(PREFIX + spec.name, spec.help, spec.labels, registry=self.registry, **extra)
+            setattr(self, spec.name, metric)
 
     def observe_step(self, mode: str, batch_size: int, queue_size: int) -> None:
         self.batch_size.labels(mode=mode).observe(batch_size)
         self.queue_size.labels(mode=mode).set(queue_size)
 
     def observe_boot_phase(self, phase: str, seconds: float) -> None:
-        self.boot_phase.labels(phase=phase).set(seconds)
+        self.boot_phase_duration_seconds.labels(phase=phase).set(seconds)
 
     def engine_ready(self, info: EngineInfo) -> None:
         # Phases were reported live during boot when this app watched it; an injected engine brings its own timings.
         for phase, seconds in info.boot_seconds.items():
             self.observe_boot_phase(phase, seconds)
         if info.parity is not None:
-            self.parity_diff.labels(mode=info.mode).set(info.parity.max_abs_diff)
-            self.parity_top1.labels(mode=info.mode).set(info.parity.top1_agreement)
+            self.parity_max_abs_logit_diff.labels(mode=info.mode).set(info.parity.max_abs_diff)
+            self.parity_top1_agreement.labels(mode=info.mode).set(info.parity.top1_agreement)
             for arm, value in (
                 ("merged", info.parity.float32_merged_max_abs_diff),
                 ("unmerged", info.parity.float32_unmerged_max_abs_diff),
             ):
                 if value is not None:
-                    self.parity_float32.labels(mode=info.mode, arm=arm).set(value)
+                    self.parity_float32_max_abs_logit_diff.labels(mode=info.mode, arm=arm).set(value)
         if info.cache.get("enabled"):
-            self.cache_hit.set(1 if info.cache.get("hit") else 0)
-            self.cache_corrupt.inc(info.cache.get("corrupt_entries", 0))
-        self.model_info.info(
+            self.merge_cache_hit.set(1 if info.cache.get("hit") else 0)
+            self.merge_cache_corrupt_entries.inc(info.cache.get("corrupt_entries", 0))
+        self.model.info(
             {
                 "base_model": info.model_id,
                 "adapters": ",".join(f"{a.name}:{a.weight:g}" for a in info.adapters),

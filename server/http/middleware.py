@@ -1,7 +1,8 @@
-"""What every request passes before it reaches a route: shutdown, API key, body size and encoding.
+"""What every request passes before it reaches a route (shutdown, API key, body size and encoding), and the
+X-Merge-Mode header on every answer.
 
-One plain ASGI middleware rather than BaseHTTPMiddleware, which would buffer server-sent events. Its refusals are
-answered in the route's own error shape: TGI's {"error", "error_type"}, or OpenAI's under /v1/.
+Plain ASGI middleware rather than BaseHTTPMiddleware, which would buffer server-sent events and hide client
+disconnects. Refusals are answered in the route's own error shape (`server.http.errors` chooses it).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.http.auth import KeyChecker
-from server.http.openai import openai_error
+from server.http.errors import ServedError, error_response
 
 # /health must answer load balancers whatever happens. The docs (/docs, /redoc, /openapi.json) are not here: with
 # keys set they map the API (routes, limits, version) for whoever asks, so they need the key like /info does.
@@ -30,14 +31,12 @@ class Lifecycle:
 
 
 def refusal(path: str, status: int, message: str, error_type: str) -> JSONResponse:
-    if path.startswith("/v1/"):
-        # OpenAI's clients expect 400 for a request they can fix, where TGI says 422.
-        response = openai_error(400 if status == 422 else status, message, OPENAI_KINDS.get(status, "BadRequestError"))
-    else:
-        response = JSONResponse({"error": message, "error_type": error_type}, status_code=status)
-    if status == 401:
-        response.headers["www-authenticate"] = "Bearer"
-    return response
+    # OpenAI's clients expect 400 for a request they can fix, where TGI says 422.
+    openai_status, openai_type = 400 if status == 422 else status, OPENAI_KINDS.get(status, "BadRequestError")
+    headers = {"www-authenticate": "Bearer"} if status == 401 else None
+    error = ServedError(status, message, error_type, openai_status=openai_status, openai_type=openai_type,
+                        headers=headers)  # fmt: skip
+    return error_response(path, error)
 
 
 class RequestGuard:
@@ -121,3 +120,24 @@ def _replay(body: bytes, receive: Receive) -> Receive:
         return await receive()
 
     return replay
+
+
+class ModeHeader:
+    """Every answer says which arm served it, errors included; routes that know better set it themselves."""
+
+    def __init__(self, app: ASGIApp, mode: str) -> None:
+        self.app, self.header = app, (b"x-merge-mode", mode.encode())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_mode(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                if not any(name.lower() == b"x-merge-mode" for name, _ in headers):
+                    message = {**message, "headers": [*headers, self.header]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_mode)

@@ -1,48 +1,36 @@
-"""What every generation route shares: TGI-shaped errors, per-request metrics, and opening a token stream.
+"""What every generation route shares: choosing the arm, validating, opening a token stream, tracking metrics.
 
-Routes (TGI's and OpenAI's) validate their own request shape, then call `open_stream`, which submits to the engine
-and waits for the first token, so overload and early failures still become proper HTTP status codes.
+Routes (TGI's and OpenAI's) map their request onto TGI's parameters and call `start`, which validates, submits to the
+engine and waits for the first token, so overload and early failures still become proper HTTP status codes. Every
+route then reads its tokens through `tracked`, the one place a request's end (finished, failed) is recorded.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Coroutine
-from contextlib import AsyncExitStack
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
+from contextlib import AsyncExitStack, aclosing
 from types import TracebackType
 from typing import Any, TypeVar
 
+from fastapi import Request
 from sse_starlette import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope, Send
 
-from server.config.schema import ABConfig
+from server.config.schema import ABConfig, Config
 from server.engine.engine import Engine
 from server.engine.scheduler import Overloaded
 from server.engine.types import Generation, PreparedRequest, Token
+from server.http.errors import RequestTimeout, ServedError, error_event, generation_failure, invalid_input
 from server.http.metrics import Metrics
+from server.http.tgi_protocol import Parameters
+from server.http.validation import InputValidationError, validate
 
 T = TypeVar("T")
-
-
-class ServedError(Exception):
-    """An error answered in TGI's shape: {"error": ..., "error_type": ...}."""
-
-    def __init__(self, status: int, message: str, error_type: str) -> None:
-        super().__init__(message)
-        self.status, self.message, self.error_type = status, message, error_type
-
-
-class RequestTimeout(Exception):
-    """A request still generating at its deadline (limits.request_timeout_seconds); its slot is freed."""
-
-
-def generation_failure(exc: BaseException) -> ServedError:
-    """TGI's 424 for a request that failed after validation; a timeout says so in its message and error_type."""
-    if isinstance(exc, RequestTimeout):
-        return ServedError(424, str(exc), "timeout")
-    return ServedError(424, f"Request failed during generation: {exc}", "generation")
 
 
 class ArmChooser:
@@ -85,7 +73,7 @@ class Tracker:
         self.open = True
         self.queue_seconds: float | None = None  # known once the first token is out
         self.labels = {"mode": mode, "adapter": metrics.adapter}
-        metrics.in_flight.labels(**self.labels).inc()
+        metrics.requests_in_flight.labels(**self.labels).inc()
 
     def __enter__(self) -> Tracker:
         return self
@@ -105,31 +93,31 @@ class Tracker:
     def _close(self) -> bool:
         was_open, self.open = self.open, False
         if was_open:
-            self.metrics.in_flight.labels(**self.labels).dec()
+            self.metrics.requests_in_flight.labels(**self.labels).dec()
         return was_open
 
     def token(self, gen: Generation) -> None:
         now = time.perf_counter()
         if self.last_token is None:
-            self.metrics.time_to_first_token.labels(**self.labels).observe(now - self.start)
+            self.metrics.time_to_first_token_seconds.labels(**self.labels).observe(now - self.start)
         else:
-            self.metrics.inter_token_latency.labels(**self.labels).observe(now - self.last_token)
+            self.metrics.inter_token_latency_seconds.labels(**self.labels).observe(now - self.last_token)
         self.last_token = now
 
     def finish(self, gen: Generation) -> None:
         if not self._close():
             return
         m, n = self.metrics, len(gen.tokens)
-        m.request_duration.labels(**self.labels).observe(time.perf_counter() - self.start)
-        m.queue_duration.labels(**self.labels).observe(gen.queue_seconds)
-        m.inference_duration.labels(**self.labels).observe(gen.inference_seconds)
-        m.time_per_output_token.labels(**self.labels).observe(gen.inference_seconds / max(n, 1))
-        m.prompt_tokens.labels(**self.labels).observe(gen.prompt_tokens)
-        m.generated_tokens.labels(**self.labels).observe(n)
+        m.request_duration_seconds.labels(**self.labels).observe(time.perf_counter() - self.start)
+        m.request_queue_duration_seconds.labels(**self.labels).observe(gen.queue_seconds)
+        m.request_inference_duration_seconds.labels(**self.labels).observe(gen.inference_seconds)
+        m.request_time_per_output_token_seconds.labels(**self.labels).observe(gen.inference_seconds / max(n, 1))
+        m.request_prompt_tokens.labels(**self.labels).observe(gen.prompt_tokens)
+        m.request_generated_tokens.labels(**self.labels).observe(n)
         m.requests.labels(**self.labels, finish_reason=gen.finish_reason or "cancelled").inc()
 
     def fail(self, error_type: str) -> None:
-        self.metrics.failures.labels(**self.labels, error_type=error_type).inc()
+        self.metrics.request_failures.labels(**self.labels, error_type=error_type).inc()
         self._close()
 
     def cancelled(self) -> None:
@@ -254,13 +242,85 @@ async def open_stream(
     return TokenStream(rest(), tokens)
 
 
-async def run_to_end(stream: TokenStream, tracker: Tracker) -> Generation:
-    """Consume a stream for a non-streaming route; a failure after the first token is TGI's 424 too."""
+async def tracked(stream: TokenStream, tracker: Tracker) -> AsyncGenerator[tuple[Token, Generation], None]:
+    """The stream's tokens, with its end recorded: finished, or failed as TGI's 424 (raised, for the route to answer).
+
+    A consumer that stops early (client gone) leaves the tracker open, and the route's owner closes it as cancelled.
+    """
     gen = Generation()
     try:
-        async for _, step in stream:
-            gen = step
+        async for token, gen in stream:
+            yield token, gen
     except Exception as exc:
-        raise generation_failure(exc) from exc
+        error = generation_failure(exc)
+        tracker.fail(error.error_type)
+        raise error from exc
     tracker.finish(gen)
+
+
+async def run_to_end(stream: TokenStream, tracker: Tracker) -> Generation:
+    """Consume a stream for a non-streaming route."""
+    gen = Generation()
+    async for _, step in tracked(stream, tracker):
+        gen = step
     return gen
+
+
+def events(
+    path: str,
+    chunks: AsyncGenerator[dict[str, Any], None],
+    owner: AsyncExitStack,
+    headers: dict[str, str],
+    done: str | None = None,
+) -> OwnedEvents:
+    """Server-sent events of `chunks`, ending in an error event if generation fails after the 200, then `done`."""
+
+    async def lines() -> AsyncGenerator[str, None]:
+        try:
+            async for chunk in chunks:
+                yield json.dumps(chunk)
+        except ServedError as exc:
+            yield error_event(path, exc)
+        if done is not None:
+            yield done
+
+    owner.push_async_callback(chunks.aclose)
+    return OwnedEvents(lines(), owner, headers)
+
+
+def served_adapter(config: Config) -> str:
+    """The adapter set's name, as /info, the metrics and `adapter_id` know it: e.g. "pirate+legal"."""
+    return "+".join(a.name for a in config.adapters)
+
+
+def current_engine(request: Request) -> Engine:
+    engine: Engine | None = request.app.state.engine
+    if engine is None:
+        raise ServedError(503, "Model is loading", "healthcheck")
+    return engine
+
+
+def current_arm(request: Request) -> str:
+    chooser: ArmChooser = request.app.state.arms
+    return chooser.choose(request.headers.get("x-merge-mode"))
+
+
+async def start(
+    request: Request, inputs: str, parameters: Parameters, owner: AsyncExitStack, chat: bool = False
+) -> tuple[Engine, Tracker, TokenStream]:
+    """Validate, submit and open the request's tracker and token stream on `owner`, which closes both however the
+    request ends (a ServedError on the way out is recorded by the tracker)."""
+    engine, config = current_engine(request), request.app.state.config
+    tracker = owner.enter_context(Tracker(request.app.state.metrics, current_arm(request)))
+    # A chat template already holds its special tokens; adding BOS again would change the prompt.
+    tokenize: Callable[[str], list[int]] = (
+        (lambda text: engine.tokenizer(text, add_special_tokens=False).input_ids) if chat else engine.tokenize
+    )
+    args = (inputs, parameters, tokenize, config.limits, served_adapter(config), engine.token_floor)
+    try:
+        prepared = await run_in_threadpool(validate, *args)  # tokenizing a 1 MiB body takes seconds
+    except InputValidationError as exc:
+        raise invalid_input(str(exc)) from None
+    tracker.validated = time.perf_counter()
+    stream = await open_stream(engine, prepared, tracker, config.limits.request_timeout_seconds)
+    return engine, tracker, await owner.enter_async_context(aclosing(stream))

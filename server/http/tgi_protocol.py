@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from server.load.adapters import AdapterInfo
+
 
 def _range(
     min: float | None = None, max: float | None = None, above: float | None = None, below: float | None = None
@@ -91,17 +93,6 @@ class ErrorResponse(BaseModel):
     error_type: str
 
 
-class AdapterOut(BaseModel):
-    name: str
-    path: str
-    weight: float
-    rank: int
-    alpha: float
-    use_rslora: bool
-    target_modules: list[str]
-    kinds: list[str] = Field(default_factory=list, description="Adapter settings beyond plain LoRA, e.g. dora.")
-
-
 class InfoResponse(BaseModel):
     # TGI's fields, so its clients and dashboards read us unchanged.
     model_id: str
@@ -121,7 +112,9 @@ class InfoResponse(BaseModel):
     # Ours: batching, and what was merged, how, and how well.
     max_batch_size: int
     mode: str
-    adapters: list[AdapterOut]
+    adapters: list[AdapterInfo] = Field(
+        description="The merged adapters; `kinds` names settings beyond plain LoRA, e.g. dora."
+    )
     dtype: str
     dtype_reason: str
     device_map: dict[str, int] = Field(description="Parameter bytes per device.")
@@ -131,3 +124,25 @@ class InfoResponse(BaseModel):
         default=None, description="Merge cache: key, status (hit, miss, rebuilt, ...), and the parity reference used."
     )
     combine: dict[str, Any] | None = Field(default=None, description="How the adapters were combined (method...).")
+
+
+# Every status a route can answer besides 200, so the OpenAPI schema is honest (schemathesis checks it).
+GUARDED: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorResponse, "description": "Missing or invalid API key (when keys are configured)"},
+    503: {"model": ErrorResponse, "description": "Model is loading, or the server is shutting down"},
+}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    **GUARDED,
+    413: {"model": ErrorResponse, "description": "Request body too large"},
+    422: {"model": ErrorResponse, "description": "Input validation error"},
+    424: {"model": ErrorResponse, "description": "Generation error or timeout"},
+    429: {"model": ErrorResponse, "description": "Model is overloaded"},
+    500: {"model": ErrorResponse, "description": "Internal error (a bug: see the server log)"},
+}
+# Each server-sent event, as OpenAPI tools read a stream: its `data` holds one JSON token event or error.
+SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+}
+SSE = {"text/event-stream": {"schema": SSE_EVENT}}
