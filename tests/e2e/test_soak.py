@@ -2,7 +2,7 @@
 
 The tiny model boots in seconds where the demo takes a minute, and what a soak catches here (unanswered requests,
 5xx, requests left in flight after clients hang up, memory that grows with traffic) lives in the serving code, not
-in the model's size. The README reports a 10-minute run against the demo model.
+in the model's size. docs/benchmarks.md reports a 10-minute run against the demo model.
 """
 
 from __future__ import annotations
