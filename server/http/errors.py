@@ -16,13 +16,17 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.config.schema import Config
+from server.errors import ExitCode, MergeserveError
 from server.http.metrics import Metrics
 
 OPENAI_PREFIX = "/v1/"
 
 
-class ServedError(Exception):
+class ServedError(MergeserveError):
     """A refusal or failure answered to the client: TGI's status and error_type, and what OpenAI's clients read instead.
+
+    It is the one error type (`server.errors.MergeserveError`) with its HTTP rendering attached; the message is the
+    whole `problem` (TGI's clients match its validation texts exactly, so no "; fix:" is appended).
 
     `openai_status` and `openai_type` default to TGI's; OpenAI's clients expect 400 for a request they can fix where
     TGI says 422, and an error class name (BadRequestError, ...) as the type.
@@ -39,7 +43,7 @@ class ServedError(Exception):
         param: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
-        super().__init__(message)
+        super().__init__(message, "")
         self.status, self.message, self.error_type = status, message, error_type
         self.openai_status, self.openai_type, self.param = openai_status or status, openai_type or error_type, param
         self.headers = headers or {}
@@ -59,6 +63,23 @@ def generation_failure(exc: BaseException) -> ServedError:
 def invalid_input(message: str, param: str | None = None) -> ServedError:
     """A request the client can fix: TGI's 422 "validation", OpenAI's 400 BadRequestError."""
     return ServedError(422, message, "validation", openai_status=400, openai_type="BadRequestError", param=param)
+
+
+# A refusal raised below the HTTP layer (a config or model check, say) answers by its exit code's meaning.
+_BY_EXIT_CODE = {
+    ExitCode.BAD_INPUT: (422, "validation", 400, "BadRequestError"),
+    ExitCode.CHECK_FAILED: (503, "unavailable", 503, "ServiceUnavailableError"),
+}
+
+
+def as_served(exc: MergeserveError) -> ServedError:
+    """Any refusal as an HTTP error: a ServedError as it is, any other by its exit code (a bug: 500)."""
+    if isinstance(exc, ServedError):
+        return exc
+    status, kind, openai_status, openai_type = _BY_EXIT_CODE.get(
+        exc.exit_code, (500, "internal", 500, "InternalServerError")
+    )
+    return ServedError(status, exc.line(), kind, openai_status=openai_status, openai_type=openai_type)
 
 
 def shaped(path: str, error: ServedError) -> tuple[int, dict[str, Any]]:
@@ -86,8 +107,8 @@ def _count_failure(request: Request, error_type: str) -> None:
 
 
 async def _served(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, ServedError)
-    return error_response(request.url.path, exc)
+    assert isinstance(exc, MergeserveError)
+    return error_response(request.url.path, as_served(exc))
 
 
 async def _http(request: Request, exc: Exception) -> JSONResponse:
@@ -119,7 +140,7 @@ async def _bad_body(request: Request, exc: Exception) -> JSONResponse:
 
 
 def install_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(ServedError, _served)
+    app.add_exception_handler(MergeserveError, _served)
     app.add_exception_handler(StarletteHTTPException, _http)
     app.add_exception_handler(Exception, _unexpected)
     app.add_exception_handler(RequestValidationError, _bad_body)
