@@ -10,13 +10,16 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 Mode = Literal["merged", "unmerged", "ab"]
 Arm = Literal["merged", "unmerged"]
 DType = Literal["auto", "checkpoint", "float32", "float16", "bfloat16"]
+# The one list of combine methods: server.merge.combine's registry must name exactly these (it checks at import).
+CombineMethod = Literal["linear", "ties", "dare_linear", "dare_ties"]
+COMBINE_METHODS: tuple[CombineMethod, ...] = get_args(CombineMethod)
 PACKAGE_SCHEME = "package:"
 CACHE_DIR_ENV = "MERGESERVE_CACHE_DIR"
 
@@ -212,7 +215,7 @@ class SecurityConfig(_Strict):
 
 
 class CombineConfig(_Strict):
-    method: Literal["linear", "ties", "dare_linear", "dare_ties"] = Field(
+    method: CombineMethod = Field(
         default="linear",
         description="How several adapters' deltas combine: linear is the exact weighted sum; ties/dare_* are opt-in "
         "task-vector merges (merged mode only).",
