@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -263,3 +264,23 @@ class Config(_Strict):
                 "use mode: merged, or combine.method: linear"
             )
         return self
+
+    def merge_identity(self, files: Callable[[Path], Any] = str) -> dict[str, Any]:
+        """Everything in the config that decides the merged weights or the cache entry: the merge cache's key inputs.
+
+        `files` turns the base model and each adapter into their part of the identity: their path by default; the
+        cache passes a content digest of every file, so an entry follows the bytes, never a name. Adapter order and
+        weights count (float32 addition is not associative; w scales the delta), as do the dtype (the one rounding),
+        the combine method, density and seed (TIES/DARE give other weights than the exact sum) and the probes (their
+        logits are stored in the entry). Names, limits, ports and the parity tolerance change no weight: left out.
+        """
+        if self.model.dtype == "auto":
+            # "auto" names no dtype: replicas on other CPUs would share an entry merged and rounded in another one.
+            raise ValueError("resolve model.dtype auto (server.merge.precision.resolve_dtype_setting) before keying")
+        return {
+            "combine": self.combine.model_dump(),
+            "dtype": self.model.dtype,
+            "base": files(self.model.path),
+            "adapters": [{"weight": a.weight, "files": files(a.path)} for a in self.adapters],
+            "probes": list(self.parity.probes),
+        }
