@@ -52,6 +52,31 @@ def _resolve(raw: Any, info: ValidationInfo) -> Path:
     return (base_dir / Path(raw).expanduser()).resolve()
 
 
+# (broken, message) pairs, checked in order: the first that applies names the problem and its fix.
+PathRules = tuple[tuple[Callable[[Path], bool], str], ...]
+_MODEL_PATH_RULES: PathRules = (
+    (lambda p: not p.exists(), "base model path '{path}' does not exist | point it at a model folder or .gguf file"),
+    (lambda p: p.is_file() and p.suffix != ".gguf",
+     "'{path}' is a file but not .gguf | give the model folder or a .gguf file"),
+    (lambda p: p.is_dir() and not (p / "config.json").exists(),
+     "'{path}' has no config.json | give a Hugging Face model folder or a .gguf file"),
+)  # fmt: skip
+_ADAPTER_PATH_RULES: PathRules = (
+    (lambda p: not p.is_dir(), "adapter folder '{path}' does not exist | point it at a saved PEFT adapter folder"),
+    (lambda p: not (p / "adapter_config.json").is_file(),
+     "'{path}' has no adapter_config.json | point it at a folder saved by save_pretrained"),
+)  # fmt: skip
+
+
+def _resolve_checked(raw: Any, info: ValidationInfo, rules: PathRules) -> Path:
+    """The resolved path, or a ValueError with the message of the first rule it breaks ({path} is filled in)."""
+    path = _resolve(raw, info)
+    for broken, message in rules:
+        if broken(path):
+            raise ValueError(message.format(path=path))
+    return path
+
+
 class ModelConfig(_Strict):
     path: Path = Field(description="Local Hugging Face model folder, a .gguf file, or package:<pkg>/<file>.")
     id: str | None = Field(default=None, description="model_id reported by /info; defaults to the path's name.")
@@ -71,14 +96,7 @@ class ModelConfig(_Strict):
     @field_validator("path", mode="before")
     @classmethod
     def _path_exists(cls, raw: Any, info: ValidationInfo) -> Path:
-        path = _resolve(raw, info)
-        if not path.exists():
-            raise ValueError(f"base model path '{path}' does not exist | point it at a model folder or .gguf file")
-        if path.is_file() and path.suffix != ".gguf":
-            raise ValueError(f"'{path}' is a file but not .gguf | give the model folder or a .gguf file")
-        if path.is_dir() and not (path / "config.json").exists():
-            raise ValueError(f"'{path}' has no config.json | give a Hugging Face model folder or a .gguf file")
-        return path
+        return _resolve_checked(raw, info, _MODEL_PATH_RULES)
 
     @field_validator("offload_folder", mode="before")
     @classmethod
@@ -98,12 +116,7 @@ class AdapterConfig(_Strict):
     @field_validator("path", mode="before")
     @classmethod
     def _adapter_folder(cls, raw: Any, info: ValidationInfo) -> Path:
-        path = _resolve(raw, info)
-        if not path.is_dir():
-            raise ValueError(f"adapter folder '{path}' does not exist | point it at a saved PEFT adapter folder")
-        if not (path / "adapter_config.json").is_file():
-            raise ValueError(f"'{path}' has no adapter_config.json | point it at a folder saved by save_pretrained")
-        return path
+        return _resolve_checked(raw, info, _ADAPTER_PATH_RULES)
 
 
 class ServerConfig(_Strict):
