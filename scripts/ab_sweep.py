@@ -7,7 +7,7 @@ Method
     delta stays small, outputs stay sane and the float32 parity gate at boot passes. Built once into
     OUT/adapters/r{r}_{i}; a folder built with the same rank, seed and scale is reused.
   * Combination (r, k): adapters r{r}_0 .. r{r}_{k-1}, each with weight 1/k, served together by one `ab` server that
-    ab_report starts (loopback, free port), then a concurrency-1 A/B from ab_report: merged, unmerged, merged, ...
+    ab_load starts (loopback, free port), then a concurrency-1 A/B driven by ab_load: merged, unmerged, merged, ...
     on the same 8 prompts, greedy, --warmup pairs excluded, --requests per arm, --max-new-tokens.
   * Unmerged overhead = ab_stats' paired speed-up - 1: the median over prompt pairs of TPOT unmerged / merged, with
     its percentile bootstrap 95 % CI over pairs (seed --seed) shifted by -1; request latency likewise. Combinations
@@ -33,9 +33,10 @@ import numpy as np
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ab_load
 import ab_plots
-import ab_report as ab
 import ab_stats
+from local_server import REPO
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -113,11 +114,11 @@ def overhead(samples: list[ab_stats.Sample], metric: str, args: argparse.Namespa
 
 def run_combo(config: Path, rank: int, count: int, args: argparse.Namespace) -> tuple[dict[str, Any], list[Any]]:
     load_before = os.getloadavg()[0]
-    heavy = set(ab.heavy_processes())
-    with ab.managed_server(config, args.boot_timeout) as (url, log):
-        info = ab.server_info({"ab": url})["ab"]
-        samples = asyncio.run(ab.run_level(dict.fromkeys(ab_stats.ARMS, url), 1, args))
-    heavy.update(ab.heavy_processes())
+    heavy = set(ab_load.heavy_processes())
+    with ab_load.managed_server(config, args.boot_timeout) as (url, log):
+        info = ab_load.server_info({"ab": url})["ab"]
+        samples = asyncio.run(ab_load.run_level(dict.fromkeys(ab_stats.ARMS, url), 1, args))
+    heavy.update(ab_load.heavy_processes())
     stats = {arm: ab_stats.arm_stats(samples, 1, arm) for arm in ab_stats.ARMS}
     row = {
         "rank": rank,
@@ -189,7 +190,7 @@ def plot_lines(rows: list[dict[str, Any]], x_key: str, line_key: str, out: Path)
 
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Unmerged overhead vs LoRA rank and adapter count (see the docstring).")
-    p.add_argument("--config", default=str(ab.REPO / "configs/demo.yaml"), help="config whose model section is used")
+    p.add_argument("--config", default=str(REPO / "configs/demo.yaml"), help="config whose model section is used")
     p.add_argument("--out", default="report/sweep")
     p.add_argument("--ranks", default="8,64,256")
     p.add_argument("--counts", default="1,2,4")
@@ -249,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
             samples += [{"rank": rank, "count": count, **s.as_dict()} for s in got]
             print(f"ab_sweep: r={rank} k={count}: TPOT overhead {pct(row['tpot']['overhead'])}", file=sys.stderr)
     settings = {k: getattr(args, k) for k in ("requests", "warmup", "max_new_tokens", "b_scale", "resamples", "seed")}
-    settings.update(ranks=ranks, counts=counts, base=model["path"], git=ab.git_state())
+    settings.update(ranks=ranks, counts=counts, base=model["path"], git=ab_load.git_state())
     write_outputs(settings, rows, samples, out)
     sys.stdout.write((out / "sweep.md").read_text())
     return 0

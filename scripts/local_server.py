@@ -1,4 +1,4 @@
-"""A mergeserve process on a free loopback port, for the benchmark, A/B and soak scripts.
+"""A mergeserve process on a free loopback port, for the benchmark, A/B and soak scripts and tests/live_server.py.
 
 `python -m server serve` runs from the repository root with its output in a log file (a file, not a pipe: nobody
 drains a pipe, and a full one would block the server). `wait_healthy` polls /health until boot is done; `stop` sends
@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -41,19 +41,27 @@ def check_loopback(url: str, tool: str) -> str:
 
 
 class LocalServer:
-    def __init__(self, config: str | Path, *extra: str, log: Path | None = None, prefix: str = "mergeserve") -> None:
-        self.port = free_port()
+    """A started `serve` process; `program` replaces `python -m server` (an installed entry point, a test double)."""
+
+    def __init__(self, config: str | Path, *extra: str, log: Path | None = None, prefix: str = "mergeserve",
+                 port: int | None = None, program: Sequence[str] = (), cwd: Path = REPO,
+                 env: Mapping[str, str] | None = None) -> None:  # fmt: skip
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         if log is None:
             fd, name = tempfile.mkstemp(prefix=f"{prefix}-server-{self.port}-", suffix=".log")
             os.close(fd)
             log = Path(name)
         self.log = log
-        args = [sys.executable, "-m", "server", "serve", "--config", str(Path(config).resolve()),
+        self.health_history: list[int] = []  # every /health status seen while booting: 503s, then the 200
+        args = [*(program or (sys.executable, "-m", "server")), "serve", "--config", str(Path(config).resolve()),
                 "--host", "127.0.0.1", "--port", str(self.port), *extra]  # fmt: skip
         with log.open("wb") as out:
-            self.proc = subprocess.Popen(args, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=out,
-                                         stderr=subprocess.STDOUT)  # fmt: skip
+            self.proc = subprocess.Popen(args, cwd=cwd, env={**(env or os.environ), "PYTHONUNBUFFERED": "1"},
+                                         stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+
+    def read_log(self) -> str:
+        return self.log.read_text(errors="replace")
 
     def wait_healthy(self, timeout: float) -> float:
         """Seconds until /health answered 200; raises if the process exits or the timeout passes first."""
@@ -61,17 +69,23 @@ class LocalServer:
         with httpx.Client(trust_env=False, timeout=5) as client:
             while time.monotonic() - start < timeout:
                 if self.proc.poll() is not None:
-                    last = "\n".join(self.log.read_text(errors="replace").splitlines()[-15:])
+                    last = "\n".join(self.read_log().splitlines()[-15:])
                     raise RuntimeError(f"server exited with code {self.proc.returncode} during boot:\n{last}")
-                with contextlib.suppress(httpx.TransportError):
-                    if client.get(f"{self.url}/health").status_code == 200:
-                        return time.monotonic() - start
+                try:
+                    status = client.get(f"{self.url}/health").status_code
+                except httpx.TransportError:  # not listening yet: ask again soon
+                    time.sleep(0.2)
+                    continue
+                self.health_history.append(status)
+                if status == 200:
+                    return time.monotonic() - start
                 time.sleep(0.5)
         raise TimeoutError(f"server not healthy after {timeout:.0f} s; log {self.log}")
 
-    def stop(self, grace: float = 30.0) -> int:
+    def stop(self, grace: float = 30.0, sig: signal.Signals = signal.SIGTERM) -> int:
+        """Exit code after `sig` (SIGTERM or SIGINT: both drain in-flight requests); killed if it outlives `grace`."""
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(sig)
             try:
                 self.proc.wait(timeout=grace)
             except subprocess.TimeoutExpired:

@@ -1,26 +1,24 @@
-"""Run `python -m server serve` as a real process on a free loopback port, for end-to-end tests."""
+"""A real `serve` process on a free loopback port for end-to-end tests: scripts/local_server.py's, as a `with` block.
+
+Starting, waiting for /health and stopping are scripts/local_server.LocalServer's (the benchmark and A/B scripts use
+the same code). Here: the process starts on entering the block, not on construction (the port is known before, for
+a Prometheus scrape config); it stops with SIGINT (Ctrl-C, which must drain and exit 0); the log is a temporary file
+deleted with the object; and a failed boot raises with the whole log, after stopping the process.
+"""
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from types import TracebackType
 
-import httpx
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+# scripts/ is not a package: its modules import each other by bare name, as they do when run as scripts.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from local_server import REPO, LocalServer, free_port
 
 
 def port_is_free(port: int) -> bool:
@@ -33,73 +31,40 @@ def port_is_free(port: int) -> bool:
 
 
 class LiveServer:
-    def __init__(
-        self,
-        config: Path,
-        *extra: str,
-        boot_timeout: float = 420.0,
-        executable: list[str] | None = None,
-        cwd: Path = REPO,
-        env: dict[str, str] | None = None,
-    ) -> None:
+    def __init__(self, config: Path, *extra: str, boot_timeout: float = 420.0, executable: list[str] | None = None,
+                 cwd: Path = REPO, env: dict[str, str] | None = None) -> None:  # fmt: skip
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        program = executable or [sys.executable, "-m", "server"]
-        self.args = [
-            *program,
-            "serve",
-            "--config",
-            str(config),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            *extra,
-        ]
-        self.cwd, self.env = cwd, env
-        self.boot_timeout = boot_timeout
-        self.health_history: list[int] = []
-        # A file, not a pipe: nobody drains a pipe while the server runs, and a full pipe would block its logging.
-        self.log_file = tempfile.NamedTemporaryFile("w+", prefix="mergeserve-", suffix=".log")  # noqa: SIM115
-        self.proc: subprocess.Popen[str] | None = None
+        self.config, self.extra, self.boot_timeout = config, extra, boot_timeout
+        self.program, self.cwd, self.env = executable or [], cwd, env
+        self.log_file = tempfile.NamedTemporaryFile(prefix="mergeserve-", suffix=".log")  # noqa: SIM115
+        self.local: LocalServer | None = None
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes] | None:
+        return self.local.proc if self.local else None
+
+    @property
+    def health_history(self) -> list[int]:
+        return self.local.health_history if self.local else []
 
     def __enter__(self) -> LiveServer:
-        env = {**(self.env or os.environ), "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(
-            self.args, cwd=self.cwd, env=env, stdout=self.log_file, stderr=subprocess.STDOUT, text=True
-        )
-        self.wait_ready()
+        self.local = LocalServer(self.config, *self.extra, log=Path(self.log_file.name), port=self.port,
+                                 program=self.program, cwd=self.cwd, env=self.env)  # fmt: skip
+        try:
+            self.local.wait_healthy(self.boot_timeout)
+        except (RuntimeError, TimeoutError) as exc:
+            raise type(exc)(f"{exc}\nfull log:\n{self.stop()}") from None
         return self
 
-    def wait_ready(self) -> None:
-        assert self.proc is not None
-        deadline = time.monotonic() + self.boot_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.stop()}")
-            try:
-                status = httpx.get(f"{self.url}/health", timeout=5).status_code
-            except httpx.TransportError:
-                time.sleep(0.2)
-                continue
-            self.health_history.append(status)
-            if status == 200:
-                return
-            time.sleep(0.5)
-        raise TimeoutError(f"server not ready after {self.boot_timeout}s:\n{self.stop()}")
-
     def stop(self) -> str:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        """Stop with SIGINT, as Ctrl-C would; the log so far."""
+        if self.local is not None:
+            self.local.stop(sig=signal.SIGINT)
         return self.read_log()
 
     def read_log(self) -> str:
-        self.log_file.seek(0)
-        return self.log_file.read()
+        return Path(self.log_file.name).read_text(errors="replace")
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -22,6 +23,9 @@ from server.errors import MergeserveError
 Mode = Literal["merged", "unmerged", "ab"]
 Arm = Literal["merged", "unmerged"]
 DType = Literal["auto", "checkpoint", "float32", "float16", "bfloat16"]
+# The one list of combine methods: server.merge.combine's registry must name exactly these (it checks at import).
+CombineMethod = Literal["linear", "ties", "dare_linear", "dare_ties"]
+COMBINE_METHODS: tuple[CombineMethod, ...] = get_args(CombineMethod)
 PACKAGE_SCHEME = "package:"
 CACHE_DIR_ENV = "MERGESERVE_CACHE_DIR"
 
@@ -53,6 +57,31 @@ def _resolve(raw: Any, info: ValidationInfo) -> Path:
     return (base_dir / Path(raw).expanduser()).resolve()
 
 
+# (broken, message) pairs, checked in order: the first that applies names the problem and its fix.
+PathRules = tuple[tuple[Callable[[Path], bool], str], ...]
+_MODEL_PATH_RULES: PathRules = (
+    (lambda p: not p.exists(), "base model path '{path}' does not exist | point it at a model folder or .gguf file"),
+    (lambda p: p.is_file() and p.suffix != ".gguf",
+     "'{path}' is a file but not .gguf | give the model folder or a .gguf file"),
+    (lambda p: p.is_dir() and not (p / "config.json").exists(),
+     "'{path}' has no config.json | give a Hugging Face model folder or a .gguf file"),
+)  # fmt: skip
+_ADAPTER_PATH_RULES: PathRules = (
+    (lambda p: not p.is_dir(), "adapter folder '{path}' does not exist | point it at a saved PEFT adapter folder"),
+    (lambda p: not (p / "adapter_config.json").is_file(),
+     "'{path}' has no adapter_config.json | point it at a folder saved by save_pretrained"),
+)  # fmt: skip
+
+
+def _resolve_checked(raw: Any, info: ValidationInfo, rules: PathRules) -> Path:
+    """The resolved path, or a ValueError with the message of the first rule it breaks ({path} is filled in)."""
+    path = _resolve(raw, info)
+    for broken, message in rules:
+        if broken(path):
+            raise ValueError(message.format(path=path))
+    return path
+
+
 class ModelConfig(_Strict):
     path: Path = Field(description="Local Hugging Face model folder, a .gguf file, or package:<pkg>/<file>.")
     id: str | None = Field(default=None, description="model_id reported by /info; defaults to the path's name.")
@@ -72,14 +101,7 @@ class ModelConfig(_Strict):
     @field_validator("path", mode="before")
     @classmethod
     def _path_exists(cls, raw: Any, info: ValidationInfo) -> Path:
-        path = _resolve(raw, info)
-        if not path.exists():
-            raise ValueError(f"base model path '{path}' does not exist | point it at a model folder or .gguf file")
-        if path.is_file() and path.suffix != ".gguf":
-            raise ValueError(f"'{path}' is a file but not .gguf | give the model folder or a .gguf file")
-        if path.is_dir() and not (path / "config.json").exists():
-            raise ValueError(f"'{path}' has no config.json | give a Hugging Face model folder or a .gguf file")
-        return path
+        return _resolve_checked(raw, info, _MODEL_PATH_RULES)
 
     @field_validator("offload_folder", mode="before")
     @classmethod
@@ -99,12 +121,7 @@ class AdapterConfig(_Strict):
     @field_validator("path", mode="before")
     @classmethod
     def _adapter_folder(cls, raw: Any, info: ValidationInfo) -> Path:
-        path = _resolve(raw, info)
-        if not path.is_dir():
-            raise ValueError(f"adapter folder '{path}' does not exist | point it at a saved PEFT adapter folder")
-        if not (path / "adapter_config.json").is_file():
-            raise ValueError(f"'{path}' has no adapter_config.json | point it at a folder saved by save_pretrained")
-        return path
+        return _resolve_checked(raw, info, _ADAPTER_PATH_RULES)
 
 
 class ServerConfig(_Strict):
@@ -217,7 +234,7 @@ class SecurityConfig(_Strict):
 
 
 class CombineConfig(_Strict):
-    method: Literal["linear", "ties", "dare_linear", "dare_ties"] = Field(
+    method: CombineMethod = Field(
         default="linear",
         description="How several adapters' deltas combine: linear is the exact weighted sum; ties/dare_* are opt-in "
         "task-vector merges (merged mode only).",
@@ -265,3 +282,23 @@ class Config(_Strict):
                 "use mode: merged, or combine.method: linear"
             )
         return self
+
+    def merge_identity(self, files: Callable[[Path], Any] = str) -> dict[str, Any]:
+        """Everything in the config that decides the merged weights or the cache entry: the merge cache's key inputs.
+
+        `files` turns the base model and each adapter into their part of the identity: their path by default; the
+        cache passes a content digest of every file, so an entry follows the bytes, never a name. Adapter order and
+        weights count (float32 addition is not associative; w scales the delta), as do the dtype (the one rounding),
+        the combine method, density and seed (TIES/DARE give other weights than the exact sum) and the probes (their
+        logits are stored in the entry). Names, limits, ports and the parity tolerance change no weight: left out.
+        """
+        if self.model.dtype == "auto":
+            # "auto" names no dtype: replicas on other CPUs would share an entry merged and rounded in another one.
+            raise ValueError("resolve model.dtype auto (server.merge.precision.resolve_dtype_setting) before keying")
+        return {
+            "combine": self.combine.model_dump(),
+            "dtype": self.model.dtype,
+            "base": files(self.model.path),
+            "adapters": [{"weight": a.weight, "files": files(a.path)} for a in self.adapters],
+            "probes": list(self.parity.probes),
+        }

@@ -16,24 +16,24 @@ At density 1 every method keeps every entry, and a single adapter then reproduce
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from types import MappingProxyType
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from server.config.schema import COMBINE_METHODS, CombineMethod
 from server.merge.kinds import LayerDelta
-
-Method = Literal["linear", "ties", "dare_linear", "dare_ties"]
 
 
 @dataclass(frozen=True)
 class MixSpec:
-    method: Method = "linear"
+    method: CombineMethod = "linear"
     density: float = 1.0
     seed: int = 0
 
@@ -67,7 +67,7 @@ def skip_draws(shape: torch.Size, count: int, spec: MixSpec, generator: torch.Ge
     The export writes layers in file order, not module order; it replays the draws once to learn where each layer's
     turn starts. Only DARE draws, one uniform sample per entry per adapter (see `_drop`).
     """
-    if generator is None or spec.method not in ("dare_linear", "dare_ties") or spec.density >= 1.0:
+    if generator is None or not STRATEGIES[spec.method].draws or spec.density >= 1.0:
         return
     for _ in range(count):
         torch.rand(shape, generator=generator)
@@ -81,20 +81,55 @@ def _disjoint_mean(taus: torch.Tensor) -> torch.Tensor:
     return total / agree.sum(dim=0).clamp(min=1)
 
 
+def _linear(taus: list[torch.Tensor], density: float, generator: torch.Generator | None) -> torch.Tensor:
+    out = torch.zeros_like(taus[0])
+    for tau in taus:  # in config order, into one float32 buffer: the sum the unmerged model computes
+        out += tau
+    return out
+
+
+def _ties(taus: list[torch.Tensor], density: float, generator: torch.Generator | None) -> torch.Tensor:
+    return _disjoint_mean(torch.stack([_trim(t, density) for t in taus]))
+
+
+def _dropped(taus: list[torch.Tensor], density: float, generator: torch.Generator | None) -> torch.Tensor:
+    assert generator is not None, "DARE needs a seeded generator"
+    return torch.stack([_drop(t, density, generator) for t in taus])
+
+
+def _dare_linear(taus: list[torch.Tensor], density: float, generator: torch.Generator | None) -> torch.Tensor:
+    return _dropped(taus, density, generator).sum(dim=0)
+
+
+def _dare_ties(taus: list[torch.Tensor], density: float, generator: torch.Generator | None) -> torch.Tensor:
+    return _disjoint_mean(_dropped(taus, density, generator))
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """How one method mixes a layer's taus (non-empty, float32, one shape), given density and the DARE generator."""
+
+    mix: Callable[[list[torch.Tensor], float, torch.Generator | None], torch.Tensor]
+    draws: bool  # consumes one uniform sample per entry per adapter from the generator (`skip_draws` replays them)
+
+
+STRATEGIES: Mapping[CombineMethod, Strategy] = MappingProxyType(
+    {
+        "linear": Strategy(_linear, draws=False),
+        "ties": Strategy(_ties, draws=False),
+        "dare_linear": Strategy(_dare_linear, draws=True),
+        "dare_ties": Strategy(_dare_ties, draws=True),
+    }
+)
+if set(STRATEGIES) != set(COMBINE_METHODS):  # a method the config accepts but nothing implements, or vice versa
+    raise ImportError(f"combine strategies {sorted(STRATEGIES)} != config methods {sorted(COMBINE_METHODS)}")
+
+
 def combine(taus: list[torch.Tensor], spec: MixSpec, generator: torch.Generator | None) -> torch.Tensor:
     """One layer's merged delta from its weighted per-adapter deltas (all float32, same shape)."""
-    if spec.method == "linear" or not taus:
-        out = torch.zeros_like(taus[0]) if taus else torch.zeros(())
-        for tau in taus:
-            out += tau
-        return out
-    if spec.method == "ties":
-        return _disjoint_mean(torch.stack([_trim(t, spec.density) for t in taus]))
-    assert generator is not None, "DARE needs a seeded generator"
-    dropped = [_drop(t, spec.density, generator) for t in taus]
-    if spec.method == "dare_linear":
-        return torch.stack(dropped).sum(dim=0)
-    return _disjoint_mean(torch.stack(dropped))
+    if not taus:
+        return torch.zeros(())
+    return STRATEGIES[spec.method].mix(taus, spec.density, generator)
 
 
 @contextmanager

@@ -7,11 +7,11 @@ Layout under the cache folder:
     file-hashes.json      path -> (size, mtime_ns, sha256) of inputs, so unchanged base files are not re-hashed
     tmp-*/ trash-*/       entries being written (renamed into entries/ when complete) or being deleted
 
-The key covers the base files, every adapter file, each adapter's weight and order, the dtype (as resolved: `auto` is
-keyed as the dtype this machine picked), the merge method and MERGE_FORMAT_VERSION, the combine method (with its
-density and seed), the parity probes (their logits are stored in the entry) and the transformers and PEFT versions
-(the GGUF dequantizer and PEFT's scaling rules live there).
-Keying on an adapter's name alone goes stale.
+The key covers the config's part, `Config.merge_identity()` (adapter weights and order, the dtype as resolved: `auto`
+is keyed as the dtype this machine picked, the combine method with its density and seed, the parity probes), with
+the sha256 of every base and adapter file in place of their paths, plus what lives here: the merge method,
+MERGE_FORMAT_VERSION and the transformers and PEFT versions (the GGUF dequantizer and PEFT's scaling rules live
+there). Keying on an adapter's name alone goes stale.
 """
 
 from __future__ import annotations
@@ -93,18 +93,11 @@ class MergeCache:
             (root / sub).mkdir(parents=True, exist_ok=True)
 
     def key(self, config: Config) -> tuple[str, dict[str, Any]]:
-        if config.model.dtype == "auto":
-            # "auto" names no dtype: replicas on other CPUs would share an entry merged and rounded in another one.
-            raise ValueError("resolve model.dtype auto (server.merge.precision.resolve_dtype_setting) before keying")
         hashes = FileHashes(self.root)
         inputs = {
             "format": MERGE_FORMAT_VERSION,
             "method": MERGE_METHOD,
-            "combine": config.combine.model_dump(),  # TIES/DARE give other weights than the exact sum
-            "dtype": config.model.dtype,
-            "base": _tree_digests(config.model.path, hashes),
-            "adapters": [{"weight": a.weight, "files": _tree_digests(a.path, hashes)} for a in config.adapters],
-            "probes": config.parity.probes,
+            **config.merge_identity(lambda path: _tree_digests(path, hashes)),
             "transformers": transformers.__version__,
             "peft": peft.__version__,
         }

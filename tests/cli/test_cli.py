@@ -72,6 +72,11 @@ def test_tiny_server_serves_over_http(write_config: Writer, tiny_config_data: di
         r = httpx.post(f"{server.url}/generate", json={"inputs": "Arr", "parameters": {"max_new_tokens": 3}})
         assert r.status_code == 200 and r.headers["x-merge-mode"] == "unmerged"
         assert httpx.get(f"{server.url}/info").json()["mode"] == "unmerged"
+        # Started, awaited and stopped by scripts/local_server.py, the one implementation the scripts use too.
+        local = server.local
+        assert local is not None and local.proc is server.proc and local.url == server.url
+        assert Path(str(sys.modules[type(local).__module__].__file__)) == REPO / "scripts" / "local_server.py"
+        assert server.health_history and server.health_history[-1] == 200
     # LiveServer stops it with SIGINT (Ctrl-C): a drain and exit 0, not a KeyboardInterrupt traceback.
     assert server.proc is not None and server.proc.returncode == 0
     log = server.read_log()

@@ -105,6 +105,26 @@ def test_adapter_folder_without_adapter_config(
     assert err.key == "adapters[0].path" and "adapter_config.json" in str(err)
 
 
+@pytest.mark.parametrize(
+    ("make", "words"),
+    [
+        (lambda p: p.write_text("{}") and p, "is a file but not .gguf"),
+        (lambda p: p.mkdir() or p, "has no config.json"),
+    ],
+    ids=["file-not-gguf", "folder-without-config"],
+)
+def test_model_path_that_is_no_model(
+    write_config: Callable[[dict[str, Any]], Path],
+    tiny_config_data: dict[str, Any],
+    tmp_path: Path,
+    make: Callable[[Path], Path],
+    words: str,
+) -> None:
+    tiny_config_data["model"]["path"] = str(make(tmp_path / "not-a-model"))
+    err = _error(write_config, tiny_config_data)
+    assert err.key == "model.path" and words in str(err) and str(tmp_path / "not-a-model") in str(err)
+
+
 def test_duplicate_adapter_names(
     write_config: Callable[[dict[str, Any]], Path], tiny_config_data: dict[str, Any]
 ) -> None:

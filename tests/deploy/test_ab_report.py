@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import sys
@@ -125,3 +126,32 @@ def test_queue_bias_is_measured_with_its_interval() -> None:
             s.queue += 0.05  # every unmerged request waits 50 ms longer
     biased = ab_stats.queue_bias(samples, 1, resamples=2000, seed=0)
     assert biased["verdict"] == "unmerged waits longer" and 0.04 < biased["diff"] < 0.06 and biased["lo"] > 0
+
+
+def _sibling_imports(path: Path, siblings: set[str]) -> set[str]:
+    """The scripts/ modules that `path` imports, at module level or inside a function (a lazy import still cycles)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+    return found & siblings
+
+
+def test_scripts_import_each_other_without_a_circle() -> None:
+    scripts = Path(ab_report.__file__).resolve().parent
+    siblings = {p.stem for p in scripts.glob("*.py")}
+    graph = {name: _sibling_imports(scripts / f"{name}.py", siblings) for name in siblings}
+    assert "ab_sweep" in graph["ab_report"]  # `ab_report.py --sweep` still runs the sweep
+    done: set[str] = set()
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        assert name not in path, f"import circle: {' -> '.join((*path, name))}"
+        if name not in done:
+            for dep in sorted(graph[name]):
+                visit(dep, (*path, name))
+            done.add(name)
+
+    for name in sorted(graph):
+        visit(name, ())

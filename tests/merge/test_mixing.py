@@ -137,3 +137,18 @@ def test_combine_config_is_checked(
     with pytest.raises(ConfigError) as err:
         load_config(write_config({**tiny_config_data, **extra}))
     assert message in str(err.value) and "fix:" in str(err.value)
+
+
+def test_the_config_accepts_exactly_the_registered_methods(
+    write_config: Writer, tiny_config_data: dict[str, Any]
+) -> None:
+    from server.config.schema import COMBINE_METHODS
+    from server.merge.combine import STRATEGIES
+
+    assert sorted(STRATEGIES) == sorted(COMBINE_METHODS) == sorted(METHODS)
+    for method in METHODS:
+        combine_cfg = {"method": method} if method == "linear" else {"method": method, "density": 0.5}
+        assert load_config(write_config({**tiny_config_data, "combine": combine_cfg})).combine.method == method
+    with pytest.raises(ConfigError) as err:
+        load_config(write_config({**tiny_config_data, "combine": {"method": "slerp", "density": 0.5}}))
+    assert "combine.method" in str(err.value)

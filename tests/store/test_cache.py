@@ -270,3 +270,24 @@ def test_auto_dtype_is_keyed_by_the_dtype_it_resolves_to(
     again = boot(auto)  # a second bf16 machine reuses the bf16 entry, and serves it in bf16
     assert again.info.cache["status"] == "hit" and again.info.cache["key"] == keys["bfloat16"]
     assert again.info.dtype == "bfloat16" and torch.equal(_logits(again), _logits(served["bfloat16"]))
+
+
+def test_merge_identity_holds_what_the_merge_depends_on_and_nothing_else(
+    write_config: Writer, tiny_config_data: dict[str, Any], merge_cache: Path
+) -> None:
+    cache = MergeCache(merge_cache)
+    config = load_config(write_config(tiny_config_data))
+    key, _ = cache.key(config)
+    # Serving settings and the adapter's name do not change the merged weights: same identity, same entry.
+    same = {**tiny_config_data, "server": {"port": 9000}, "parity": {"tolerance": 0.5},
+            "adapters": [{**tiny_config_data["adapters"][0], "name": "renamed"}]}  # fmt: skip
+    assert load_config(write_config(same)).merge_identity() == config.merge_identity()
+    assert cache.key(load_config(write_config(same)))[0] == key
+    for other in ({"combine": {"method": "dare_linear", "density": 0.5, "seed": 1}},
+                  {"parity": {"probes": ["another probe"]}}):  # fmt: skip
+        changed = load_config(write_config({**tiny_config_data, **other}))
+        assert changed.merge_identity() != config.merge_identity(), other
+        assert cache.key(changed)[0] != key, other
+    auto = load_config(write_config({**tiny_config_data, "model": {**tiny_config_data["model"], "dtype": "auto"}}))
+    with pytest.raises(ValueError, match=r"resolve model\.dtype auto"):
+        auto.merge_identity()
