@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
+from server.engine.sampling import Alternatives
 from server.engine.types import Token
 
 
@@ -54,9 +55,9 @@ class Detokenizer:
         self.special_ids = special_ids
         self.text = ""
 
-    def push(self, token_id: int, logprob: float) -> Token:
+    def push(self, token_id: int, logprob: float, top: Alternatives | None = None) -> Token:
         special = token_id in self.special_ids
-        token = Token(token_id, self.stream.push(token_id), logprob, special)
+        token = Token(token_id, self.stream.push(token_id), logprob, special, top)
         if not special:
             self.text += token.text
         return token

@@ -21,6 +21,9 @@ from transformers.generation.logits_process import (
     TypicalLogitsWarper,
 )
 
+# A step's best alternatives, most likely first: (token id, logprob) under the same distribution as the chosen token.
+Alternatives = tuple[tuple[int, float], ...]
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -81,8 +84,9 @@ def _processors(params: SamplingParams) -> LogitsProcessorList:
 class TokenChooser:
     """Picks the next token for one request and reports its log-probability under the processed distribution."""
 
-    def __init__(self, params: SamplingParams) -> None:
+    def __init__(self, params: SamplingParams, top_logprobs: int = 0) -> None:
         self.params = params
+        self.top_logprobs = top_logprobs  # alternatives reported per step; 0 skips the top-k entirely
         self.processors = _processors(params)
         self.seed: int | None = None
         self.generator: torch.Generator | None = None
@@ -90,9 +94,13 @@ class TokenChooser:
             self.seed = params.seed if params.seed is not None else random.SystemRandom().randrange(2**63)
             self.generator = torch.Generator().manual_seed(self.seed)
 
-    def choose(self, all_ids: torch.LongTensor, logits: torch.Tensor) -> tuple[int, float]:
+    def choose(self, all_ids: torch.LongTensor, logits: torch.Tensor) -> tuple[int, float, Alternatives | None]:
         """all_ids: (1, T) prompt + generated so far; logits: (1, V) for the next position, on all_ids' device (the
-        penalties gather and scatter the logits at those ids)."""
+        penalties gather and scatter the logits at those ids).
+
+        The alternatives come from the same log-softmax as the chosen token's logprob, so a greedy token is always
+        the first of them (up to ties) and they agree with it to the last bit.
+        """
         scores = self.processors(all_ids, logits.float())  # (1, V)
         logprobs = torch.log_softmax(scores, dim=-1)  # (1, V)
         if self.generator is None:
@@ -101,4 +109,8 @@ class TokenChooser:
             # The generator lives on the CPU so a seed gives the same tokens whatever the device.
             probs = logprobs.exp().cpu()
             token = int(torch.multinomial(probs, 1, generator=self.generator).item())
-        return token, float(logprobs[0, token].item())
+        top: Alternatives | None = None
+        if self.top_logprobs > 0:
+            values, ids = logprobs[0].topk(self.top_logprobs)  # sorted, most likely first
+            top = tuple(zip(ids.tolist(), values.tolist(), strict=True))
+        return token, float(logprobs[0, token].item()), top

@@ -84,7 +84,7 @@ class _Row:
     gen: Generation = field(init=False)
 
     def __post_init__(self) -> None:
-        self.chooser = TokenChooser(self.request.params)
+        self.chooser = TokenChooser(self.request.params, self.request.top_logprobs)
         self.all_ids = torch.tensor([self.request.input_ids], dtype=torch.long, device=self.device)
         self.gen = Generation(seed=self.chooser.seed, prompt_tokens=len(self.request.input_ids))
 
@@ -99,10 +99,10 @@ class _Row:
         if self.handle.cancelled.is_set():
             self.release()
             return True
-        token_id, logprob = self.chooser.choose(self.all_ids, logits)  # type: ignore[arg-type]
+        token_id, logprob, top = self.chooser.choose(self.all_ids, logits)  # type: ignore[arg-type]
         self.all_ids = torch.cat([self.all_ids, self.all_ids.new_tensor([[token_id]])], dim=1)
         gen = self.gen
-        gen.tokens.append(self.detokenizer.push(token_id, logprob))
+        gen.tokens.append(self.detokenizer.push(token_id, logprob, top))
         gen.text = self.detokenizer.text
         gen.finish_reason = self.stopping(token_id, gen.text)
         now = time.perf_counter()

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from server.engine.sampling import SamplingParams
+from server.engine.sampling import Alternatives, SamplingParams
 
 FinishReason = Literal["length", "eos_token", "stop_sequence"]
 
@@ -21,6 +21,7 @@ class PreparedRequest:
     params: SamplingParams
     max_new_tokens: int
     stop: list[str] = field(default_factory=list)
+    top_logprobs: int = 0  # best alternatives reported with each token (OpenAI's top_logprobs); 0: none
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class Token:
     text: str
     logprob: float
     special: bool
+    top: Alternatives | None = None  # the step's best alternatives, when the request asked for them
 
 
 @dataclass

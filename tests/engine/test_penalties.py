@@ -73,8 +73,8 @@ def test_penalty_processors_get_ids_on_the_logits_device(tokenizer: Any, monkeyp
     seen: list[tuple[torch.device, torch.device]] = []
 
     class Spied(TokenChooser):
-        def __init__(self, params: SamplingParams) -> None:
-            super().__init__(params)
+        def __init__(self, params: SamplingParams, top_logprobs: int = 0) -> None:
+            super().__init__(params, top_logprobs)
             real = self.processors
             assert len(real) == 2  # both penalties are in play
 
