@@ -20,6 +20,7 @@ from server.config.schema import Config
 from server.engine.engine import Engine
 from server.engine.types import Generation
 from server.http.errors import ServedError
+from server.http.openai_logprobs import CompletionLogprobs, chat_logprobs, token_decoder
 from server.http.openai_protocol import (
     FINISH,
     OPENAI_ERRORS,
@@ -83,13 +84,15 @@ async def models(request: Request) -> dict[str, Any]:
 
 
 async def _begin(
-    request: Request, body: CommonRequest, prompt: str, max_tokens: int | None, chat: bool, owner: AsyncExitStack
+    request: Request, body: CommonRequest, prompt: str, max_tokens: int | None, top: int | None, owner: AsyncExitStack
 ) -> tuple[Engine, Tracker, TokenStream]:
-    """`start`, for a model name the server answers to (a 404 otherwise, before the engine is asked)."""
+    """`start`, for a model name the server answers to (a 404 otherwise, before the engine is asked); `top`: the
+    alternatives each token carries. A chat prompt is a rendered template, tokenized without a second BOS."""
     if body.model not in _served_names(request):
         raise ServedError(404, f"The model `{body.model}` does not exist.", "not_found", openai_type="NotFoundError",
                           param="model")  # fmt: skip
-    return await start(request, prompt, _parameters(body, max_tokens), owner, chat)
+    chat = isinstance(body, ChatRequest)
+    return await start(request, prompt, _parameters(body, max_tokens), owner, chat, top or 0)
 
 
 @router.post("/completions", response_model=None, responses=STREAMED)
@@ -103,13 +106,16 @@ async def complete(request: Request, body: CompletionRequest) -> Response:
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if len(prompts) != 1:
         raise _bad_request("exactly one prompt per request is served", "prompt")
+    if body.echo and body.logprobs is not None:
+        raise _bad_request("log-probabilities of an echoed prompt are not served; drop `echo` or `logprobs`", "echo")
     async with AsyncExitStack() as owner:
-        _engine, tracker, stream = await _begin(request, body, prompts[0], body.max_tokens, False, owner)
+        _engine, tracker, stream = await _begin(request, body, prompts[0], body.max_tokens, body.logprobs, owner)
         rid, prefix = f"cmpl-{uuid.uuid4().hex}", prompts[0] if body.echo else ""
+        logprobs = CompletionLogprobs(token_decoder(_engine.tokenizer), body.logprobs)
         base = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": body.model}
         if not body.stream:
             gen = await run_to_end(stream, tracker)
-            choice = {"index": 0, "text": prefix + gen.text, "logprobs": None,
+            choice = {"index": 0, "text": prefix + gen.text, "logprobs": logprobs.of(gen.tokens),
                       "finish_reason": FINISH[gen.finish_reason or "length"]}  # fmt: skip
             payload = {**base, "choices": [choice], "usage": _usage(gen)}
             return JSONResponse(payload, headers={"x-merge-mode": tracker.mode})
@@ -120,7 +126,8 @@ async def complete(request: Request, body: CompletionRequest) -> Response:
             async for token, gen in tracked(stream, tracker):
                 reason = FINISH[gen.finish_reason] if gen.finish_reason else None
                 text = "" if token.special else token.text
-                yield {**base, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}]}
+                lp = logprobs.of([token])
+                yield {**base, "choices": [{"index": 0, "text": text, "logprobs": lp, "finish_reason": reason}]}
                 if reason and (body.stream_options or {}).get("include_usage"):
                     yield {**base, "choices": [], "usage": _usage(gen)}
 
@@ -136,6 +143,8 @@ async def chat_completions(request: Request, body: ChatRequest) -> Response:
 
 async def chat(request: Request, body: ChatRequest) -> Response:
     engine = current_engine(request)
+    if body.top_logprobs and not body.logprobs:
+        raise _bad_request("`top_logprobs` needs `logprobs: true`", "top_logprobs")
     messages = [m.model_dump() for m in body.messages]
     template = engine.tokenizer.apply_chat_template
     try:  # off the event loop, as tokenizing is: rendering a huge conversation takes a while
@@ -144,11 +153,13 @@ async def chat(request: Request, body: ChatRequest) -> Response:
         raise _bad_request(f"cannot apply the chat template: {exc}", "messages") from None
     async with AsyncExitStack() as owner:
         max_tokens = body.max_completion_tokens or body.max_tokens
-        engine, tracker, stream = await _begin(request, body, prompt, max_tokens, True, owner)
+        engine, tracker, stream = await _begin(request, body, prompt, max_tokens, body.top_logprobs, owner)
         base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
+        decode = token_decoder(engine.tokenizer)
         if not body.stream:
             gen = await run_to_end(stream, tracker)
-            choice = {"index": 0, "message": {"role": "assistant", "content": gen.text}, "logprobs": None,
+            choice = {"index": 0, "message": {"role": "assistant", "content": gen.text},
+                      "logprobs": chat_logprobs(decode, body.logprobs, gen.tokens),
                       "finish_reason": FINISH[gen.finish_reason or "length"]}  # fmt: skip
             payload = {**base, "object": "chat.completion", "choices": [choice], "usage": _usage(gen)}
             return JSONResponse(payload, headers={"x-merge-mode": tracker.mode})
@@ -161,7 +172,8 @@ async def chat(request: Request, body: ChatRequest) -> Response:
             async for token, gen in tracked(stream, tracker):
                 reason = FINISH[gen.finish_reason] if gen.finish_reason else None
                 delta = {"content": token.text} if token.text and not token.special else {}
-                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+                lp = chat_logprobs(decode, body.logprobs, [token])
+                choice = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": reason}
                 yield {**chunk, "choices": [choice]}
                 if reason and (body.stream_options or {}).get("include_usage"):
                     yield {**chunk, "choices": [], "usage": _usage(gen)}

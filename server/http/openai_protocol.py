@@ -1,6 +1,6 @@
 """Wire types of the OpenAI-compatible routes: requests, error objects, and the statuses each route declares.
 
-Requests are strict, as TGI's are (`0` is not a boolean), and refuse what is not served (n > 1, logprobs) by schema.
+Requests are strict, as TGI's are (`0` is not a boolean), and refuse what is not served (n > 1) by schema.
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ class CompletionRequest(CommonRequest):
     prompt: str | list[str]
     max_tokens: int | None = 16
     echo: bool = False
-    logprobs: int | None = Field(default=None, le=0, description="Log-probabilities are not served yet.")
+    logprobs: int | None = Field(
+        default=None, ge=0, le=5, description="Log-probabilities of the chosen tokens and of this many alternatives."
+    )
 
 
 class ChatMessage(BaseModel):
@@ -49,6 +51,8 @@ class ChatMessage(BaseModel):
 class ChatRequest(CommonRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20, description="Needs `logprobs: true`.")
 
 
 class OpenAIErrorBody(BaseModel):

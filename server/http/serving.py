@@ -13,6 +13,7 @@ import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from contextlib import AsyncExitStack, aclosing
+from dataclasses import replace
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -306,10 +307,16 @@ def current_arm(request: Request) -> str:
 
 
 async def start(
-    request: Request, inputs: str, parameters: Parameters, owner: AsyncExitStack, chat: bool = False
+    request: Request,
+    inputs: str,
+    parameters: Parameters,
+    owner: AsyncExitStack,
+    chat: bool = False,
+    top_logprobs: int = 0,
 ) -> tuple[Engine, Tracker, TokenStream]:
     """Validate, submit and open the request's tracker and token stream on `owner`, which closes both however the
-    request ends (a ServedError on the way out is recorded by the tracker)."""
+    request ends (a ServedError on the way out is recorded by the tracker). `top_logprobs`: alternatives per token,
+    an OpenAI option that TGI's parameters do not carry (TGI's `top_n_tokens` stays refused)."""
     engine, config = current_engine(request), request.app.state.config
     tracker = owner.enter_context(Tracker(request.app.state.metrics, current_arm(request)))
     # A chat template already holds its special tokens; adding BOS again would change the prompt.
@@ -321,6 +328,7 @@ async def start(
         prepared = await run_in_threadpool(validate, *args)  # tokenizing a 1 MiB body takes seconds
     except InputValidationError as exc:
         raise invalid_input(str(exc)) from None
+    prepared = replace(prepared, top_logprobs=top_logprobs)
     tracker.validated = time.perf_counter()
     stream = await open_stream(engine, prepared, tracker, config.limits.request_timeout_seconds)
     return engine, tracker, await owner.enter_async_context(aclosing(stream))

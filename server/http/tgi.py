@@ -9,7 +9,6 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncGenerator
 from contextlib import AsyncExitStack
-from dataclasses import asdict
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -20,6 +19,7 @@ from sse_starlette import EventSourceResponse
 from server import __version__
 from server.engine.engine import Engine
 from server.engine.types import Generation
+from server.engine.types import Token as EngineToken
 from server.http.errors import ServedError, invalid_input
 from server.http.metrics import Metrics
 from server.http.middleware import Lifecycle
@@ -79,8 +79,13 @@ def _details(gen: Generation) -> Details:
         generated_tokens=len(gen.tokens),
         seed=gen.seed,
         prefill=[],  # filled only for decoder_input_details, which validation refuses
-        tokens=[Token(id=t.id, text=t.text, logprob=t.logprob, special=t.special) for t in gen.tokens],
+        tokens=[_wire(t) for t in gen.tokens],
     )
+
+
+def _wire(token: EngineToken) -> Token:
+    """TGI's token: the engine's without its OpenAI-only alternatives (TGI's `top_n_tokens` is refused)."""
+    return Token(id=token.id, text=token.text, logprob=token.logprob, special=token.special)
 
 
 def _text(body: GenerateRequest, gen: Generation) -> str:
@@ -153,7 +158,7 @@ async def token_events(
     index = 0
     async for token, gen in tracked(stream, tracker):
         index += 1
-        event: dict[str, Any] = {"index": index, "token": asdict(token), "top_tokens": None,
+        event: dict[str, Any] = {"index": index, "token": _wire(token).model_dump(), "top_tokens": None,
                                  "generated_text": None, "details": None}  # fmt: skip
         if gen.finish_reason is not None:
             event["generated_text"] = _text(body, gen)

@@ -31,7 +31,7 @@ from server.engine.sampling import SamplingParams
 from server.engine.types import Generation, PreparedRequest
 from server.http.app import create_app
 from tests.conftest import build_adapter, build_model, build_tokenizer
-from tests.reference import assert_served_like_reference, reference_greedy
+from tests.reference import assert_served_like_reference, reference_greedy, reference_logprobs
 
 TOL = 1e-4
 PROMPTS = [
@@ -239,3 +239,101 @@ def test_every_route_serves_the_reference(
     config, engine = ab
     client = TestClient(create_app(engine, config))
     ROUTES[route](client, {"x-merge-mode": arm}, reference, engine)
+
+
+# Log-probabilities on the OpenAI routes: (token texts, logprobs, top alternatives as text -> logprob) per route.
+Served = tuple[list[str], list[float], list[dict[str, float]]]
+K = 3
+
+
+def _completion_logprobs(client: TestClient, headers: dict[str, str], prompt: str, stream: bool) -> Served:
+    body = {"model": "tiny-llama", "prompt": prompt, "max_tokens": 10, "temperature": 0, "logprobs": K}
+    if stream:
+        parts = [e["choices"][0]["logprobs"] for e in _events(client, "/v1/completions", {**body, "stream": True},
+                                                               headers) if e["choices"]]  # fmt: skip
+        text = "".join(e for part in parts for e in part["tokens"])  # not the text: only used for offsets below
+    else:
+        r = client.post("/v1/completions", json=body, headers=headers)
+        assert r.status_code == 200, r.text
+        parts, text = [r.json()["choices"][0]["logprobs"]], r.json()["choices"][0]["text"]
+    tokens = [t for p in parts for t in p["tokens"]]
+    offsets = [o for p in parts for o in p["text_offset"]]
+    assert offsets[0] == 0 and offsets == sorted(offsets)
+    if not stream:  # each plain token's text starts where its offset says, in the returned text
+        # A token holding part of a character (decoded alone: U+FFFD) comes out with the next token's text.
+        whole = [t for prev, t in zip(["", *tokens], tokens, strict=False) if "\ufffd" not in prev + t]
+        placed = [text[o:].startswith(t) for prev, o, t in zip(["", *tokens], offsets, tokens, strict=False)
+                  if "\ufffd" not in prev + t and t != "</s>"]  # fmt: skip
+        assert all(placed) and len(whole) > len(tokens) // 2, (text, tokens, offsets)
+    return tokens, [lp for p in parts for lp in p["token_logprobs"]], [d for p in parts for d in p["top_logprobs"]]
+
+
+def _chat_logprobs(client: TestClient, headers: dict[str, str], prompt: str, stream: bool) -> Served:
+    body = {"model": "tiny-llama", "messages": [{"role": "user", "content": prompt}], "max_tokens": 10,
+            "temperature": 0, "logprobs": True, "top_logprobs": K}  # fmt: skip
+    if stream:
+        events = _events(client, "/v1/chat/completions", {**body, "stream": True}, headers)
+        content = [c for e in events if e["choices"] and e["choices"][0]["logprobs"]
+                   for c in e["choices"][0]["logprobs"]["content"]]  # fmt: skip
+    else:
+        r = client.post("/v1/chat/completions", json=body, headers=headers)
+        assert r.status_code == 200, r.text
+        content = r.json()["choices"][0]["logprobs"]["content"]
+    for c in content:
+        assert c["bytes"] == list(c["token"].encode()) and all(a["bytes"] == list(a["token"].encode())
+                                                               for a in c["top_logprobs"])  # fmt: skip
+    tops = [{a["token"]: a["logprob"] for a in c["top_logprobs"]} for c in content]
+    return [c["token"] for c in content], [c["logprob"] for c in content], tops
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("route", ["completions", "chat"])
+@pytest.mark.parametrize("arm", ["merged", "unmerged"])
+def test_openai_routes_serve_reference_logprobs(
+    ab: tuple[Config, Engine], reference: PreTrainedModel, route: str, arm: str, stream: bool
+) -> None:
+    """Each returned token's logprob and its K best alternatives equal the plain forward's log-softmax."""
+    config, engine = ab
+    client, headers, prompt = TestClient(create_app(engine, config)), {"x-merge-mode": arm}, PROMPTS[4]
+    if route == "completions":
+        texts, logprobs, tops = _completion_logprobs(client, headers, prompt, stream)
+        prompt_ids = engine.tokenize(prompt)
+    else:
+        texts, logprobs, tops = _chat_logprobs(client, headers, prompt, stream)
+        messages = [{"role": "user", "content": prompt}]
+        rendered = engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prompt_ids = engine.tokenizer(str(rendered), add_special_tokens=False).input_ids
+    ids = reference_greedy(reference, prompt_ids, 10, engine.eos_ids)
+    # Tokenizing the texts back is ambiguous; the reference's own ids must decode to them one by one.
+    assert texts == [engine.decode([i], skip_special_tokens=False) for i in ids]
+    assert_served_like_reference(reference, prompt_ids, list(zip(ids, logprobs, strict=True)), tol=TOL)
+    expected = reference_logprobs(reference, prompt_ids, ids).topk(K, dim=-1)
+    for step, (text, top) in enumerate(zip(texts, tops, strict=True)):
+        assert list(top.values()) == sorted(top.values(), reverse=True) and text in top, (step, text, top)
+        want = {engine.decode([int(i)], skip_special_tokens=False): float(v)
+                for v, i in zip(expected.values[step], expected.indices[step], strict=True)}  # fmt: skip
+        assert top.keys() == want.keys(), (step, top, want)
+        assert all(abs(top[t] - want[t]) <= TOL for t in want), (step, top, want)
+
+
+@pytest.mark.parametrize(
+    ("path", "extra", "param"),
+    [
+        ("/v1/completions", {"logprobs": 6}, "logprobs"),
+        ("/v1/completions", {"logprobs": -1}, "logprobs"),
+        ("/v1/completions", {"logprobs": True}, "logprobs"),
+        ("/v1/completions", {"logprobs": 1, "echo": True}, "echo"),
+        ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ("/v1/chat/completions", {"logprobs": True, "top_logprobs": -1}, "top_logprobs"),
+        ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),
+        ("/v1/chat/completions", {"logprobs": 1}, "logprobs"),
+    ],
+)
+def test_openai_logprobs_out_of_range_is_400(
+    ab: tuple[Config, Engine], path: str, extra: dict[str, Any], param: str
+) -> None:
+    config, engine = ab
+    prompt = {"prompt": "Arr"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "Arr"}]}
+    r = TestClient(create_app(engine, config)).post(path, json={"model": "tiny-llama", **prompt, **extra})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["type"] == "BadRequestError" and r.json()["error"]["param"] == param, r.text
