@@ -112,5 +112,7 @@ class TokenChooser:
         top: Alternatives | None = None
         if self.top_logprobs > 0:
             values, ids = logprobs[0].topk(self.top_logprobs)  # sorted, most likely first
-            top = tuple(zip(ids.tolist(), values.tolist(), strict=True))
+            # top_p/top_k leave the rest at -inf: no sample can pick them, and JSON cannot carry the value.
+            kept = values > float("-inf")
+            top = tuple(zip(ids[kept].tolist(), values[kept].tolist(), strict=True))
         return token, float(logprobs[0, token].item()), top

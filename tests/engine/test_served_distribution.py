@@ -337,3 +337,15 @@ def test_openai_logprobs_out_of_range_is_400(
     r = TestClient(create_app(engine, config)).post(path, json={"model": "tiny-llama", **prompt, **extra})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["type"] == "BadRequestError" and r.json()["error"]["param"] == param, r.text
+
+
+def test_alternatives_outside_top_p_are_left_out(ab: tuple[Config, Engine]) -> None:
+    """top_p keeps few tokens; the rest have logprob -inf, which JSON cannot carry, and no sample can pick them."""
+    config, engine = ab
+    body = {"model": "tiny-llama", "messages": [{"role": "user", "content": "Arr"}], "max_tokens": 6, "top_p": 0.05,
+            "seed": 3, "logprobs": True, "top_logprobs": 5}  # fmt: skip
+    r = TestClient(create_app(engine, config)).post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    content = r.json()["choices"][0]["logprobs"]["content"]
+    assert content and all(1 <= len(c["top_logprobs"]) < 5 for c in content), content
+    assert all(a["logprob"] > float("-inf") for c in content for a in c["top_logprobs"])
