@@ -93,6 +93,11 @@ class _Row:
             self.released = True
             self.slots.give_back()
 
+    def fail(self, exc: BaseException) -> None:
+        """End the request with `exc`: its slot back first, then the error to its reader."""
+        self.release()
+        self.emit(exc, self.gen)
+
     def advance(self, logits: torch.Tensor) -> bool:
         """logits: (1, V) for the next position. Choose the token and emit it; True when done (finished or
         cancelled)."""
@@ -120,8 +125,7 @@ class _Row:
 
 def _fail_row(row: _Row, exc: BaseException) -> None:
     log.warning("request failed alone: %s: %s", type(exc).__name__, exc)
-    row.release()
-    row.emit(exc, row.gen)
+    row.fail(exc)
 
 
 def _advance(row: _Row, logits: torch.Tensor) -> bool:
@@ -181,7 +185,7 @@ class _Lane:
         row.admitted = time.perf_counter()
         row.gen.queue_seconds = row.admitted - row.submitted
         try:
-            logits, alone = Batch.prefill(self.model, row, row.all_ids.to(self.device))
+            logits, alone = Batch.prefill(self.model, row, row.all_ids)
             done = row.advance(logits)
         except Exception as exc:  # the prefill ran alone: only this request fails, the batch goes on
             _fail_row(row, exc)
@@ -218,8 +222,7 @@ class _Lane:
         failed = self.rows + ([self.admitting] if self.admitting else [])
         log.exception("lane %s: decode failed; failing %d requests", self.name, len(failed))
         for row in failed:
-            row.release()
-            row.emit(exc, row.gen)
+            row.fail(exc)
         with self.lock:
             self.batch, self.admitting = None, None
 
@@ -288,9 +291,8 @@ class Scheduler:
             with self._wake:  # after `death` is set, so a submit either sees it or is among the orphans
                 rows = [row for lane in self.lanes.values() for row in lane.orphans()]
             for row in rows:
-                row.release()
                 with contextlib.suppress(Exception):  # an emit that raises again is past helping
-                    row.emit(EngineDead(f"model thread died: {self.death}"), row.gen)
+                    row.fail(EngineDead(f"model thread died: {self.death}"))
 
     def _loop(self) -> None:
         while True:
