@@ -172,6 +172,30 @@ def tiny_gpt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+# A plain chat template, so the tiny models serve /v1/chat/completions too.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def peaky(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(base, adapter): a tiny Llama with 10x the default init scale and a chat template, and an adapter for it.
+
+    At the default scale (0.02) the next-token distribution is nearly uniform: a decode bug that shifts every
+    position by one moves logprobs by ~3e-4 and rarely changes the argmax, so text-only checks would pass, and top
+    alternatives sit within rounding of each other. At 0.2 the logits spread over several units and such a bug
+    changes the greedy text too.
+    """
+    folder = tmp_path_factory.mktemp("peaky")
+    base = folder / "base"
+    tok = build_tokenizer(base)
+    build_model(base, vocab_size=len(tok), init_range=0.2)
+    (base / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    return base, build_adapter(base, folder / "alpha", seed=1)
+
+
 @pytest.fixture(scope="session")
 def tiny_adapters(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("adapters")

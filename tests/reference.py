@@ -73,9 +73,14 @@ def demo_gguf() -> tuple[str, str]:
     return next(iter(spec.submodule_search_locations)), "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def peft_merged(base: PreTrainedModel, adapter: Path) -> PreTrainedModel:
+    """`base` with `adapter` merged by PEFT's own `merge_and_unload`: the reference never runs mergeserve's merge."""
+    return PeftModel.from_pretrained(base, str(adapter)).merge_and_unload().eval()
+
+
 def demo_reference(adapter: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The demo merged by transformers' GGUF loader and PEFT's own `merge_and_unload`, in float32."""
     folder, gguf = demo_gguf()
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
     base = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
-    return PeftModel.from_pretrained(base, str(adapter)).merge_and_unload().eval(), tokenizer
+    return peft_merged(base, adapter), tokenizer

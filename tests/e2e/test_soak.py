@@ -16,13 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import CHAT_TEMPLATE  # so /v1/chat/completions is part of the mix too
 from tests.live_server import REPO
-
-# A plain chat template, so /v1/chat/completions is part of the mix too.
-CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant: {% endif %}"
-)
 
 
 def test_soak_60s_meets_its_targets(tiny_base: Path, tiny_adapters: dict[str, Path], tmp_path: Path) -> None:

@@ -20,7 +20,6 @@ import pytest
 import torch
 import yaml
 from fastapi.testclient import TestClient
-from peft import PeftModel
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from server.boot.boot import boot
@@ -30,8 +29,7 @@ from server.engine.engine import Engine
 from server.engine.sampling import SamplingParams
 from server.engine.types import Generation, PreparedRequest
 from server.http.app import create_app
-from tests.conftest import build_adapter, build_model, build_tokenizer
-from tests.reference import assert_served_like_reference, reference_greedy, reference_logprobs
+from tests.reference import assert_served_like_reference, peft_merged, reference_greedy, reference_logprobs
 
 TOL = 1e-4
 PROMPTS = [
@@ -45,26 +43,6 @@ PROMPTS = [
     "The capital of France is",
 ]
 MAX_NEW = [9, 17, 5, 23, 12, 3, 20, 14]
-CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant: {% endif %}"
-)
-
-
-@pytest.fixture(scope="module")
-def peaky(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A tiny Llama with 10x the default init scale, and an adapter for it.
-
-    At the default scale (0.02) the next-token distribution is nearly uniform: a decode bug that shifts every
-    position by one moves logprobs by ~3e-4 and rarely changes the argmax, so text-only checks would pass. At 0.2
-    the logits spread over several units and such a bug changes the greedy text too.
-    """
-    folder = tmp_path_factory.mktemp("peaky")
-    base = folder / "base"
-    tok = build_tokenizer(base)
-    build_model(base, vocab_size=len(tok), init_range=0.2)
-    (base / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-    return base, build_adapter(base, folder / "alpha", seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -93,9 +71,7 @@ def ab(peaky: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> An
 
 @pytest.fixture(scope="module")
 def reference(peaky: tuple[Path, Path]) -> PreTrainedModel:
-    base = AutoModelForCausalLM.from_pretrained(peaky[0], dtype=torch.float32)
-    merged = PeftModel.from_pretrained(base, peaky[1]).merge_and_unload()
-    return merged.eval()
+    return peft_merged(AutoModelForCausalLM.from_pretrained(peaky[0], dtype=torch.float32), peaky[1])
 
 
 def _request(engine: Engine, prompt: str, n: int) -> PreparedRequest:
@@ -209,15 +185,18 @@ def _openai_completion(client: TestClient, headers: dict[str, str], reference: P
     assert "".join(e["choices"][0]["text"] for e in streamed if e["choices"]) == engine.decode(ids)
 
 
+def _chat_prompt_ids(engine: Engine, messages: list[dict[str, str]]) -> list[int]:
+    """What the chat route feeds the model: the template rendered to text, tokenized without adding specials again."""
+    rendered = str(engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    return list(engine.tokenizer(rendered, add_special_tokens=False).input_ids)
+
+
 def _openai_chat(client: TestClient, headers: dict[str, str], reference: PreTrainedModel, engine: Engine) -> None:
     messages = [{"role": "user", "content": PROMPTS[0]}]
     body = {"model": "tiny-llama", "messages": messages, "max_tokens": 10, "temperature": 0}
     r = client.post("/v1/chat/completions", json=body, headers=headers)
     assert r.status_code == 200, r.text
-    # The route renders the template to text and tokenizes that, as /generate would.
-    prompt_ids = engine.tokenize(
-        str(engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
-    )
+    prompt_ids = _chat_prompt_ids(engine, messages)
     ids = reference_greedy(reference, prompt_ids, 10, engine.eos_ids)
     assert r.json()["choices"][0]["message"]["content"] == engine.decode(ids)
     assert r.json()["usage"]["prompt_tokens"] == len(prompt_ids)
@@ -300,9 +279,7 @@ def test_openai_routes_serve_reference_logprobs(
         prompt_ids = engine.tokenize(prompt)
     else:
         texts, logprobs, tops = _chat_logprobs(client, headers, prompt, stream)
-        messages = [{"role": "user", "content": prompt}]
-        rendered = engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        prompt_ids = engine.tokenizer(str(rendered), add_special_tokens=False).input_ids
+        prompt_ids = _chat_prompt_ids(engine, [{"role": "user", "content": prompt}])
     ids = reference_greedy(reference, prompt_ids, 10, engine.eos_ids)
     # Tokenizing the texts back is ambiguous; the reference's own ids must decode to them one by one.
     assert texts == [engine.decode([i], skip_special_tokens=False) for i in ids]

@@ -12,27 +12,13 @@ from pathlib import Path
 import openai
 import pytest
 import torch
-from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from tests.conftest import build_adapter, build_model, build_tokenizer
 from tests.live_server import LiveServer
-from tests.reference import assert_served_like_reference, reference_greedy, reference_logprobs
+from tests.reference import assert_served_like_reference, peft_merged, reference_greedy, reference_logprobs
 
 TOL = 1e-4
 PROMPT = "The capital of France is Paris. The capital of"
-
-
-@pytest.fixture(scope="module")
-def peaky(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """Logits spread over several units (init 0.2, not 0.02), so the top alternatives are far from ties."""
-    folder = tmp_path_factory.mktemp("peaky-client")
-    tok = build_tokenizer(folder / "base")
-    build_model(folder / "base", vocab_size=len(tok), init_range=0.2)
-    (folder / "base" / "chat_template.jinja").write_text(
-        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant: "
-    )
-    return folder / "base", build_adapter(folder / "base", folder / "alpha", seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +36,7 @@ def client(peaky: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -
 @pytest.fixture(scope="module")
 def reference(peaky: tuple[Path, Path]) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     base = AutoModelForCausalLM.from_pretrained(peaky[0], dtype=torch.float32)
-    return PeftModel.from_pretrained(base, peaky[1]).merge_and_unload().eval(), AutoTokenizer.from_pretrained(peaky[0])
+    return peft_merged(base, peaky[1]), AutoTokenizer.from_pretrained(peaky[0])
 
 
 def _check(ref: tuple[PreTrainedModel, PreTrainedTokenizerBase], prompt_ids: list[int], served: list[tuple[str,
