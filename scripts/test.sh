@@ -3,6 +3,8 @@
 #   scripts/test.sh [pytest args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The vLLM engine's tests are part of the suite, so the test set-up installs vLLM too.
+export MERGESERVE_VLLM=${MERGESERVE_VLLM:-1}
 # shellcheck source=scripts/setup.sh
 . scripts/setup.sh
 # The metrics tests run a real Prometheus; Debian ships it (with promtool).

@@ -23,7 +23,7 @@ def prefill(model: nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, Dy
     """input_ids: (1, T) -> next-token logits (1, V) and the filled cache."""
     cache = DynamicCache()
     # logits_to_keep=1: the vocabulary projection for every prompt position would be wasted work.
-    out = model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
     return out.logits[:, -1, :], cache
 
 
@@ -33,9 +33,9 @@ def decode_one_token(
 ) -> torch.Tensor:
     """tokens: (B, 1), mask: (B, S + 1) with 0 on left padding -> logits (B, V); the cache grows by one position."""
     if mask is None:
-        return model(input_ids=tokens, cache=cache, use_cache=True).logits[:, -1, :]
+        return model(input_ids=tokens, past_key_values=cache, use_cache=True).logits[:, -1, :]
     positions = mask.sum(dim=-1, keepdim=True) - 1  # (B, 1): padding does not count as a position
-    out = model(input_ids=tokens, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+    out = model(input_ids=tokens, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
     return out.logits[:, -1, :]
 
 
