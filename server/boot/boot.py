@@ -15,6 +15,10 @@ from server.engine.engine import Engine
 
 def boot(config: Config, on_phase: PhaseCallback | None = None) -> Engine:
     timer = PhaseTimer(on_phase)
+    if config.engine.kind == "vllm":
+        from server.boot.vllm import boot_vllm  # vLLM's boot path; its imports load only when it is chosen
+
+        return boot_vllm(config, timer)
     if config.mode == "merged" and config.cache.enabled:
         return boot_merged_with_cache(config, timer)
     built = build_arms(config, timer)

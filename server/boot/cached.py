@@ -30,7 +30,7 @@ from server.boot.phases import PhaseTimer, finish_boot, log
 from server.config.schema import Config
 from server.engine.engine import Engine
 from server.errors import MergeserveError
-from server.load.adapters import _adapter_info, has_meta_weights, load_base
+from server.load.adapters import adapter_info, has_meta_weights, load_base
 from server.merge.parity import compare_logits, probe_logits
 from server.merge.precision import resolve_dtype_setting
 from server.store.cache import MergeCache
@@ -50,7 +50,7 @@ def _serve_hit(config: Config, timer: PhaseTimer, cache: MergeCache, key: str) -
         # The entry is an ordinary safetensors model folder: load it as the base would be (dtype, device_map,
         # max_memory, safetensors only), with the config's own model settings.
         tokenizer, model = load_base(config.model.model_copy(update={"path": cache.entry(key)}))
-        infos = [_adapter_info(a, PeftConfig.from_pretrained(str(a.path))) for a in config.adapters]
+        infos = [adapter_info(a, PeftConfig.from_pretrained(str(a.path))) for a in config.adapters]
     with timer.phase("verify"):
         stored = cache.probes(key)
         probes = config.parity.probes
@@ -69,7 +69,7 @@ def _serve_hit(config: Config, timer: PhaseTimer, cache: MergeCache, key: str) -
     return tokenizer, model, infos, parity, exact
 
 
-def _resolved(config: Config) -> tuple[Config, str]:
+def resolved_dtype(config: Config) -> tuple[Config, str]:
     """The config with `dtype: auto` replaced by this machine's choice, and the reason for it.
 
     Resolved once, before the key: the key, the merge and a hit's load then all use one dtype. Keyed as "auto", a
@@ -79,7 +79,7 @@ def _resolved(config: Config) -> tuple[Config, str]:
     return config.model_copy(update={"model": config.model.model_copy(update={"dtype": dtype})}), reason
 
 
-def _store(cache: MergeCache, key: str, config: Config, built: BuiltArms, inputs: dict[str, Any],
+def store_entry(cache: MergeCache, key: str, config: Config, built: BuiltArms, inputs: dict[str, Any],
            report: dict[str, Any], timer: PhaseTimer) -> None:  # fmt: skip
     """Write the fresh merge as the key's entry, with its probe ids and logits; a failure costs only the entry."""
     probes = {f"reference.{i}": r for i, r in enumerate(built.reference)}
@@ -104,7 +104,7 @@ def _store(cache: MergeCache, key: str, config: Config, built: BuiltArms, inputs
 
 
 def boot_merged_with_cache(config: Config, timer: PhaseTimer) -> Engine:
-    config, dtype_reason = _resolved(config)
+    config, dtype_reason = resolved_dtype(config)
     root = config.cache.resolved_dir()
     report: dict[str, Any] = {"enabled": True, "dir": str(root), "corrupt_entries": 0, "problem": None}
     try:
@@ -142,7 +142,7 @@ def boot_merged_with_cache(config: Config, timer: PhaseTimer) -> Engine:
         built = build_arms(config, timer)
         report.update(status="rebuilt" if problem else "miss", hit=False,
                       parity_reference="computed at boot: unmerged vs merged model")  # fmt: skip
-        _store(cache, key, config, built, inputs, report, timer)
+        store_entry(cache, key, config, built, inputs, report, timer)
     finally:
         lock.release()
     return finish_boot(

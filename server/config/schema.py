@@ -18,6 +18,7 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from server.config.engine import EngineConfig
 from server.errors import MergeserveError
 
 Mode = Literal["merged", "unmerged", "ab"]
@@ -269,6 +270,7 @@ class Config(_Strict):
         default=SecurityConfig(), description="Weight formats, path roots, API keys, body size and CORS."
     )
     combine: CombineConfig = Field(default=CombineConfig(), description="How the adapters' deltas are combined.")
+    engine: EngineConfig = Field(default=EngineConfig(), description="Which engine generates: torch or vllm.")
 
     @model_validator(mode="after")
     def _unique_names(self) -> Config:
@@ -281,7 +283,20 @@ class Config(_Strict):
                 f"combine.method {self.combine.method} has no unmerged form, so mode {self.mode} cannot serve it | "
                 "use mode: merged, or combine.method: linear"
             )
+        self._fits_engine()
         return self
+
+    def _fits_engine(self) -> None:
+        if self.engine.kind != "vllm":
+            return
+        if not self.cache.enabled:
+            # vLLM loads checkpoints from disk: the merged model and the base it serves LoRA on live in the cache.
+            raise ValueError("engine.kind vllm serves checkpoints from the merge cache | set cache.enabled: true")
+        if self.model.max_memory is not None or self.model.offload_folder is not None:
+            raise ValueError(
+                "model.max_memory and model.offload_folder place layers for the torch engine; vLLM places its own | "
+                "remove them, or size vLLM with engine.gpu_memory_utilization and engine.kv_cache_gib"
+            )
 
     def merge_identity(self, files: Callable[[Path], Any] = str) -> dict[str, Any]:
         """Everything in the config that decides the merged weights or the cache entry: the merge cache's key inputs.

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import queue
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from torch import nn
 from transformers import PreTrainedTokenizerBase
@@ -39,21 +39,67 @@ class EngineInfo:
     # Merge cache: key, hit or miss, and where the parity figures come from on a hit (see server.cached_boot).
     cache: dict[str, Any] = field(default_factory=dict)
     combine: dict[str, Any] = field(default_factory=lambda: {"method": "linear", "density": None, "seed": 0})
+    engine: dict[str, Any] = field(default_factory=lambda: {"kind": "torch"})
+
+
+class Backend(Protocol):
+    """What generates: the torch `Scheduler`, or `server.vllm_engine.scheduler.VllmScheduler`."""
+
+    death: str | None  # why it can serve nothing more, if it cannot
+    on_step: Callable[[str, int, int], None] | None
+
+    @property
+    def load(self) -> tuple[int, int]: ...
+
+    def submit(self, request: PreparedRequest, emit: Emit, lane: str | None = None) -> Handle: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Served:
+    """An engine other than the torch loop: its backend, the arms it serves, and what our stop rules need."""
+
+    backend: Backend
+    arms: list[str]
+    eos_ids: set[int]
+    device_type: str
+    unsupported: Callable[[PreparedRequest], str | None] = lambda request: None
+    collector: Any = None  # the backend's own Prometheus metrics, exposed on /metrics next to ours
 
 
 class Engine:
+    """The engine the HTTP layer talks to. Given torch arms it runs them in our `Scheduler`; given `served` (vLLM),
+    it wraps that backend; tokenizing, detokenizing, stop rules and the streaming interface are the same for both."""
+
     def __init__(
-        self, arms: dict[str, nn.Module], tokenizer: PreTrainedTokenizerBase, info: EngineInfo, limits: LimitsConfig
+        self,
+        arms: dict[str, nn.Module],
+        tokenizer: PreTrainedTokenizerBase,
+        info: EngineInfo,
+        limits: LimitsConfig,
+        served: Served | None = None,
     ) -> None:
-        self.arms = arms
-        self.model = next(iter(arms.values()))
         self.tokenizer = tokenizer
         self.info = info
         self.limits = limits
-        self.device = next(self.model.parameters()).device
-        self.eos_ids = eos_ids(tokenizer, self.model)
         self.token_floor: TokenFloor | None = token_floor(tokenizer)  # refuses hopeless inputs before tokenizing
-        self.scheduler = Scheduler(arms, tokenizer, self.eos_ids, limits.max_batch_size, limits.max_concurrent_requests)
+        self.scheduler: Backend
+        if served is None:
+            self.arms: dict[str, Any] = arms
+            self.model = next(iter(arms.values()))
+            self.device_type = next(self.model.parameters()).device.type
+            self.eos_ids = eos_ids(tokenizer, self.model)
+            self.scheduler = Scheduler(
+                arms, tokenizer, self.eos_ids, limits.max_batch_size, limits.max_concurrent_requests
+            )
+            self.unsupported: Callable[[PreparedRequest], str | None] = lambda request: None
+            self.collector: Any = None
+        else:
+            self.arms = dict.fromkeys(served.arms)
+            self.device_type, self.eos_ids = served.device_type, served.eos_ids
+            self.scheduler, self.unsupported = served.backend, served.unsupported
+            self.collector = served.collector
 
     @property
     def mode(self) -> str:

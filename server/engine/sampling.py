@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from transformers.generation.logits_process import (
@@ -101,7 +102,7 @@ class TokenChooser:
         The alternatives come from the same log-softmax as the chosen token's logprob, so a greedy token is always
         the first of them (up to ties) and they agree with it to the last bit.
         """
-        scores = self.processors(all_ids, logits.float())  # (1, V)
+        scores = self.processors(all_ids, cast(torch.FloatTensor, logits.float()))  # (1, V)
         logprobs = torch.log_softmax(scores, dim=-1)  # (1, V)
         if self.generator is None:
             token = int(scores.argmax(dim=-1).item())

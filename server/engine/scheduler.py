@@ -43,7 +43,7 @@ class EngineDead(RuntimeError):
     """The model thread died: nothing submitted will ever run, so requests fail at once instead of waiting."""
 
 
-class _Slots:
+class Slots:
     """Unfinished requests, counted against max_concurrent_requests.
 
     A request gives its slot back before its last token is emitted, so a client that sends its next request as soon
@@ -73,7 +73,7 @@ class _Row:
     emit: Emit
     handle: Handle
     submitted: float
-    slots: _Slots
+    slots: Slots
     detokenizer: Detokenizer
     stopping: StoppingCriteria
     device: torch.device  # the lane's: the penalties index the logits with all_ids, so both must live there
@@ -240,7 +240,7 @@ class Scheduler:
         on_step: Callable[[str, int, int], None] | None = None,
     ) -> None:
         self.max_batch_size = max_batch_size
-        self._slots = _Slots(max_concurrent_requests)
+        self._slots = Slots(max_concurrent_requests)
         self.on_step = on_step  # (lane, batch size, queue size) after each decode step, for metrics
         self._wake = threading.Condition()
         self._tokenizer, self._eos_ids = tokenizer, frozenset(eos_ids)

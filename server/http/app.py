@@ -31,6 +31,8 @@ def attach_engine(app: FastAPI, engine: Engine) -> None:
     app.state.arms = ArmChooser(list(engine.arms), app.state.config.ab)
     app.state.engine = engine
     metrics.engine_ready(engine.info)
+    if engine.collector is not None:  # vLLM's own metrics (vllm:*), next to ours on /metrics
+        metrics.registry.register(engine.collector)
 
 
 def _add_middleware(app: FastAPI, config: Config, lifecycle: Lifecycle) -> None:

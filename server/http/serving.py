@@ -329,6 +329,8 @@ async def start(
     except InputValidationError as exc:
         raise invalid_input(str(exc)) from None
     prepared = replace(prepared, top_logprobs=top_logprobs)
+    if (problem := engine.unsupported(prepared)) is not None:
+        raise invalid_input(problem)
     tracker.validated = time.perf_counter()
     stream = await open_stream(engine, prepared, tracker, config.limits.request_timeout_seconds)
     return engine, tracker, await owner.enter_async_context(aclosing(stream))

@@ -51,7 +51,7 @@ router = APIRouter()
 INFO_LIMITS = frozenset(
     {"max_concurrent_requests", "max_stop_sequences", "max_input_tokens", "max_total_tokens", "max_batch_size"}
 )
-INFO_FACTS = ("model_id", "mode", "dtype", "dtype_reason", "device_map", "boot_seconds", "combine")
+INFO_FACTS = ("model_id", "mode", "dtype", "dtype_reason", "device_map", "boot_seconds", "combine", "engine")
 
 
 def _timing_headers(engine: Engine, gen: Generation, tracker: Tracker) -> dict[str, str]:
@@ -59,7 +59,7 @@ def _timing_headers(engine: Engine, gen: Generation, tracker: Tracker) -> dict[s
     validation_s = tracker.validated - tracker.start
     n = max(len(gen.tokens), 1)
     return {
-        "x-compute-type": engine.device.type,
+        "x-compute-type": engine.device_type,
         "x-compute-time": f"{total_s:.6f}",
         "x-total-time": str(int(total_s * 1000)),
         "x-validation-time": str(int(validation_s * 1000)),

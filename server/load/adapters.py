@@ -225,7 +225,7 @@ def load_adapters(
         if missing := missing_targets(peft_config, base):
             raise _refuse(adapter, f"target module '{missing[0]}' is not in the base", "use the adapter's own base")
         _check_all_tensors_used(model, adapter, tensors)
-        infos.append(_adapter_info(adapter, peft_config))
+        infos.append(adapter_info(adapter, peft_config))
     assert model is not None  # Config requires at least one adapter
     try:
         check_mergeable(model, [a.name for a in adapters])
@@ -241,7 +241,7 @@ def load_adapters(
     return model, infos
 
 
-def _adapter_info(adapter: AdapterConfig, cfg: Any) -> AdapterInfo:
+def adapter_info(adapter: AdapterConfig, cfg: Any) -> AdapterInfo:
     targets = cfg.target_modules
     return AdapterInfo(
         name=adapter.name,

@@ -39,7 +39,8 @@ from server.store.model_files import tied_names, write_model_files
 
 # Bump when the merge math or the entry layout changes: old entries then simply stop matching.
 # 2: per-kind deltas (DoRA, biases, saved modules, untied embeddings) and the combine method joined the key.
-MERGE_FORMAT_VERSION = 2
+# 3: a GGUF base's quantization_config is not written into the (dense) entry: vLLM refuses it.
+MERGE_FORMAT_VERSION = 3
 MERGE_METHOD = "W0 + per-kind float32 delta (combine: see the key), rounded once"
 MANIFEST = "mergeserve-manifest.json"
 PROBES = "mergeserve-probes.safetensors"
@@ -80,7 +81,7 @@ class FileHashes:
             os.replace(tmp, self.path)
 
 
-def _tree_digests(path: Path, hashes: FileHashes) -> list[list[str]]:
+def tree_digests(path: Path, hashes: FileHashes) -> list[list[str]]:
     if path.is_file():
         return [[path.name, hashes.digest(path)]]
     return [[str(p.relative_to(path)), hashes.digest(p)] for p in files_under(path)]
@@ -97,7 +98,7 @@ class MergeCache:
         inputs = {
             "format": MERGE_FORMAT_VERSION,
             "method": MERGE_METHOD,
-            **config.merge_identity(lambda path: _tree_digests(path, hashes)),
+            **config.merge_identity(lambda path: tree_digests(path, hashes)),
             "transformers": transformers.__version__,
             "peft": peft.__version__,
         }

@@ -76,6 +76,10 @@ def write_model_files(
     # Keys starting with "_" are transformers' private attributes (a GGUF's `_model_name_or_path`), not config.
     raw = {k: v for k, v in json.loads((out / "config.json").read_text()).items() if not k.startswith("_")}
     raw["architectures"] = causal_lm_architectures(hf_config)
+    if (raw.get("quantization_config") or {}).get("quant_method") == "gguf":
+        # transformers records the GGUF it dequantized; the tensors written here are dense, and vLLM refuses the
+        # folder ("Unknown quantization method: gguf") while the key is there.
+        del raw["quantization_config"]
     # transformers 5 writes `dtype`; older loaders (and vLLM's config readers) look for `torch_dtype`.
     raw["torch_dtype"] = raw["dtype"] = str(dtype).removeprefix("torch.")
     raw["tie_word_embeddings"] = tie

@@ -1,0 +1,198 @@
+"""Boot with `engine.kind: vllm`: our exact merge and parity gate in torch, then vLLM serves the checkpoints.
+
+1. The merged checkpoint comes from the merge cache: a hit is used as stored; a miss is merged and gated in torch
+   exactly as the torch engine's boot does, then stored. Every mode goes through it, because the entry also holds
+   the probe ids and the unmerged reference logits that the vLLM gate needs.
+2. The unmerged arm (unmerged, ab) is vLLM's LoRA path: a safetensors base (the model folder itself, or for a GGUF
+   base its dequantized copy in the cache) plus one adapter that concatenates every configured adapter exactly
+   (`server.vllm_engine.lora`), also in the cache.
+3. The torch models are freed, one AsyncLLM per arm starts, and each arm passes the vLLM gate
+   (`server.vllm_engine.gate`) before the server reports ready.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from peft import PeftConfig
+from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
+
+from server.boot.arms import BuiltArms, build_arms
+from server.boot.cached import resolved_dtype, store_entry
+from server.boot.phases import PhaseTimer, log
+from server.config.schema import Config
+from server.engine.engine import Engine, EngineInfo, Served
+from server.engine.stopping import eos_ids
+from server.load.adapters import AdapterInfo, adapter_info, load_base
+from server.merge.parity import ParityResult
+from server.store.cache import FileHashes, MergeCache, tree_digests
+from server.vllm_engine import gate
+from server.vllm_engine.engines import VllmMetrics, prompt_logprobs, start_arms
+from server.vllm_engine.loop import LoopThread
+from server.vllm_engine.lora import refuse_for_vllm, write_vllm_adapter
+from server.vllm_engine.requests import unsupported
+from server.vllm_engine.scheduler import VllmScheduler
+from server.vllm_engine.settings import ArmPlan, memory_shares, on_cpu
+
+BASE_FORMAT = 1
+
+
+@dataclass
+class Checkpoints:
+    merged_dir: Path
+    tokenizer: PreTrainedTokenizerBase
+    parity: ParityResult
+    probe_ids: list[list[int]]
+    reference: list[torch.Tensor]  # unmerged probe logits, (T, V) each
+    report: dict[str, Any]
+
+
+def _merged_entry(config: Config, timer: PhaseTimer, cache: MergeCache) -> Checkpoints:
+    with timer.phase("cache_lookup"):
+        key, inputs = cache.key(config)
+        lock = cache.lock(key)
+        lock.acquire()
+        manifest, problem = cache.check(key)
+    report: dict[str, Any] = {"enabled": True, "dir": str(cache.root), "key": key, "problem": problem}
+    try:
+        damaged = problem is not None
+        if manifest is None:
+            if damaged:
+                log.warning("merge cache: entry %s is damaged (%s); merging again", key, problem)
+                cache.discard(key)
+            built: BuiltArms = build_arms(config.model_copy(update={"mode": "merged"}), timer)
+            store_entry(cache, key, config, built, inputs, report, timer)
+            del built
+            gc.collect()
+            manifest, problem = cache.check(key)
+            if manifest is None:
+                raise OSError(f"the merged checkpoint could not be stored in the cache: {report.get('problem')}")
+            report.update(status="rebuilt" if damaged else "miss", hit=False)
+        else:
+            report.update(status="hit", hit=True, built_at=manifest.get("created"))
+    finally:
+        lock.release()
+    entry = cache.entry(key)
+    stored = cache.probes(key)
+    n = len(config.parity.probes)
+    return Checkpoints(
+        merged_dir=entry,
+        tokenizer=AutoTokenizer.from_pretrained(str(entry)),
+        parity=ParityResult(**manifest["parity_at_build"]),
+        probe_ids=[stored[f"ids.{i}"].tolist() for i in range(n)],
+        reference=[stored[f"reference.{i}"] for i in range(n)],
+        report=report,
+    )
+
+
+def _base_dir(config: Config, cache: MergeCache, timer: PhaseTimer) -> Path:
+    """A safetensors folder vLLM can load the base from: the model folder itself, or a dequantized copy."""
+    path = config.model.path
+    if path.is_dir() and any(path.glob("*.safetensors")):
+        return path
+    # vLLM 0.32 cannot read a GGUF on CPU (docs/design/vllm-probe.md): keep its dequantized copy, keyed like a merge.
+    identity = {"format": BASE_FORMAT, "base": tree_digests(path, FileHashes(cache.root)), "dtype": config.model.dtype}
+    key = "base-" + hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:26]
+    with cache.lock(key):
+        manifest, problem = cache.check(key)
+        if manifest is None:
+            with timer.phase("base_store"):
+                if problem is not None:
+                    cache.discard(key)
+                tokenizer, base = load_base(config.model, config.security.allow_pickle)
+                record: dict[str, Any] = {"inputs": identity, "probes": [], "parity_at_build": None}
+                cache.store(key, config, base, tokenizer, {}, record)
+                del base
+                gc.collect()
+    return cache.entry(key)
+
+
+def _plans(config: Config, cache: MergeCache, merged_dir: Path, timer: PhaseTimer) -> list[ArmPlan]:
+    arms = {"merged": ["merged"], "unmerged": ["unmerged"], "ab": ["merged", "unmerged"]}[config.mode]
+    shares = memory_shares(config, arms)
+    plans = []
+    for arm in arms:
+        if arm == "merged":
+            plans.append(ArmPlan(arm, merged_dir, memory_share=shares[arm]))
+            continue
+        base_dir = _base_dir(config, cache, timer)
+        with timer.phase("adapter_store"):
+            adapter = write_vllm_adapter(config, cache.root / "vllm-adapters", config.model.dtype)
+        plans.append(ArmPlan(arm, base_dir, adapter.path, adapter.rank, shares[arm]))
+    return plans
+
+
+def _gate(loop: LoopThread, arms: dict[str, Any], ckpt: Checkpoints, dtype: str) -> list[gate.GateResult]:
+    results = []
+    for name, arm in arms.items():
+        served = prompt_logprobs(loop, name, arm, ckpt.probe_ids)
+        pairs = [
+            (gate.reference_logprobs(ids, ref), gate.served_logprobs(ids, got))
+            for ids, ref, got in zip(ckpt.probe_ids, ckpt.reference, served, strict=True)
+        ]
+        results.append(gate.compare(name, pairs, dtype))
+        log.info("vLLM gate, arm %s: max abs logprob diff %.3g over %d positions (tolerance %.3g)",
+                 name, results[-1].max_abs_diff, results[-1].positions, results[-1].tolerance)  # fmt: skip
+    gate.check(results)
+    return results
+
+
+def _info(config: Config, timer: PhaseTimer, ckpt: Checkpoints, infos: list[AdapterInfo], reason: str,
+          results: list[gate.GateResult]) -> EngineInfo:  # fmt: skip
+    import vllm
+
+    return EngineInfo(
+        model_id=config.model.model_id,
+        mode=config.mode,
+        adapters=infos,
+        dtype=config.model.dtype,
+        dtype_reason=reason,
+        device_map={},
+        boot_seconds=timer.timings,
+        parity=ckpt.parity,
+        base_path=str(config.model.path),
+        cache=ckpt.report,
+        combine=config.combine.model_dump(),
+        engine={
+            "kind": "vllm",
+            "vllm_version": vllm.__version__,
+            "config_hash": config.engine.compute_hash(),
+            "gate": [r.as_dict() for r in results],
+        },
+    )
+
+
+def _generation_config(folder: Path) -> Any:
+    """What `eos_ids` reads off a model: its generation_config (chat models list end-of-turn ids there)."""
+    try:
+        return SimpleNamespace(generation_config=GenerationConfig.from_pretrained(str(folder)))
+    except OSError:  # no generation_config.json: the tokenizer's eos alone
+        return None
+
+
+def boot_vllm(config: Config, timer: PhaseTimer) -> Engine:
+    refuse_for_vllm(config)  # before any weight loads: kinds vLLM cannot apply unmerged
+    config, reason = resolved_dtype(config)
+    cache = MergeCache(config.cache.resolved_dir())
+    ckpt = _merged_entry(config, timer, cache)
+    plans = _plans(config, cache, ckpt.merged_dir, timer)
+    infos = [adapter_info(a, PeftConfig.from_pretrained(str(a.path))) for a in config.adapters]
+    loop, metrics = LoopThread(), VllmMetrics()
+    with timer.phase("vllm_start"):
+        arms = start_arms(config, plans, config.model.dtype, loop, metrics)
+    with timer.phase("vllm_gate"):
+        results = _gate(loop, arms, ckpt, config.model.dtype)
+    eos = eos_ids(ckpt.tokenizer, _generation_config(ckpt.merged_dir))
+    backend = VllmScheduler(arms, loop, ckpt.tokenizer, eos, config.limits.max_concurrent_requests)
+    served = Served(backend, list(arms), eos, "cpu" if on_cpu() else "cuda", unsupported, metrics)
+    engine = Engine({}, ckpt.tokenizer, _info(config, timer, ckpt, infos, reason, results), config.limits, served)
+    with timer.phase("warmup"):
+        engine.warmup()
+    return engine

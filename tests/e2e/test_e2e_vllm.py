@@ -1,0 +1,101 @@
+"""End to end on vLLM: `configs/demo-vllm.yaml` (both arms on vLLM in one process) behind a real uvicorn process.
+
+Every served token is checked against a plain float32 forward of PEFT's own merge of the demo (tests/reference.py),
+on both arms, through TGI's routes and OpenAI's with real clients (httpx, TGI's `text_generation`, `openai`). The
+tolerance is vLLM's: its CPU kernels sum in another order than transformers (3e-5 measured on this model).
+"""
+
+from __future__ import annotations
+
+import re
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from text_generation import Client
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from tests.live_server import REPO, LiveServer
+from tests.reference import assert_served_like_reference, demo_reference
+
+pytestmark = pytest.mark.e2e
+QUESTIONS = ["Where is the treasure buried?", "Hi", "Name three colours.", "What is the capital of Germany?"]
+MAX_NEW = 32
+TOL = 1e-3
+
+
+@pytest.fixture(scope="module")
+def server() -> Any:
+    with LiveServer(REPO / "configs" / "demo-vllm.yaml", boot_timeout=900) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def reference() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    return demo_reference(REPO / "configs" / "adapters" / "pirate")
+
+
+def _chat(tokenizer: PreTrainedTokenizerBase, question: str) -> str:
+    return str(tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                             add_generation_prompt=True))  # fmt: skip
+
+
+def _generate(server: LiveServer, prompt: str, arm: str, **parameters: Any) -> httpx.Response:
+    body = {"inputs": prompt, "parameters": {"max_new_tokens": MAX_NEW, "details": True, **parameters}}
+    return httpx.post(f"{server.url}/generate", json=body, headers={"x-merge-mode": arm}, timeout=600)
+
+
+def test_info_names_the_engine_and_its_gate(server: LiveServer) -> None:
+    info = httpx.get(f"{server.url}/info").json()
+    assert info["engine"]["kind"] == "vllm" and info["mode"] == "ab"
+    assert {g["arm"]: g["passed"] for g in info["engine"]["gate"]} == {"merged": True, "unmerged": True}
+
+
+@pytest.mark.parametrize("arm", ["merged", "unmerged"])
+def test_generate_in_a_batch_matches_the_reference(server: LiveServer, reference: Any, arm: str) -> None:
+    model, tokenizer = reference
+    prompts = [_chat(tokenizer, q) for q in QUESTIONS]
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        answers = list(pool.map(lambda p: _generate(server, p, arm), prompts))
+    for prompt, answer in zip(prompts, answers, strict=True):
+        assert answer.status_code == 200 and answer.headers["x-merge-mode"] == arm, answer.text
+        tokens = [(t["id"], t["logprob"]) for t in answer.json()["details"]["tokens"]]
+        assert_served_like_reference(model, list(tokenizer(prompt).input_ids), tokens, tol=TOL)
+
+
+def test_stream_equals_the_whole_answer(server: LiveServer, reference: Any) -> None:
+    prompt = _chat(reference[1], QUESTIONS[0])
+    client = Client(server.url, timeout=600, headers={"x-merge-mode": "unmerged"})
+    streamed = [r.token for r in client.generate_stream(prompt, max_new_tokens=MAX_NEW)]
+    whole = _generate(server, prompt, "unmerged").json()
+    assert [t.id for t in streamed] == [t["id"] for t in whole["details"]["tokens"]]
+    assert "".join(t.text for t in streamed if not t.special) == whole["generated_text"]
+
+
+def test_openai_chat_matches_the_reference(server: LiveServer, reference: Any) -> None:
+    model, tokenizer = reference
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", default_headers={"x-merge-mode": "merged"})
+    answer = client.chat.completions.create(
+        model="tgi", messages=[{"role": "user", "content": QUESTIONS[0]}], max_tokens=MAX_NEW, logprobs=True,
+        temperature=0,
+    )  # fmt: skip
+    assert answer.usage is not None and answer.usage.completion_tokens == len(answer.choices[0].logprobs.content)
+    prompt_ids = list(tokenizer(_chat(tokenizer, QUESTIONS[0]), add_special_tokens=False).input_ids)
+    served = [(tokenizer.convert_tokens_to_ids(tokenizer.tokenize(c.token))[0], c.logprob)
+              for c in answer.choices[0].logprobs.content]  # fmt: skip
+    assert answer.usage.prompt_tokens == len(prompt_ids)
+    assert_served_like_reference(model, prompt_ids, served, tol=TOL)
+
+
+def test_refusals_and_metrics(server: LiveServer, reference: Any) -> None:
+    prompt = _chat(reference[1], QUESTIONS[1])
+    refused = _generate(server, prompt, "merged", do_sample=True, typical_p=0.5)
+    assert refused.status_code == 422 and refused.json()["error_type"] == "validation"
+    assert "typical_p" in refused.json()["error"]
+    metrics = httpx.get(f"{server.url}/metrics").text
+    for arm in ("merged", "unmerged"):
+        assert re.search(rf'mergeserve_request_duration_seconds_count{{[^}}]*mode="{arm}"[^}}]*}} [1-9]', metrics)
+        assert re.search(rf'vllm:generation_tokens_total{{[^}}]*model_name="{arm}"[^}}]*}} [1-9]', metrics)
+    assert metrics.count("# TYPE vllm:generation_tokens_total counter") == 1
