@@ -74,7 +74,7 @@ def cat_factors(layer: LoraLayer, adapters: list[str]) -> tuple[torch.Tensor, to
 
 
 def _pad(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero rows of A (r_m, in) -> (rank, in) and zero columns of B (out, r_m) -> (out, rank): the product is unchanged."""
+    """Zero rows of A (r_m, in) -> (rank, in), zero columns of B (out, r_m) -> (out, rank): same product."""
     missing = rank - a.shape[0]
     return (
         torch.cat([a, a.new_zeros(missing, a.shape[1])], dim=0),
@@ -87,9 +87,9 @@ def _unadapted(model: nn.Module, leaves: set[str], adapted: set[str]) -> list[tu
     inside = tuple(f"{name}." for name in adapted)
     found = []
     for name, module in model.named_modules():
-        if name.rpartition(".")[2] in leaves and name not in adapted and not name.startswith(inside):
-            if isinstance(module, nn.Linear) and not isinstance(module, LoraLayer):
-                found.append((name, module))
+        targeted = name.rpartition(".")[2] in leaves and name not in adapted and not name.startswith(inside)
+        if targeted and isinstance(module, nn.Linear) and not isinstance(module, LoraLayer):
+            found.append((name, module))
     return found
 
 

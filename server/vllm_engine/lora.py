@@ -2,7 +2,9 @@
 
 vLLM applies one LoRA per request, so the weighted adapters are written once as their exact `cat` form
 (`server.merge.concat`: rank R, scaling folded into B, lora_alpha = r = R). Nothing here imports vLLM, and the base
-weights are never read: the adapters are attached to a meta-device skeleton, as the streaming export does.
+weights are never read: the adapters are attached to a meta-device skeleton, as the streaming export does. The
+folder is stored under a content key (the adapters' bytes, weights, order, the base's config and the dtype), so a
+boot with the same inputs reuses it.
 
 What vLLM 0.32 refuses or silently ignores (vllm/lora/peft_helper.py `_validate_features` and `validate_legal`,
 plus the embedding and Conv1D layers our writer does not handle) is refused at config time for `unmerged` and `ab`,
@@ -24,6 +26,7 @@ from typing import Any
 import peft
 import torch
 import transformers
+from filelock import FileLock
 from peft import LoraConfig
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
@@ -33,15 +36,15 @@ from server.errors import ExitCode, Refusal
 from server.load.adapters import BootError, load_adapters
 from server.load.policy import config_refusal
 from server.merge.apply import saved_modules
-from server.merge.concat import cat_lora
-from server.store.cache import FileHashes, _tree_digests
+from server.merge.concat import CatLora, cat_lora
+from server.store.cache import FileHashes
+from server.store.checkpoint import files_under, sha256_file
 from server.store.sources import SourceError, open_source
 
 # Bump when the written folder or the cat math changes: cache entries keyed on it then stop matching.
 VLLM_ADAPTER_FORMAT = 1
 # The largest `max_lora_rank` vLLM 0.32 accepts (vllm/config/lora.py MaxLoRARanks).
 VLLM_MAX_LORA_RANK = 512
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 RECORD = "mergeserve-cat.json"
 FIX = "use mode: merged (mergeserve's exact merge is then the only way to serve this adapter on vLLM)"
 # init_lora_weights strings vLLM accepts: they only set the starting factors. PiSSA, OLoRA, CorDA and LoftQ rewrite
@@ -69,11 +72,6 @@ class VllmAdapter:
     rank: int
     modules: list[str]  # module names as in the checkpoint, without `base_model.model.`
     target_modules: list[str]
-
-    @property
-    def max_lora_rank(self) -> int:
-        """The smallest `max_lora_rank` vLLM accepts that holds this adapter."""
-        return next(r for r in VLLM_LORA_RANKS if r >= self.rank)
 
 
 def vllm_lora_problems(adapter_dir: Path) -> list[str]:
@@ -135,20 +133,31 @@ def _base_config(model: ModelConfig) -> PretrainedConfig:
     return AutoConfig.from_pretrained(str(model.path), trust_remote_code=model.trust_remote_code, local_files_only=True)
 
 
-def vllm_adapter_key(config: Config, cache_root: Path, dtype: torch.dtype) -> str:
+def _dtype(dtype: str | torch.dtype) -> torch.dtype:
+    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ValueError(f"resolve the dtype before writing the vLLM adapter (got {dtype!r})")
+    return resolved
+
+
+def vllm_adapter_key(config: Config, root: Path, dtype: str | torch.dtype) -> str:
     """Content key of the written folder: the adapters' bytes, weights and order, the base architecture, the dtype.
 
     The base weights do not enter the cat adapter, so only the base's config does (it decides the module names).
-    Adapter names do not either: the written tensors carry none.
+    Adapter names do not either: the written tensors carry none. File digests are remembered in `root`.
     """
-    (cache_root / "locks").mkdir(parents=True, exist_ok=True)
-    hashes = FileHashes(cache_root)
+    (root / "locks").mkdir(parents=True, exist_ok=True)
+    hashes = FileHashes(root)
+    adapters = [
+        {"weight": a.weight, "files": [[str(p.relative_to(a.path)), hashes.digest(p)] for p in files_under(a.path)]}
+        for a in config.adapters
+    ]
     inputs = {
         "format": VLLM_ADAPTER_FORMAT,
         "kind": "peft lora cat, scaling folded into B",
-        "dtype": str(dtype),
+        "dtype": str(_dtype(dtype)),
         "base_config": _base_config(config.model).to_dict(),
-        "adapters": [{"weight": a.weight, "files": _tree_digests(a.path, hashes)} for a in config.adapters],
+        "adapters": adapters,
         "transformers": transformers.__version__,
         "peft": peft.__version__,
     }
@@ -156,31 +165,32 @@ def vllm_adapter_key(config: Config, cache_root: Path, dtype: torch.dtype) -> st
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def _write(folder: Path, config: Config, rank: int, targets: list[str], tensors: dict[str, torch.Tensor]) -> None:
+def _write(folder: Path, config: Config, cat: CatLora) -> None:
     lora = LoraConfig(
-        r=rank,
-        lora_alpha=rank,  # scaling alpha / r = 1.0 exactly: the s_i are already in B
-        target_modules=targets,
+        r=cat.rank,
+        lora_alpha=cat.rank,  # scaling alpha / r = 1.0 exactly: the s_i are already in B
+        target_modules=cat.target_modules,
         use_rslora=False,
         bias="none",
         task_type="CAUSAL_LM",
         base_model_name_or_path=str(config.model.path),
     )
     lora.save_pretrained(str(folder))
-    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    weights = folder / "adapter_model.safetensors"
+    save_file(cat.tensors, str(weights), metadata={"format": "pt"})
     record = {
         "format": VLLM_ADAPTER_FORMAT,
-        "rank": rank,
+        "rank": cat.rank,
+        "modules": cat.modules,
+        "target_modules": cat.target_modules,
+        "sha256": {"adapter_model.safetensors": sha256_file(weights)},
         "adapters": [{"name": a.name, "path": str(a.path), "weight": a.weight} for a in config.adapters],
     }
     (folder / RECORD).write_text(json.dumps(record, indent=2) + "\n")
 
 
-def write_vllm_adapter(config: Config, out_dir: Path, dtype: torch.dtype) -> VllmAdapter:
-    """Write the adapters' exact one-LoRA form as a PEFT folder at `out_dir` (tmp folder, then one rename).
-
-    If `out_dir` appears meanwhile (another replica, same content key), that folder is kept and ours discarded.
-    """
+def _cat(config: Config, dtype: torch.dtype) -> CatLora:
+    """The adapters attached to a meta skeleton of the base (no base weight read), as one LoRA."""
     _check_adapters(config, config.mode)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(
@@ -197,11 +207,20 @@ def write_vllm_adapter(config: Config, out_dir: Path, dtype: torch.dtype) -> Vll
     if cat.rank > VLLM_MAX_LORA_RANK:
         problem = f"the adapters' one-LoRA form has rank {cat.rank}, above vLLM's largest max_lora_rank"
         raise BootError(f"{problem} {VLLM_MAX_LORA_RANK}", FIX)
+    return cat
+
+
+def build_vllm_adapter(config: Config, out_dir: Path, dtype: str | torch.dtype) -> VllmAdapter:
+    """Write the adapters' exact one-LoRA form as a PEFT folder at `out_dir` (tmp folder, then one rename).
+
+    If `out_dir` appears meanwhile (another writer of the same content key), that folder is kept and ours discarded.
+    """
+    cat = _cat(config, _dtype(dtype))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = out_dir.parent / f"tmp-{out_dir.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        _write(tmp, config, cat.rank, cat.target_modules, cat.tensors)
+        _write(tmp, config, cat)
         try:
             os.rename(tmp, out_dir)
         except OSError:
@@ -211,3 +230,32 @@ def write_vllm_adapter(config: Config, out_dir: Path, dtype: torch.dtype) -> Vll
         with suppress(FileNotFoundError):
             shutil.rmtree(tmp)
     return VllmAdapter(path=out_dir, rank=cat.rank, modules=cat.modules, target_modules=cat.target_modules)
+
+
+def _stored(folder: Path) -> VllmAdapter | None:
+    """The entry at `folder` if complete and intact (its weights match the recorded sha256), else None."""
+    try:
+        record = json.loads((folder / RECORD).read_text())
+        intact = all(sha256_file(folder / name) == digest for name, digest in record["sha256"].items())
+        if record["format"] != VLLM_ADAPTER_FORMAT or not intact or not (folder / "adapter_config.json").is_file():
+            return None
+        return VllmAdapter(folder, int(record["rank"]), list(record["modules"]), list(record["target_modules"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def write_vllm_adapter(config: Config, root: Path, dtype: str | torch.dtype) -> VllmAdapter:
+    """The one-LoRA folder for this config under `root` (`root/<content key>`): reused if stored, else written.
+
+    A lock per key makes replicas booting together write it once; a damaged entry is moved aside and rewritten.
+    """
+    key = vllm_adapter_key(config, root, dtype)
+    entry = root / key
+    with FileLock(str(root / "locks" / f"{key}.lock")):
+        if (stored := _stored(entry)) is not None:
+            return stored
+        if entry.exists():
+            trash = root / f"trash-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            os.rename(entry, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        return build_vllm_adapter(config, entry, dtype)

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model_state_dict
+from peft import PeftModel, get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
@@ -43,7 +43,9 @@ def adapters(peaky: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory)
             rank_pattern={"q_proj": 8, "layers.1.self_attn.v_proj": 2},
             alpha_pattern={"v_proj": 3, "up_proj": 32},
         ),
-        "layer0": build_adapter(base, root / "layer0", seed=5, r=2, alpha=2, targets=["q_proj"], layers_to_transform=[0]),
+        "layer0": build_adapter(
+            base, root / "layer0", seed=5, r=2, alpha=2, targets=["q_proj"], layers_to_transform=[0]
+        ),
     }
 
 
@@ -90,7 +92,7 @@ CASES = {
     "two adapters, other ranks and targets, 0.7 and -0.3": [("qv", 0.7), ("ko", -0.3)],
     "rsLoRA with a plain one": [("rs", 0.5), ("qv", 1.0)],
     "rank_pattern and alpha_pattern": [("pattern", 1.0), ("ko", 0.4)],
-    "layers_to_transform leaves a q_proj to pad with zeros": [("layer0", 1.0), ("rs", 1.0)],
+    "layers_to_transform leaves a q_proj to pad with zeros": [("layer0", 1.0), ("ko", -1.0)],
 }
 
 
@@ -176,6 +178,22 @@ def test_key_follows_weights_dtype_and_adapter_bytes(
     save_file(touched, str(copy / "adapter_model.safetensors"))
     changed = _config(base_dir, [("qv", copy, 0.7), ("ko", adapters["ko"], -0.3)])
     assert key != vllm_adapter_key(changed, root, torch.float32)
+
+
+def test_written_once_then_reused_and_rewritten_when_damaged(
+    peaky: tuple[Path, Path], adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    config = _config(peaky[0], [("qv", adapters["qv"], 0.7), ("ko", adapters["ko"], -0.3)])
+    first = write_vllm_adapter(config, tmp_path / "root", "float32")
+    weights = first.path / "adapter_model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    again = write_vllm_adapter(config, tmp_path / "root", "float32")
+    assert again == first and weights.stat().st_mtime_ns == stamp
+    good = load_file(str(weights))
+    save_file({k: torch.zeros_like(v) for k, v in good.items()}, str(weights))
+    rebuilt = write_vllm_adapter(config, tmp_path / "root", "float32")
+    assert rebuilt.path == first.path
+    assert all(torch.equal(v, good[k]) for k, v in load_file(str(weights)).items())
 
 
 REFUSED: dict[str, dict[str, Any]] = {
