@@ -55,11 +55,16 @@ def cpu_binding(config: Config) -> str:
 
 
 def environment(config: Config) -> dict[str, str]:
-    """The variables every vLLM process of this server needs; values already in the environment win."""
-    env = {"VLLM_HOST_IP": "127.0.0.1"}
+    """The variables every vLLM process of this server needs.
+
+    The CPU binding follows the config (engine.cpu_threads_bind), never an inherited value: it must match this
+    engine's tensor_parallel_size, and a process that boots twice (tests, benchmarks) would otherwise keep the first
+    engine's. VLLM_HOST_IP from the environment wins: across nodes (Ray) it must be the node's own address.
+    """
+    env = {"VLLM_HOST_IP": os.environ.get("VLLM_HOST_IP", "127.0.0.1")}
     if on_cpu():
         env |= {"VLLM_CPU_OMP_THREADS_BIND": cpu_binding(config), "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
-    return {k: os.environ.get(k, v) for k, v in env.items()}
+    return env
 
 
 @dataclass(frozen=True)
