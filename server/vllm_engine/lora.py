@@ -78,7 +78,7 @@ def vllm_lora_problems(adapter_dir: Path) -> list[str]:
     raw = json.loads((adapter_dir / "adapter_config.json").read_text())
     if not isinstance(raw, dict):
         return ["adapter_config.json is not a JSON object"]
-    problems = [f"{what} ({key})" for key, what in _FLAGS.items() if raw.get(key)]
+    problems = [what for key, what in _FLAGS.items() if raw.get(key)]  # each description names its key
     if (bias := raw.get("bias", "none")) != "none":
         problems.append(f"bias '{bias}' trains the base biases (bias), which vLLM does not load")
     if saved := raw.get("modules_to_save"):
@@ -193,7 +193,7 @@ def _write(folder: Path, config: Config, cat: CatLora) -> None:
         "rank": cat.rank,
         "modules": cat.modules,
         "target_modules": cat.target_modules,
-        "sha256": {"adapter_model.safetensors": sha256_file(weights)},
+        "sha256": {name: sha256_file(folder / name) for name in ("adapter_config.json", weights.name)},
         "adapters": [{"name": a.name, "path": str(a.path), "weight": a.weight} for a in config.adapters],
     }
     (folder / RECORD).write_text(json.dumps(record, indent=2) + "\n")
@@ -245,7 +245,7 @@ def _stored(folder: Path) -> VllmAdapter | None:
     try:
         record = json.loads((folder / RECORD).read_text())
         intact = all(sha256_file(folder / name) == digest for name, digest in record["sha256"].items())
-        if record["format"] != VLLM_ADAPTER_FORMAT or not intact or not (folder / "adapter_config.json").is_file():
+        if record["format"] != VLLM_ADAPTER_FORMAT or not intact or len(record["sha256"]) != 2:
             return None
         return VllmAdapter(folder, int(record["rank"]), list(record["modules"]), list(record["target_modules"]))
     except (OSError, ValueError, KeyError, TypeError):
