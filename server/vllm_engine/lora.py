@@ -3,8 +3,8 @@
 vLLM applies one LoRA per request, so the weighted adapters are written once as their exact `cat` form
 (`server.merge.concat`: rank R, scaling folded into B, lora_alpha = r = R). Nothing here imports vLLM, and the base
 weights are never read: the adapters are attached to a meta-device skeleton, as the streaming export does. The
-folder is stored under a content key (the adapters' bytes, weights, order, the base's config and the dtype), so a
-boot with the same inputs reuses it.
+folder is stored under a content key (the adapters' bytes, weights and order, the base's layout and the dtype), so
+a boot with the same inputs reuses it without parsing the base at all.
 
 What vLLM 0.32 refuses or silently ignores (vllm/lora/peft_helper.py `_validate_features` and `validate_legal`,
 plus the embedding and Conv1D layers our writer does not handle) is refused at config time for `unmerged` and `ab`,
@@ -39,7 +39,6 @@ from server.merge.apply import saved_modules
 from server.merge.concat import CatLora, cat_lora
 from server.store.cache import FileHashes
 from server.store.checkpoint import files_under, sha256_file
-from server.store.sources import SourceError, open_source
 
 # Bump when the written folder or the cat math changes: cache entries keyed on it then stop matching.
 VLLM_ADAPTER_FORMAT = 1
@@ -79,7 +78,7 @@ def vllm_lora_problems(adapter_dir: Path) -> list[str]:
     raw = json.loads((adapter_dir / "adapter_config.json").read_text())
     if not isinstance(raw, dict):
         return ["adapter_config.json is not a JSON object"]
-    problems = [f"{what} ({key})" for key, what in _FLAGS.items() if raw.get(key)]
+    problems = [what for key, what in _FLAGS.items() if raw.get(key)]  # each description names its key
     if (bias := raw.get("bias", "none")) != "none":
         problems.append(f"bias '{bias}' trains the base biases (bias), which vLLM does not load")
     if saved := raw.get("modules_to_save"):
@@ -123,14 +122,22 @@ def refuse_for_vllm(config: Config) -> None:
         _check_adapters(config, config.mode)
 
 
-def _base_config(model: ModelConfig) -> PretrainedConfig:
-    """The base's architecture only: for a GGUF from its metadata, as the streaming export reads it."""
-    if model.path.suffix == ".gguf":
-        try:
-            return open_source(model.path, model.trust_remote_code).config
-        except SourceError as exc:
-            raise BootError(exc.problem, exc.fix, f"base model '{model.path}'") from None
-    return AutoConfig.from_pretrained(str(model.path), trust_remote_code=model.trust_remote_code, local_files_only=True)
+def base_config(model: ModelConfig) -> PretrainedConfig:
+    """The base's architecture only (it decides the module names): config.json, or a GGUF's metadata.
+
+    For a GGUF this is the config `server.store.sources.GGUFSource` starts from, without its tensor index.
+    """
+    where, files = (
+        (model.path.parent, {"gguf_file": model.path.name}) if model.path.suffix == ".gguf" else (model.path, {})
+    )
+    try:
+        return AutoConfig.from_pretrained(
+            str(where), trust_remote_code=model.trust_remote_code, local_files_only=True, **files
+        )
+    except (OSError, ValueError) as exc:
+        raise BootError(
+            f"cannot read its config ({exc})", "give a model folder or a .gguf file", str(model.path)
+        ) from None
 
 
 def _dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -143,11 +150,14 @@ def _dtype(dtype: str | torch.dtype) -> torch.dtype:
 def vllm_adapter_key(config: Config, root: Path, dtype: str | torch.dtype) -> str:
     """Content key of the written folder: the adapters' bytes, weights and order, the base architecture, the dtype.
 
-    The base weights do not enter the cat adapter, so only the base's config does (it decides the module names).
-    Adapter names do not either: the written tensors carry none. File digests are remembered in `root`.
+    The base weights do not enter the cat adapter, only its layout does: keyed by config.json's bytes, or for a GGUF
+    (whose layout is in its metadata) by the file's. Adapter names do not either: the written tensors carry none.
+    File digests are remembered in `root` by (size, mtime), so a repeated boot only stats the files.
     """
     (root / "locks").mkdir(parents=True, exist_ok=True)
     hashes = FileHashes(root)
+    model = config.model.path
+    layout = model if model.suffix == ".gguf" else model / "config.json"
     adapters = [
         {"weight": a.weight, "files": [[str(p.relative_to(a.path)), hashes.digest(p)] for p in files_under(a.path)]}
         for a in config.adapters
@@ -156,13 +166,13 @@ def vllm_adapter_key(config: Config, root: Path, dtype: str | torch.dtype) -> st
         "format": VLLM_ADAPTER_FORMAT,
         "kind": "peft lora cat, scaling folded into B",
         "dtype": str(_dtype(dtype)),
-        "base_config": _base_config(config.model).to_dict(),
+        "base_layout": hashes.digest(layout),
         "adapters": adapters,
         "transformers": transformers.__version__,
         "peft": peft.__version__,
     }
     hashes.save()
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def _write(folder: Path, config: Config, cat: CatLora) -> None:
@@ -183,19 +193,17 @@ def _write(folder: Path, config: Config, cat: CatLora) -> None:
         "rank": cat.rank,
         "modules": cat.modules,
         "target_modules": cat.target_modules,
-        "sha256": {"adapter_model.safetensors": sha256_file(weights)},
+        "sha256": {name: sha256_file(folder / name) for name in ("adapter_config.json", weights.name)},
         "adapters": [{"name": a.name, "path": str(a.path), "weight": a.weight} for a in config.adapters],
     }
     (folder / RECORD).write_text(json.dumps(record, indent=2) + "\n")
 
 
-def _cat(config: Config, dtype: torch.dtype) -> CatLora:
+def _cat(config: Config, dtype: torch.dtype, hf_config: PretrainedConfig) -> CatLora:
     """The adapters attached to a meta skeleton of the base (no base weight read), as one LoRA."""
     _check_adapters(config, config.mode)
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(
-            _base_config(config.model), trust_remote_code=config.model.trust_remote_code
-        )
+        skeleton = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=config.model.trust_remote_code)
     model, _ = load_adapters(skeleton, config.adapters, on_meta_base=True, allow_pickle=config.security.allow_pickle)
     names = [a.name for a in config.adapters]
     if saved := next(saved_modules(model, names), None):  # a config could hide one behind a regex
@@ -215,7 +223,7 @@ def build_vllm_adapter(config: Config, out_dir: Path, dtype: str | torch.dtype) 
 
     If `out_dir` appears meanwhile (another writer of the same content key), that folder is kept and ours discarded.
     """
-    cat = _cat(config, _dtype(dtype))
+    cat = _cat(config, _dtype(dtype), base_config(config.model))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f"tmp-{out_dir.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -237,7 +245,7 @@ def _stored(folder: Path) -> VllmAdapter | None:
     try:
         record = json.loads((folder / RECORD).read_text())
         intact = all(sha256_file(folder / name) == digest for name, digest in record["sha256"].items())
-        if record["format"] != VLLM_ADAPTER_FORMAT or not intact or not (folder / "adapter_config.json").is_file():
+        if record["format"] != VLLM_ADAPTER_FORMAT or not intact or len(record["sha256"]) != 2:
             return None
         return VllmAdapter(folder, int(record["rank"]), list(record["modules"]), list(record["target_modules"]))
     except (OSError, ValueError, KeyError, TypeError):

@@ -21,7 +21,7 @@ from server.config.schema import Config
 from server.errors import ExitCode
 from server.load.adapters import BootError
 from server.vllm_engine.lora import refuse_for_vllm, vllm_adapter_key, vllm_lora_problems, write_vllm_adapter
-from tests.conftest import build_adapter
+from tests.conftest import TARGETS, build_adapter
 
 PROMPTS = torch.tensor([[5, 17, 42, 99, 3, 250, 61, 8, 120, 33], [200, 7, 7, 150, 64, 2, 90, 11, 300, 45]])
 
@@ -242,14 +242,29 @@ def test_vllm_itself_refuses_what_we_refuse(kind: str, refused: dict[str, Path])
         helper.validate_legal(LoRAConfig(max_lora_rank=64))
 
 
-def test_vllm_accepts_the_written_adapter(peaky: tuple[Path, Path], adapters: dict[str, Path], tmp_path: Path) -> None:
+def test_vllm_reads_the_written_adapter_as_the_weighted_peft_deltas(
+    peaky: tuple[Path, Path], adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    """vLLM's own reader (PEFTHelper, LoRAModel; no engine): its s * B @ A per module is PEFT's weighted delta."""
     from vllm.config.lora import LoRAConfig
+    from vllm.lora.lora_model import LoRAModel
     from vllm.lora.peft_helper import PEFTHelper
 
-    chosen = [("pattern", adapters["pattern"], 1.0), ("rs", adapters["rs"], -0.5)]
-    info = write_vllm_adapter(_config(peaky[0], chosen), tmp_path / "cat", torch.float32)
+    base_dir = peaky[0]
+    chosen = [("pattern", adapters["pattern"], 1.0), ("rs", adapters["rs"], -0.5), ("layer0", adapters["layer0"], 2.0)]
+    info = write_vllm_adapter(_config(base_dir, chosen), tmp_path / "cat", "float32")
     helper = PEFTHelper.from_local_dir(str(info.path), max_position_embeddings=None)
     helper.validate_legal(LoRAConfig(max_lora_rank=64))
     assert (helper.r, helper.vllm_lora_scaling_factor) == (info.rank, 1.0)
-    for module in info.modules:
-        assert helper.get_rank_and_scaling(module) == (info.rank, 1.0)
+    read = LoRAModel.from_local_checkpoint(
+        str(info.path), set(TARGETS), helper, lora_model_id=1, device="cpu", dtype=torch.float32
+    )
+    w0 = _base(base_dir).state_dict()
+    reference = _peft_weighted_sum(base_dir, chosen).state_dict()
+    changed = {k.removesuffix(".weight") for k in w0 if not torch.equal(reference[k], w0[k])}
+    assert changed and changed <= set(read.loras)
+    for module, lora in read.loras.items():
+        assert lora.lora_a.shape[0] == info.rank and lora.scaling == 1.0
+        delta = lora.scaling * lora.lora_b @ lora.lora_a  # (out, in)
+        want = reference[f"{module}.weight"] - w0[f"{module}.weight"]
+        assert (delta - want).abs().max().item() < 1e-6 + 1e-4 * want.abs().max().item(), module
