@@ -124,6 +124,10 @@ class InfoResponse(BaseModel):
         default=None, description="Merge cache: key, status (hit, miss, rebuilt, ...), and the parity reference used."
     )
     combine: dict[str, Any] | None = Field(default=None, description="How the adapters were combined (method...).")
+    engine: dict[str, Any] | None = Field(
+        default=None,
+        description="Which engine generates (torch or vllm); for vllm its version, config hash and per-arm gate.",
+    )
 
 
 # Every status a route can answer besides 200, so the OpenAPI schema is honest (schemathesis checks it).
