@@ -15,6 +15,9 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import Any
+
+BASE, LORA = "test-org/tiny-llama", "test-org/tiny-lora"
 
 
 def repo_folder(cache: Path, repo: str) -> Path:
@@ -49,3 +52,12 @@ def point(cache: Path, repo: str, ref: str, commit: str) -> None:
     path = repo_folder(cache, repo) / "refs" / ref
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(commit)  # no newline: huggingface_hub reads the file whole
+
+
+def hub_config(base: str, adapter: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {
+        "model": {"path": base, "dtype": "float32"},
+        "adapters": [{"name": "alpha", **adapter}],
+        "limits": {"max_input_tokens": 64, "max_total_tokens": 96, "max_new_tokens": 4},
+        **extra,
+    }

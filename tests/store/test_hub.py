@@ -1,57 +1,29 @@
 """Hub ids, resolved offline from a real Hub cache (tests/hub_cache.py) through huggingface_hub's own code.
 
-HF_HUB_OFFLINE=1 and a temp HF_HUB_CACHE: huggingface_hub reads both once, at import, so the fixture sets its
-constants as well as the environment; the CLI test sets only the environment, in a fresh process.
+HF_HUB_OFFLINE=1 and a temp HF_HUB_CACHE come from the `hub` fixture (tests/store/conftest.py).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
 from fastapi.testclient import TestClient
-from huggingface_hub import constants, scan_cache_dir, snapshot_download
+from huggingface_hub import scan_cache_dir, snapshot_download
 from transformers import AutoModelForCausalLM
 
 from server.boot.boot import boot
 from server.config.load import load_config
 from server.engine.engine import Engine
-from server.errors import ExitCode
 from server.http.app import create_app
-from server.store.hub_errors import HubError
-from tests.hub_cache import point, publish, repo_folder
-from tests.live_server import REPO
+from tests.hub_cache import BASE, LORA, hub_config, point, publish, repo_folder
 from tests.reference import peft_merged
 
 Writer = Callable[[dict[str, Any]], Path]
-BASE, LORA = "test-org/tiny-llama", "test-org/tiny-lora"
-
-
-@pytest.fixture
-def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    cache = tmp_path / "hf-cache"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    return cache
-
-
-def _config(base: str, adapter: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    return {
-        "model": {"path": base, "dtype": "float32"},
-        "adapters": [{"name": "alpha", **adapter}],
-        "limits": {"max_input_tokens": 64, "max_total_tokens": 96, "max_new_tokens": 4},
-        **extra,
-    }
 
 
 def _logits(engine: Engine) -> torch.Tensor:
@@ -77,11 +49,13 @@ def test_boot_from_hub_ids_serves_peft_merge_and_reports_commits(
 ) -> None:
     base_sha = publish(hub, BASE, tiny_base)
     lora_sha = publish(hub, LORA, tiny_adapters["alpha"])
-    config = load_config(write_config(_config(BASE, {"path": LORA})))
+    config = load_config(write_config(hub_config(BASE, {"path": LORA})))
     phases: list[str] = []
     engine = boot(config, on_phase=lambda name, _s: phases.append(name))
     assert phases[0] == "download"
-    reference = peft_merged(AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32), tiny_adapters["alpha"])
+    reference = peft_merged(
+        AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32), tiny_adapters["alpha"]
+    )
     ids = torch.tensor([engine.tokenize("Arr matey, the capital of France is")])
     with torch.inference_mode():
         expected = reference(input_ids=ids).logits[0]
@@ -105,23 +79,23 @@ def test_revisions_by_tag_and_commit_and_a_moved_branch_key_their_own_entries(
     first = publish(hub, LORA, tiny_adapters["alpha"], refs=("main", "v1"))
     second = publish(hub, LORA, tiny_adapters["rs"], refs=("v2",))
     assert first != second
-    by_tag = boot(load_config(write_config(_config(BASE, {"path": f"{LORA}@v1"}))))
-    by_commit = boot(load_config(write_config(_config(BASE, {"path": LORA, "revision": second}))))
+    by_tag = boot(load_config(write_config(hub_config(BASE, {"path": f"{LORA}@v1"}))))
+    by_commit = boot(load_config(write_config(hub_config(BASE, {"path": LORA, "revision": second}))))
     assert (by_tag.info.adapters[0].sha, by_commit.info.adapters[0].sha) == (first, second)
     assert by_tag.info.cache["key"] != by_commit.info.cache["key"]
     assert not torch.allclose(_logits(by_tag), _logits(by_commit))
-    on_main = boot(load_config(write_config(_config(BASE, {"path": LORA}))))
+    on_main = boot(load_config(write_config(hub_config(BASE, {"path": LORA}))))
     assert on_main.info.cache["status"] == "hit" and on_main.info.cache["key"] == by_tag.info.cache["key"]
     # main moves to a new commit holding the very same files: a new entry, named after the commit it came from.
     third = publish(hub, LORA, tiny_adapters["alpha"], refs=("main", "v3"))
     assert third not in (first, second)
-    moved = boot(load_config(write_config(_config(BASE, {"path": LORA}))))
+    moved = boot(load_config(write_config(hub_config(BASE, {"path": LORA}))))
     assert moved.info.adapters[0].sha == third and moved.info.cache["status"] == "miss"
     assert len({by_tag.info.cache["key"], by_commit.info.cache["key"], moved.info.cache["key"]}) == 3
     assert len(list((merge_cache / "entries").iterdir())) == 3
     assert torch.equal(_logits(moved), _logits(by_tag))
     point(hub, LORA, "main", first)  # and back: the first entry again
-    assert boot(load_config(write_config(_config(BASE, {"path": LORA})))).info.cache["status"] == "hit"
+    assert boot(load_config(write_config(hub_config(BASE, {"path": LORA})))).info.cache["status"] == "hit"
 
 
 def test_subfolder_and_a_local_path_that_exists_wins(
@@ -129,35 +103,12 @@ def test_subfolder_and_a_local_path_that_exists_wins(
 ) -> None:
     publish(hub, BASE, tiny_base)
     sha = publish(hub, LORA, tiny_adapters["beta"], subfolder="loras/beta")
-    config = load_config(write_config(_config(BASE, {"path": LORA, "subfolder": "loras/beta"})))
+    config = load_config(write_config(hub_config(BASE, {"path": LORA, "subfolder": "loras/beta"})))
     engine = boot(config, on_phase=None)
     assert engine.info.adapters[0].sha == sha and engine.info.adapters[0].rank == 8
     assert engine.info.adapters[0].path.endswith("loras/beta")
     # A folder beside the config named like an id is a path, however the Hub cache looks.
     local = tmp_path / LORA
     shutil.copytree(tiny_adapters["alpha"], local)
-    config = load_config(write_config(_config(BASE, {"path": LORA})))
+    config = load_config(write_config(hub_config(BASE, {"path": LORA})))
     assert config.adapters[0].hub is None and config.adapters[0].local == local
-
-
-@pytest.mark.parametrize(
-    ("adapter", "expected"),
-    [
-        ({"path": "test-org/no-such-lora"}, "adapters[0].path (test-org/no-such-lora): 'test-org/no-such-lora' is not "
-         "in the Hub cache"),
-        ({"path": f"{LORA}@v9"}, f"adapters[0].path ({LORA}@v9): revision 'v9' of '{LORA}' is not in the Hub cache "
-         "(cached: main, "),
-        ({"path": LORA, "subfolder": "nope"}, f"adapters[0].path ({LORA}): subfolder 'nope' has no adapter_config.json"),
-    ],
-)  # fmt: skip
-def test_what_cannot_be_resolved_is_one_line_naming_the_key(
-    hub: Path, tiny_base: Path, tiny_adapters: dict[str, Path], write_config: Writer,
-    adapter: dict[str, Any], expected: str,
-) -> None:  # fmt: skip
-    publish(hub, BASE, tiny_base)
-    publish(hub, LORA, tiny_adapters["alpha"])
-    with pytest.raises(HubError) as caught:
-        boot(load_config(write_config(_config(BASE, adapter))))
-    line = caught.value.line()
-    assert line.startswith(expected) and "\n" not in line and caught.value.exit_code == ExitCode.BAD_INPUT
-    assert "; fix: " in line
