@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,8 @@ from typing import Any
 import torch
 from fastapi.testclient import TestClient
 from huggingface_hub import scan_cache_dir, snapshot_download
+from peft import PeftModel
+from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM
 
 from server.boot.boot import boot
@@ -21,6 +25,7 @@ from server.config.load import load_config
 from server.engine.engine import Engine
 from server.http.app import create_app
 from tests.hub_cache import BASE, LORA, hub_config, point, publish, repo_folder
+from tests.live_server import REPO
 from tests.reference import peft_merged
 
 Writer = Callable[[dict[str, Any]], Path]
@@ -112,3 +117,38 @@ def test_subfolder_and_a_local_path_that_exists_wins(
     shutil.copytree(tiny_adapters["alpha"], local)
     config = load_config(write_config(hub_config(BASE, {"path": LORA})))
     assert config.adapters[0].hub is None and config.adapters[0].local == local
+
+
+def test_merge_cli_exports_from_hub_ids_with_their_commits(
+    tmp_path: Path, tiny_base: Path, tiny_adapters: dict[str, Path], write_config: Writer
+) -> None:
+    """`mergeserve merge` in a fresh process, told where the Hub cache is and to stay offline by its environment."""
+    cache = tmp_path / "env-cache"
+    base_sha = publish(cache, BASE, tiny_base, refs=("main", "v1"))
+    lora_sha = publish(cache, LORA, tiny_adapters["alpha"], subfolder="alpha")
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(REPO)}  # fmt: skip
+    config = write_config(hub_config(f"{BASE}@v1", {"path": LORA, "subfolder": "alpha", "weight": 0.5}))
+    out = tmp_path / "export"
+    argv = [sys.executable, "-m", "server", "merge", "--config", str(config), "--out", str(out)]
+    proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert f"model.path {BASE}@v1 -> commit {base_sha}" in proc.stderr
+    record = json.loads((out / "mergeserve.json").read_text())
+    assert record["base"] == {"hub_id": f"{BASE}@v1", "commit": base_sha}
+    (adapter,) = record["adapters"]
+    assert (adapter["hub_id"], adapter["commit"], adapter["subfolder"], adapter["weight"]) == (
+        LORA,
+        lora_sha,
+        "alpha",
+        0.5,
+    )
+    exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
+    peft = PeftModel.from_pretrained(base, str(tiny_adapters["alpha"]))
+    for layer in peft.base_model.model.modules():
+        if isinstance(layer, LoraLayer):
+            layer.scaling["default"] *= 0.5  # the configured weight scales the delta
+    reference = peft.merge_and_unload().state_dict()
+    for name, tensor in exported.state_dict().items():
+        assert torch.allclose(tensor, reference[name], atol=1e-6, rtol=0), name
