@@ -18,6 +18,9 @@ serving merges streams this way:
   worth of random numbers at a time) to record the generator state at each layer's turn, so the same seed drops
   the same entries as merged serving.
 
+The export also writes `mergeserve.json` (`write_record`): the base's and each adapter's path, or Hub id with the commit
+it resolved to, the weights, the combine method and the dtype, so a checkpoint names exactly what went into it.
+
 Numerics versus the server: with the output dtype equal to the stored dtype (or float32), the written weights equal
 the server's merged weights bit for bit. When the output dtype is narrower than the stored one, the server rounds
 W0 at load time and then rounds the merge again, while the export rounds W0 + delta once: at least as accurate.
