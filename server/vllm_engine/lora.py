@@ -99,20 +99,20 @@ def vllm_lora_problems(adapter_dir: Path) -> list[str]:
 
 def _read_config(adapter: AdapterConfig) -> dict[str, Any] | None:
     try:
-        raw = json.loads((adapter.path / "adapter_config.json").read_text())
+        raw = json.loads((adapter.local / "adapter_config.json").read_text())
     except (OSError, ValueError) as exc:
-        raise BootError(f"cannot read adapter_config.json ({exc})", "re-save the adapter", str(adapter.path)) from None
+        raise BootError(f"cannot read adapter_config.json ({exc})", "re-save the adapter", str(adapter.local)) from None
     return raw if isinstance(raw, dict) else None
 
 
 def _check_adapters(config: Config, mode: str) -> None:
     for i, adapter in enumerate(config.adapters):
-        where = f"adapters[{i}] '{adapter.name}' ({adapter.path / 'adapter_config.json'})"
+        where = f"adapters[{i}] '{adapter.name}' ({adapter.local / 'adapter_config.json'})"
         raw = _read_config(adapter)
         refusal: Refusal | None = config_refusal(raw) if raw is not None else None
         if refusal:  # refused in every mode, merged too: its own fix, not "use merged"
             raise BootError(refusal.problem, refusal.fix, where)
-        if problems := vllm_lora_problems(adapter.path):
+        if problems := vllm_lora_problems(adapter.local):
             problem = f"{'; '.join(problems)}: vLLM 0.32 cannot apply it unmerged (mode {mode})"
             raise BootError(problem, FIX, where, ExitCode.BAD_INPUT)
 
@@ -125,12 +125,14 @@ def refuse_for_vllm(config: Config) -> None:
 
 def _base_config(model: ModelConfig) -> PretrainedConfig:
     """The base's architecture only: for a GGUF from its metadata, as the streaming export reads it."""
-    if model.path.suffix == ".gguf":
+    if model.local.suffix == ".gguf":
         try:
-            return open_source(model.path, model.trust_remote_code).config
+            return open_source(model.local, model.trust_remote_code).config
         except SourceError as exc:
-            raise BootError(exc.problem, exc.fix, f"base model '{model.path}'") from None
-    return AutoConfig.from_pretrained(str(model.path), trust_remote_code=model.trust_remote_code, local_files_only=True)
+            raise BootError(exc.problem, exc.fix, f"base model '{model.local}'") from None
+    return AutoConfig.from_pretrained(
+        str(model.local), trust_remote_code=model.trust_remote_code, local_files_only=True
+    )
 
 
 def _dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -149,7 +151,8 @@ def vllm_adapter_key(config: Config, root: Path, dtype: str | torch.dtype) -> st
     (root / "locks").mkdir(parents=True, exist_ok=True)
     hashes = FileHashes(root)
     adapters = [
-        {"weight": a.weight, "files": [[str(p.relative_to(a.path)), hashes.digest(p)] for p in files_under(a.path)]}
+        {"weight": a.weight, "files": [[str(p.relative_to(a.local)), hashes.digest(p)] for p in files_under(a.local)]}
+        | ({"commit": a.sha} if a.sha else {})  # a Hub id's commit, as in the merge cache key
         for a in config.adapters
     ]
     inputs = {
@@ -173,7 +176,7 @@ def _write(folder: Path, config: Config, cat: CatLora) -> None:
         use_rslora=False,
         bias="none",
         task_type="CAUSAL_LM",
-        base_model_name_or_path=str(config.model.path),
+        base_model_name_or_path=str(config.model.local),
     )
     lora.save_pretrained(str(folder))
     weights = folder / "adapter_model.safetensors"
@@ -184,7 +187,10 @@ def _write(folder: Path, config: Config, cat: CatLora) -> None:
         "modules": cat.modules,
         "target_modules": cat.target_modules,
         "sha256": {"adapter_model.safetensors": sha256_file(weights)},
-        "adapters": [{"name": a.name, "path": str(a.path), "weight": a.weight} for a in config.adapters],
+        "adapters": [
+            {"name": a.name, "path": str(a.local), "weight": a.weight} | ({"commit": a.sha} if a.sha else {})
+            for a in config.adapters
+        ],
     }
     (folder / RECORD).write_text(json.dumps(record, indent=2) + "\n")
 
