@@ -17,7 +17,6 @@ from pydantic import BaseModel, ConfigDict
 # The Hub's own rule (huggingface_hub.utils.validate_repo_id): letters, digits, '-', '_', '.', at most 96 each side.
 _PART = r"[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9_])?"
 _ID = re.compile(rf"^(?P<repo>{_PART}/{_PART})(?:@(?P<revision>[^/@\s]+))?(?:/(?P<file>[^@\s]+\.gguf))?$")
-_COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
 class HubId(BaseModel):
@@ -35,11 +34,6 @@ class HubId(BaseModel):
     def __str__(self) -> str:
         rev = f"@{self.revision}" if self.revision else ""
         return f"{self.repo}{rev}/{self.file}" if self.file else f"{self.repo}{rev}"
-
-    @property
-    def pinned(self) -> bool:
-        """Whether the revision is a commit hash: the one kind of revision that cannot move."""
-        return self.revision is not None and bool(_COMMIT.match(self.revision))
 
 
 def parse_hub_id(raw: str, tried: Path) -> HubId | None:

@@ -84,3 +84,16 @@ def test_pickles_only_with_allow_pickle_and_a_moved_branch_is_fetched_anew(
     assert (moved.adapters[0].local / "adapter_config.json").read_bytes() == (
         tiny_adapters["beta"] / "adapter_config.json"
     ).read_bytes()
+
+
+def test_a_gguf_is_fetched_only_when_named(
+    online: StubRepos, tiny_adapters: dict[str, Path], write_config: Writer
+) -> None:
+    gguf = {"q4/model.Q4_K_M.gguf": b"GGUF q4", "q8/model.Q8_0.gguf": b"GGUF q8", "config.json": b"{}"}
+    sha = online.add("test-org/tiny-gguf", gguf, ref="v1")
+    online.add_folder(LORA, tiny_adapters["alpha"])
+    config = load_config(write_config(hub_config("test-org/tiny-gguf@v1/q4/model.Q4_K_M.gguf", {"path": LORA})))
+    assert config.model.model_id == "test-org/tiny-gguf"
+    resolved = resolve_hub(config)
+    assert resolved.model.sha == sha and resolved.model.local.read_bytes() == b"GGUF q4"
+    assert [f for f in online.fetched if "gguf" in f] == ["test-org/tiny-gguf/q4/model.Q4_K_M.gguf"]
