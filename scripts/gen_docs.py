@@ -30,7 +30,7 @@ REFERENCE = REPO / "docs" / "reference"
 
 def _type_name(annotation: Any) -> str:
     text = str(annotation).replace("typing.", "").replace("pathlib.", "").replace("<class '", "").replace("'>", "")
-    return re.sub(r"server\.config\.schema\.", "", text).replace("|", "\\|")
+    return re.sub(r"server\.config\.\w+\.", "", text).replace("|", "\\|")
 
 
 def _default(field: Any) -> str:

@@ -58,11 +58,11 @@ def _gate(result: ParityResult) -> None:
 
 
 def _refuse_quantized_merge(config: Config) -> None:
-    method = quantization_method(config.model.path)
+    method = quantization_method(config.model.local)
     if method and config.mode != "unmerged":
         names = ", ".join(f"'{a.name}'" for a in config.adapters)
         raise BootError(
-            f"the base '{config.model.path}' is {method}-quantized, and merging into quantized weights re-quantizes "
+            f"the base '{config.model.local}' is {method}-quantized, and merging into quantized weights re-quantizes "
             f"away the adapters' change (mode {config.mode})",
             QUANTIZED_MERGE_FIX,
             f"adapters {names}",
@@ -76,7 +76,7 @@ def serving_tokenizer(
 
     Returns the tokenizer to serve and whether the base's vocabulary was resized.
     """
-    shipped = [(a, tok) for a in adapters if (tok := adapter_tokenizer(a.path)) is not None]
+    shipped = [(a, tok) for a in adapters if (tok := adapter_tokenizer(a.local)) is not None]
     if not shipped:
         return tokenizer, False
     first, chosen = shipped[0]
@@ -137,7 +137,7 @@ def build_arms(config: Config, timer: PhaseTimer) -> BuiltArms:
         raise BootError(
             f"model.device_map offloads layers to disk, which mode {config.mode} does not support",
             "use mode: merged, or give the model enough memory (model.max_memory)",
-            str(config.model.path),
+            str(config.model.local),
         )
     with timer.phase("load_adapters"):
         peft_model, adapter_infos = load_adapters(base, config.adapters, allow_pickle=config.security.allow_pickle)

@@ -1,4 +1,5 @@
-"""Boot: load the base, attach the adapters, merge (or not), verify, warm up.
+"""Boot: fetch Hub ids (phase `download`, only when the config names one), load the base, attach the adapters, merge
+(or not), verify, warm up.
 
 Merged mode with the cache on goes through `server.boot.cached` (a verified entry skips the merge); every other
 boot builds its arms in `server.boot.arms`. Both end in `server.boot.phases.finish_boot`.
@@ -11,10 +12,14 @@ from server.boot.cached import boot_merged_with_cache
 from server.boot.phases import PhaseCallback, PhaseTimer, finish_boot
 from server.config.schema import Config
 from server.engine.engine import Engine
+from server.store.hub import has_hub_ids, resolve_hub
 
 
 def boot(config: Config, on_phase: PhaseCallback | None = None) -> Engine:
     timer = PhaseTimer(on_phase)
+    if has_hub_ids(config):
+        with timer.phase("download"):
+            config = resolve_hub(config)
     if config.engine.kind == "vllm":
         from server.boot.vllm import boot_vllm  # vLLM's boot path; its imports load only when it is chosen
 

@@ -50,7 +50,7 @@ def _serve_hit(config: Config, timer: PhaseTimer, cache: MergeCache, key: str) -
         # The entry is an ordinary safetensors model folder: load it as the base would be (dtype, device_map,
         # max_memory, safetensors only), with the config's own model settings.
         tokenizer, model = load_base(config.model.model_copy(update={"path": cache.entry(key)}))
-        infos = [adapter_info(a, PeftConfig.from_pretrained(str(a.path))) for a in config.adapters]
+        infos = [adapter_info(a, PeftConfig.from_pretrained(str(a.local))) for a in config.adapters]
     with timer.phase("verify"):
         stored = cache.probes(key)
         probes = config.parity.probes

@@ -64,6 +64,7 @@ def finish_boot(
     model = next(iter(arms.values()))
     info = EngineInfo(
         model_id=config.model.model_id,
+        model_sha=config.model.sha,
         mode=config.mode,
         adapters=adapter_infos,
         dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
@@ -71,7 +72,7 @@ def finish_boot(
         device_map=device_summary(model),
         boot_seconds=timer.timings,
         parity=parity,
-        base_path=str(Path(config.model.path)),
+        base_path=str(Path(config.model.local)),
         cache=cache,
         combine=config.combine.model_dump(),
     )

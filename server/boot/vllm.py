@@ -94,7 +94,7 @@ def _merged_entry(config: Config, timer: PhaseTimer, cache: MergeCache) -> Check
 
 def _base_dir(config: Config, cache: MergeCache, timer: PhaseTimer) -> Path:
     """A safetensors folder vLLM can load the base from: the model folder itself, or a dequantized copy."""
-    path = config.model.path
+    path = config.model.local
     if path.is_dir() and any(path.glob("*.safetensors")):
         return path
     # vLLM 0.32 cannot read a GGUF on CPU (docs/design/vllm-probe.md): keep its dequantized copy, keyed like a merge.
@@ -150,6 +150,7 @@ def _info(config: Config, timer: PhaseTimer, ckpt: Checkpoints, infos: list[Adap
 
     return EngineInfo(
         model_id=config.model.model_id,
+        model_sha=config.model.sha,
         mode=config.mode,
         adapters=infos,
         dtype=config.model.dtype,
@@ -157,7 +158,7 @@ def _info(config: Config, timer: PhaseTimer, ckpt: Checkpoints, infos: list[Adap
         device_map={},
         boot_seconds=timer.timings,
         parity=ckpt.parity,
-        base_path=str(config.model.path),
+        base_path=str(config.model.local),
         cache=ckpt.report,
         combine=config.combine.model_dump(),
         engine={
@@ -183,7 +184,7 @@ def boot_vllm(config: Config, timer: PhaseTimer) -> Engine:
     cache = MergeCache(config.cache.resolved_dir())
     ckpt = _merged_entry(config, timer, cache)
     plans = _plans(config, cache, ckpt.merged_dir, timer)
-    infos = [adapter_info(a, PeftConfig.from_pretrained(str(a.path))) for a in config.adapters]
+    infos = [adapter_info(a, PeftConfig.from_pretrained(str(a.local))) for a in config.adapters]
     loop, metrics = LoopThread(), VllmMetrics()
     with timer.phase("vllm_start"):
         arms = start_arms(config, plans, config.model.dtype, loop, metrics)

@@ -16,7 +16,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from server.config.schema import Config, SecurityConfig
+from server.config.hub_id import HubId
+from server.config.schema import AdapterConfig, Config, ModelConfig, SecurityConfig
 from server.errors import MergeserveError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -36,12 +37,15 @@ def _outside(path: Path, roots: list[Path]) -> bool:
     return not any(real.is_relative_to(root.resolve()) for root in roots)
 
 
-def _weights(config: Config) -> Iterator[tuple[str, Path, str]]:
-    """(key, folder, file stem) for every folder whose weights the server will read."""
-    if config.model.path.is_dir():
-        yield "model.path", config.model.path, ""
-    for i, adapter in enumerate(config.adapters):
-        yield f"adapters[{i}].path", adapter.path, "adapter_model"
+def _readable(config: Config) -> Iterator[tuple[str, Path, str, bool]]:
+    """(key, path, weight file stem, from the Hub) of the base and each adapter on disk: a Hub id only once resolved
+    (`server.store.hub` runs these checks again on what the Hub delivered)."""
+    named: list[tuple[str, ModelConfig | AdapterConfig, str]] = [("model.path", config.model, "")]
+    named += [(f"adapters[{i}].path", a, "adapter_model") for i, a in enumerate(config.adapters)]
+    for key, item, stem in named:
+        hub = isinstance(item.path, HubId)
+        if not hub or item.path.snapshot is not None:  # type: ignore[union-attr]
+            yield key, item.local, stem, hub
 
 
 def input_problems(config: Config) -> Iterator[Problem]:
@@ -49,16 +53,14 @@ def input_problems(config: Config) -> Iterator[Problem]:
     sec = config.security
     roots = sec.allowed_roots
     if roots is not None:
-        named = [("model.path", config.model.path)] + [
-            (f"adapters[{i}].path", a.path) for i, a in enumerate(config.adapters)
-        ]
-        for key, path in named:
+        for key, path, _, hub in _readable(config):
             if _outside(path, roots):
                 where = ", ".join(str(r) for r in roots)
-                yield key, f"'{path.resolve()}' is outside security.allowed_roots ({where})", "move it under a root"
+                fix = "add the Hub cache (HF_HUB_CACHE) to security.allowed_roots" if hub else "move it under a root"
+                yield key, f"'{path.resolve()}' is outside security.allowed_roots ({where})", fix
     if not sec.allow_pickle:
-        for key, folder, stem in _weights(config):
-            found = pickle_only(folder, stem)
+        for key, folder, stem, _ in _readable(config):
+            found = pickle_only(folder, stem) if folder.is_dir() else None
             if found is not None:
                 yield (
                     key,

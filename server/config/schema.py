@@ -19,6 +19,7 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from server.config.engine import EngineConfig
+from server.config.hub_id import HubId, local_path, parse_hub_id, with_revision
 from server.errors import MergeserveError
 
 Mode = Literal["merged", "unmerged", "ab"]
@@ -74,18 +75,68 @@ _ADAPTER_PATH_RULES: PathRules = (
 )  # fmt: skip
 
 
-def _resolve_checked(raw: Any, info: ValidationInfo, rules: PathRules) -> Path:
-    """The resolved path, or a ValueError with the message of the first rule it breaks ({path} is filled in)."""
+def _resolve_checked(raw: Any, info: ValidationInfo, rules: PathRules) -> Path | HubId:
+    """The resolved path, a Hub id (`org/name[@rev]` with no local path of that name), or a ValueError with the
+    message of the first rule the path breaks ({path} is filled in). Only an id's syntax is checked here: the
+    download waits for the boot phase `download`, so reading a config stays instant."""
+    if isinstance(raw, HubId):
+        return raw
     path = _resolve(raw, info)
+    if isinstance(raw, str) and not raw.startswith(PACKAGE_SCHEME) and not path.exists():
+        hub = parse_hub_id(raw, path)
+        if hub is not None:
+            return hub
     for broken, message in rules:
         if broken(path):
             raise ValueError(message.format(path=path))
     return path
 
 
-class ModelConfig(_Strict):
-    path: Path = Field(description="Local Hugging Face model folder, a .gguf file, or package:<pkg>/<file>.")
-    id: str | None = Field(default=None, description="model_id reported by /info; defaults to the path's name.")
+class _Located(_Strict):
+    """A base model or adapter: a local path, or a Hub id with the Hub-only `revision` and `subfolder` keys."""
+
+    path: Path | HubId
+    revision: str | None = Field(
+        default=None,
+        description="Hub ids only: branch, tag or commit (TGI's and vLLM's --revision); the same as path's @revision.",
+    )
+    subfolder: str | None = Field(default=None, description="Hub ids only: the folder inside the repo to load.")
+
+    @model_validator(mode="after")
+    def _hub_keys(self) -> _Located:
+        if isinstance(self.path, HubId):
+            with_revision(self.path, self.revision, self.subfolder)  # raises on a conflict
+        elif self.revision is not None or self.subfolder is not None:
+            raise ValueError(
+                f"revision and subfolder apply to Hub ids, and '{self.path}' is a local path | remove them, or "
+                "give the full local path"
+            )
+        return self
+
+    @property
+    def hub(self) -> HubId | None:
+        """The Hub id with the `revision` key applied, or None for a local path."""
+        return with_revision(self.path, self.revision, self.subfolder) if isinstance(self.path, HubId) else None
+
+    @property
+    def local(self) -> Path:
+        """The file or folder to read (a Hub id's snapshot once `server.store.hub` resolved it)."""
+        return local_path(self.path, self.subfolder)
+
+    @property
+    def sha(self) -> str | None:
+        """The commit a Hub id resolved to; None for a local path."""
+        return self.path.sha if isinstance(self.path, HubId) else None
+
+
+class ModelConfig(_Located):
+    path: Path | HubId = Field(
+        description="Local Hugging Face model folder, a .gguf file, package:<pkg>/<file>, or a Hub id "
+        "org/name[@revision] (org/name[@revision]/file.gguf for a GGUF file in the repo)."
+    )
+    id: str | None = Field(
+        default=None, description="model_id reported by /info; defaults to the Hub id, else the path's name."
+    )
     dtype: DType = Field(
         default="auto",
         description="Serving dtype; auto: the fastest on this device, measured at boot; checkpoint: the file's own.",
@@ -101,7 +152,7 @@ class ModelConfig(_Strict):
 
     @field_validator("path", mode="before")
     @classmethod
-    def _path_exists(cls, raw: Any, info: ValidationInfo) -> Path:
+    def _path_exists(cls, raw: Any, info: ValidationInfo) -> Path | HubId:
         return _resolve_checked(raw, info, _MODEL_PATH_RULES)
 
     @field_validator("offload_folder", mode="before")
@@ -111,17 +162,23 @@ class ModelConfig(_Strict):
 
     @property
     def model_id(self) -> str:
-        return self.id or (self.path.stem if self.path.suffix == ".gguf" else self.path.name)
+        if self.id:
+            return self.id
+        if isinstance(self.path, HubId):
+            return self.path.repo  # as TGI reports a Hub model
+        return self.path.stem if self.path.suffix == ".gguf" else self.path.name
 
 
-class AdapterConfig(_Strict):
+class AdapterConfig(_Located):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Adapter name used in /info and metrics.")
-    path: Path = Field(description="Folder holding adapter_config.json and adapter_model.safetensors.")
+    path: Path | HubId = Field(
+        description="Folder holding adapter_config.json and adapter_model.safetensors, or a Hub id org/name[@revision]."
+    )
     weight: float = Field(default=1.0, description="Multiplies the adapter's delta: W0 + sum(w_i * s_i * B_i A_i).")
 
     @field_validator("path", mode="before")
     @classmethod
-    def _adapter_folder(cls, raw: Any, info: ValidationInfo) -> Path:
+    def _adapter_folder(cls, raw: Any, info: ValidationInfo) -> Path | HubId:
         return _resolve_checked(raw, info, _ADAPTER_PATH_RULES)
 
 
@@ -306,14 +363,24 @@ class Config(_Strict):
         weights count (float32 addition is not associative; w scales the delta), as do the dtype (the one rounding),
         the combine method, density and seed (TIES/DARE give other weights than the exact sum) and the probes (their
         logits are stored in the entry). Names, limits, ports and the parity tolerance change no weight: left out.
+
+        A Hub id adds the commit it resolved to (only then, so local paths keep their keys): a branch that moved
+        gets its own entry, whose manifest names the commit it was merged from, even where the files it loads did
+        not change.
         """
         if self.model.dtype == "auto":
             # "auto" names no dtype: replicas on other CPUs would share an entry merged and rounded in another one.
             raise ValueError("resolve model.dtype auto (server.merge.precision.resolve_dtype_setting) before keying")
-        return {
+        identity: dict[str, Any] = {
             "combine": self.combine.model_dump(),
             "dtype": self.model.dtype,
-            "base": files(self.model.path),
-            "adapters": [{"weight": a.weight, "files": files(a.path)} for a in self.adapters],
+            "base": files(self.model.local),
+            "adapters": [
+                {"weight": a.weight, "files": files(a.local)} | ({"commit": a.sha} if a.sha else {})
+                for a in self.adapters
+            ],
             "probes": list(self.parity.probes),
         }
+        if self.model.sha:
+            identity["base_commit"] = self.model.sha
+        return identity

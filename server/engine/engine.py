@@ -36,6 +36,7 @@ class EngineInfo:
     boot_seconds: dict[str, float]
     parity: ParityResult | None
     base_path: str = ""
+    model_sha: str | None = None  # the commit a Hub id resolved to, as TGI's /info reports it
     # Merge cache: key, hit or miss, and where the parity figures come from on a hit (see server.cached_boot).
     cache: dict[str, Any] = field(default_factory=dict)
     combine: dict[str, Any] = field(default_factory=lambda: {"method": "linear", "density": None, "seed": 0})

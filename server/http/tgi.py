@@ -51,7 +51,9 @@ router = APIRouter()
 INFO_LIMITS = frozenset(
     {"max_concurrent_requests", "max_stop_sequences", "max_input_tokens", "max_total_tokens", "max_batch_size"}
 )
-INFO_FACTS = ("model_id", "mode", "dtype", "dtype_reason", "device_map", "boot_seconds", "combine", "engine")
+INFO_FACTS = (
+    "model_id", "model_sha", "mode", "dtype", "dtype_reason", "device_map", "boot_seconds", "combine", "engine"
+)  # fmt: skip
 
 
 def _timing_headers(engine: Engine, gen: Generation, tracker: Tracker) -> dict[str, str]:

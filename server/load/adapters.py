@@ -36,6 +36,8 @@ class AdapterInfo:
     use_rslora: bool
     target_modules: list[str]
     kinds: list[str] = field(default_factory=list)
+    source: str | None = None  # the Hub id as configured (org/name@revision); None for a local path
+    sha: str | None = None  # the commit that id resolved to
 
 
 class BootError(MergeserveError):
@@ -58,10 +60,10 @@ def load_base(cfg: ModelConfig, allow_pickle: bool = False) -> tuple[PreTrainedT
     Pickle checkpoints are read only when allowed, and then with weights_only=True (tensors, no code).
     """
     weights: dict[str, Any] = {}
-    if cfg.path.suffix == ".gguf":
-        where, files = str(cfg.path.parent), {"gguf_file": cfg.path.name}
+    if cfg.local.suffix == ".gguf":
+        where, files = str(cfg.local.parent), {"gguf_file": cfg.local.name}
     else:
-        where, files = str(cfg.path), {}
+        where, files = str(cfg.local), {}
         weights["use_safetensors"] = None if allow_pickle else True  # None: safetensors first, else .bin
     common = {"trust_remote_code": cfg.trust_remote_code, "local_files_only": True, **files}
     if cfg.max_memory is not None:
@@ -100,16 +102,16 @@ def _model_key(file_key: str, adapter: str) -> str:
 
 
 def _refuse(adapter: AdapterConfig, problem: str, fix: str) -> BootError:
-    return BootError(problem, fix, f"adapter '{adapter.name}' ({adapter.path})")
+    return BootError(problem, fix, f"adapter '{adapter.name}' ({adapter.local})")
 
 
 def _read_adapter(adapter: AdapterConfig, allow_pickle: bool) -> tuple[PeftConfig, dict[str, torch.Tensor]]:
     try:
-        raw = json.loads((adapter.path / "adapter_config.json").read_text())
+        raw = json.loads((adapter.local / "adapter_config.json").read_text())
         refusal = config_refusal(raw) if isinstance(raw, dict) else ("it is not a JSON object", "re-save the adapter")
         if refusal:
             raise _refuse(adapter, *refusal)
-        peft_config = PeftConfig.from_pretrained(str(adapter.path))
+        peft_config = PeftConfig.from_pretrained(str(adapter.local))
     except (OSError, ValueError, TypeError) as exc:  # json and PEFT's own config validation
         raise _refuse(adapter, f"cannot read adapter_config.json ({_first_line(exc)})", "re-save the adapter") from None
     if str(peft_config.peft_type) not in ("LORA", "PeftType.LORA"):
@@ -125,7 +127,7 @@ def _read_adapter(adapter: AdapterConfig, allow_pickle: bool) -> tuple[PeftConfi
 
 
 def _read_weights(adapter: AdapterConfig, allow_pickle: bool) -> dict[str, torch.Tensor]:
-    weights, pickled = adapter.path / "adapter_model.safetensors", adapter.path / "adapter_model.bin"
+    weights, pickled = adapter.local / "adapter_model.safetensors", adapter.local / "adapter_model.bin"
     try:
         if weights.is_file():
             return load_file(str(weights))
@@ -210,10 +212,10 @@ def load_adapters(
             with _no_redispatch(base):
                 if model is None:
                     model = PeftModel.from_pretrained(
-                        base, str(adapter.path), adapter_name=adapter.name, low_cpu_mem_usage=on_meta_base
+                        base, str(adapter.local), adapter_name=adapter.name, low_cpu_mem_usage=on_meta_base
                     )
                 else:
-                    model.load_adapter(str(adapter.path), adapter_name=adapter.name, low_cpu_mem_usage=on_meta_base)
+                    model.load_adapter(str(adapter.local), adapter_name=adapter.name, low_cpu_mem_usage=on_meta_base)
             if on_meta_base:
                 # The adapter's own tensors: LoRA factors and modules_to_save copies (whole replacement modules).
                 named = {_model_key(k, adapter.name): v for k, v in tensors.items()}
@@ -245,11 +247,13 @@ def adapter_info(adapter: AdapterConfig, cfg: Any) -> AdapterInfo:
     targets = cfg.target_modules
     return AdapterInfo(
         name=adapter.name,
-        path=str(adapter.path),
+        path=str(adapter.local),
         weight=adapter.weight,
         rank=cfg.r,
         alpha=cfg.lora_alpha,
         use_rslora=bool(cfg.use_rslora),
         kinds=kinds(cfg),
         target_modules=sorted(targets) if isinstance(targets, (set, list)) else [str(targets)],
+        source=None if adapter.hub is None else str(adapter.hub),
+        sha=adapter.sha,
     )

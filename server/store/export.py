@@ -18,6 +18,9 @@ serving merges streams this way:
   worth of random numbers at a time) to record the generator state at each layer's turn, so the same seed drops
   the same entries as merged serving.
 
+The export also writes `mergeserve.json` (`write_record`): the base's and each adapter's path, or Hub id with the commit
+it resolved to, the weights, the combine method and the dtype, so a checkpoint names exactly what went into it.
+
 Numerics versus the server: with the output dtype equal to the stored dtype (or float32), the written weights equal
 the server's merged weights bit for bit. When the output dtype is narrower than the stored one, the server rounds
 W0 at load time and then rounds the merge again, while the export rounds W0 + delta once: at least as accurate.
@@ -27,27 +30,32 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import os
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from server.config.schema import Config
+from server import __version__
+from server.config.schema import AdapterConfig, Config, ModelConfig
 from server.errors import ExitCode
 from server.load.adapters import BootError, load_adapters, merge_refusal
 from server.merge.apply import MergeError, check_mergeable, layer_delta, lora_layers, saved_modules
 from server.merge.combine import MixSpec, skip_draws
 from server.merge.kinds import LayerDelta, has_adapter, uses_bias
 from server.store.checkpoint import TensorSpec, write_sharded
+from server.store.hub import resolve_hub
 from server.store.model_files import resolve_dtype, tied_names, write_model_files
 from server.store.sources import SourceError, TensorSource, open_source
+
+EXPORT_RECORD = "mergeserve.json"
 
 
 @dataclass(frozen=True)
@@ -79,6 +87,25 @@ def _reset_peak_rss() -> None:
     """Writing 5 to clear_refs resets VmHWM (Linux >= 4.0), so the peak measured is the export's own."""
     with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")
+
+
+def write_record(out: Path, config: Config, dtype: torch.dtype) -> str:
+    """mergeserve.json: what was merged, from where (a Hub id with the commit it resolved to) and how."""
+
+    def source(item: ModelConfig | AdapterConfig) -> dict[str, Any]:
+        hub = item.hub
+        where = {"path": str(item.local)} if hub is None else {"hub_id": str(hub), "commit": hub.sha}
+        return where | ({"subfolder": item.subfolder} if item.subfolder else {})
+
+    record = {
+        "mergeserve": __version__,
+        "base": source(config.model),
+        "adapters": [{"name": a.name, "weight": a.weight, **source(a)} for a in config.adapters],
+        "combine": config.combine.model_dump(),
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+    (out / EXPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    return EXPORT_RECORD
 
 
 def _prefixless(name: str) -> str:
@@ -230,12 +257,13 @@ def export_merged(
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise BootError(f"--out '{out}' exists and is not an empty folder", "give a new folder")
     start = time.perf_counter()
+    config = resolve_hub(config)  # Hub ids to snapshot folders; a config without one comes back as it is
     _reset_peak_rss()
     baseline_kb = _proc_status_kb("VmRSS")
     try:
-        source = open_source(config.model.path, config.model.trust_remote_code)
+        source = open_source(config.model.local, config.model.trust_remote_code)
     except SourceError as exc:
-        raise BootError(exc.problem, exc.fix, f"base model '{config.model.path}'") from None
+        raise BootError(exc.problem, exc.fix, f"base model '{config.model.local}'") from None
     out_dtype = resolve_dtype(dtype or config.model.dtype, source.config, source.specs())
     plan = _plan(config, source, out_dtype)
     partial = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -246,6 +274,7 @@ def export_merged(
         files = write_model_files(partial, config.model, source.config, out_dtype, plan.tie)
         gc.collect()
         files += write_sharded(partial, plan.specs, plan.produce, max_shard_bytes)
+        files.append(write_record(partial, config, out_dtype))
         if out.exists():
             out.rmdir()
         os.rename(partial, out)

@@ -85,7 +85,7 @@ def write_model_files(
     raw["tie_word_embeddings"] = tie
     (out / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
     written = ["config.json", "generation_config.json"]
-    base = model_cfg.path
+    base = model_cfg.local
     if base.is_dir() and (base / "generation_config.json").is_file():
         shutil.copyfile(base / "generation_config.json", out / "generation_config.json")
     else:

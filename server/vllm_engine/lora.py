@@ -98,20 +98,20 @@ def vllm_lora_problems(adapter_dir: Path) -> list[str]:
 
 def _read_config(adapter: AdapterConfig) -> dict[str, Any] | None:
     try:
-        raw = json.loads((adapter.path / "adapter_config.json").read_text())
+        raw = json.loads((adapter.local / "adapter_config.json").read_text())
     except (OSError, ValueError) as exc:
-        raise BootError(f"cannot read adapter_config.json ({exc})", "re-save the adapter", str(adapter.path)) from None
+        raise BootError(f"cannot read adapter_config.json ({exc})", "re-save the adapter", str(adapter.local)) from None
     return raw if isinstance(raw, dict) else None
 
 
 def _check_adapters(config: Config, mode: str) -> None:
     for i, adapter in enumerate(config.adapters):
-        where = f"adapters[{i}] '{adapter.name}' ({adapter.path / 'adapter_config.json'})"
+        where = f"adapters[{i}] '{adapter.name}' ({adapter.local / 'adapter_config.json'})"
         raw = _read_config(adapter)
         refusal: Refusal | None = config_refusal(raw) if raw is not None else None
         if refusal:  # refused in every mode, merged too: its own fix, not "use merged"
             raise BootError(refusal.problem, refusal.fix, where)
-        if problems := vllm_lora_problems(adapter.path):
+        if problems := vllm_lora_problems(adapter.local):
             problem = f"{'; '.join(problems)}: vLLM 0.32 cannot apply it unmerged (mode {mode})"
             raise BootError(problem, FIX, where, ExitCode.BAD_INPUT)
 
@@ -128,7 +128,7 @@ def base_config(model: ModelConfig) -> PretrainedConfig:
     For a GGUF this is the config `server.store.sources.GGUFSource` starts from, without its tensor index.
     """
     where, files = (
-        (model.path.parent, {"gguf_file": model.path.name}) if model.path.suffix == ".gguf" else (model.path, {})
+        (model.local.parent, {"gguf_file": model.local.name}) if model.local.suffix == ".gguf" else (model.local, {})
     )
     try:
         return AutoConfig.from_pretrained(
@@ -136,7 +136,7 @@ def base_config(model: ModelConfig) -> PretrainedConfig:
         )
     except (OSError, ValueError) as exc:
         raise BootError(
-            f"cannot read its config ({exc})", "give a model folder or a .gguf file", str(model.path)
+            f"cannot read its config ({exc})", "give a model folder or a .gguf file", str(model.local)
         ) from None
 
 
@@ -156,10 +156,11 @@ def vllm_adapter_key(config: Config, root: Path, dtype: str | torch.dtype) -> st
     """
     (root / "locks").mkdir(parents=True, exist_ok=True)
     hashes = FileHashes(root)
-    model = config.model.path
+    model = config.model.local
     layout = model if model.suffix == ".gguf" else model / "config.json"
     adapters = [
-        {"weight": a.weight, "files": [[str(p.relative_to(a.path)), hashes.digest(p)] for p in files_under(a.path)]}
+        {"weight": a.weight, "files": [[str(p.relative_to(a.local)), hashes.digest(p)] for p in files_under(a.local)]}
+        | ({"commit": a.sha} if a.sha else {})  # a Hub id's commit, as in the merge cache key
         for a in config.adapters
     ]
     inputs = {
@@ -183,7 +184,7 @@ def _write(folder: Path, config: Config, cat: CatLora) -> None:
         use_rslora=False,
         bias="none",
         task_type="CAUSAL_LM",
-        base_model_name_or_path=str(config.model.path),
+        base_model_name_or_path=str(config.model.local),
     )
     lora.save_pretrained(str(folder))
     weights = folder / "adapter_model.safetensors"
@@ -194,7 +195,10 @@ def _write(folder: Path, config: Config, cat: CatLora) -> None:
         "modules": cat.modules,
         "target_modules": cat.target_modules,
         "sha256": {name: sha256_file(folder / name) for name in ("adapter_config.json", weights.name)},
-        "adapters": [{"name": a.name, "path": str(a.path), "weight": a.weight} for a in config.adapters],
+        "adapters": [
+            {"name": a.name, "path": str(a.local), "weight": a.weight} | ({"commit": a.sha} if a.sha else {})
+            for a in config.adapters
+        ],
     }
     (folder / RECORD).write_text(json.dumps(record, indent=2) + "\n")
 

@@ -27,7 +27,13 @@ def test_demo_config_loads() -> None:
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_validates(path: Path) -> None:
     config = load_config(path)
-    assert config.adapters and all((a.path / "adapter_model.safetensors").is_file() for a in config.adapters)
+    assert config.adapters
+    for item in (config.model, *config.adapters):
+        # A Hub id is only parsed here (the download is a boot phase); a local path must hold its files.
+        assert item.hub is not None or item.local.exists()
+    assert all(a.hub is not None or (a.local / "adapter_model.safetensors").is_file() for a in config.adapters)
+    if path.name == "hub-example.yaml":
+        assert config.model.hub is not None and str(config.adapters[0].hub) == "some-org/smollm2-pirate-lora@v1"
 
 
 def test_two_adapter_demo_mixes_pirate_and_bard() -> None:
