@@ -78,7 +78,7 @@ def test_openai_chat_matches_the_reference(server: LiveServer, reference: Any) -
     model, tokenizer = reference
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", default_headers={"x-merge-mode": "merged"})
     answer = client.chat.completions.create(
-        model="tgi", messages=[{"role": "user", "content": QUESTIONS[0]}], max_tokens=MAX_NEW, logprobs=True,
+        model=client.models.list().data[0].id, messages=[{"role": "user", "content": QUESTIONS[0]}], max_tokens=MAX_NEW, logprobs=True,
         temperature=0,
     )  # fmt: skip
     assert answer.usage is not None and answer.usage.completion_tokens == len(answer.choices[0].logprobs.content)
