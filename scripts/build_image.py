@@ -195,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--refresh-base", action="store_true", help="debootstrap again, ignoring the cached tarball")
     parser.add_argument("--no-layers", action="store_true", help="rebuild every Dockerfile step (no layer cache)")
     args = parser.parse_args(argv)
+    os.environ["PATH"] = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])  # debootstrap's home
     for tool in ("debootstrap", "buildah"):
         if shutil.which(tool) is None:
             raise SystemExit(f"build_image: {tool} is not installed; fix: apt-get install buildah debootstrap")
