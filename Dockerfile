@@ -11,8 +11,10 @@
 # Without a registry: scripts/build_image.py makes a Debian bookworm base with debootstrap, imports it and builds
 # this file with buildah (BASE_IMAGE=that image, torch from a local folder of wheels when there is one).
 #
-# The base image must provide python3.11 with the venv module as `python3` (Debian: python3-venv); the packages go
-# into a venv at /opt/venv because Debian's own python refuses `pip install` (PEP 668, externally managed).
+# The base image must provide python3 (3.11 or newer) with the venv module (Debian and Ubuntu: python3-venv); the
+# packages go into a venv at /opt/venv because Debian's own python refuses `pip install` (PEP 668). nvidia/cuda
+# images have no python: for CUDA, derive a base from one with `apt-get install python3 python3-venv` first (Ubuntu
+# 24.04 gives 3.12, for which the CUDA index has torch) and pass that as BASE_IMAGE. Not built here: no GPU.
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE}
 

@@ -137,6 +137,15 @@ def test_server_runs_as_the_non_root_user(box: Container) -> None:
     assert "mergeserve serve" in box.podman("exec", box.name, "cat", "/proc/1/cmdline").replace("\0", " ")
 
 
+def test_the_images_own_healthcheck_passes(box: Container) -> None:
+    """The Dockerfile's HEALTHCHECK command, run in the container (podman schedules it through systemd, absent
+    here, so it is run once by hand): `python` must be the venv's and MERGESERVE_PORT the one served on."""
+    assert box.podman("image", "inspect", "--format", "{{.Config.Healthcheck.Test}}", TAG).strip().startswith("[CMD")
+    proc = subprocess.run(["podman", "healthcheck", "run", box.name], env=box.env, capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 def test_generate_answers_like_peft_merge_of_the_demo(
     box: Container, reference: tuple[PreTrainedModel, PreTrainedTokenizerBase]
 ) -> None:
