@@ -8,14 +8,30 @@
 #   docker run -p 8080:8080 -v $PWD/my.yaml:/config/my.yaml -e MERGESERVE_CONFIG=/config/my.yaml \
 #     -v mergeserve-cache:/cache mergeserve
 #
-# A CUDA base image must provide python3.11 with pip as `python`.
+# Without a registry: scripts/build_image.py makes a Debian bookworm base with debootstrap, imports it and builds
+# this file with buildah (BASE_IMAGE=that image, torch from a local folder of wheels when there is one).
+#
+# The base image must provide python3 (3.11 or newer) with the venv module (Debian and Ubuntu: python3-venv); the
+# packages go into a venv at /opt/venv because Debian's own python refuses `pip install` (PEP 668). nvidia/cuda
+# images have no python: for CUDA, derive a base from one with `apt-get install python3 python3-venv` first (Ubuntu
+# 24.04 gives 3.12, for which the CUDA index has torch) and pass that as BASE_IMAGE. Not built here: no GPU.
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE}
 
+# torch is pinned and comes first, from the index that matches the base image (CPU or CUDA). A builder that cannot
+# reach that index bind-mounts a folder holding the wheel and names it in PIP_FIND_LINKS (buildah bud
+# -v DIR:/wheels:ro --build-arg PIP_FIND_LINKS=/wheels), with TORCH_INDEX_URL an index that has torch's own
+# dependencies (PyPI) and TORCH_VERSION the wheel's (2.13.0+cpu): PyPI has no +cpu build, so a missing wheel fails
+# the build instead of pulling the multi-GB CUDA one. PIP_CERT names a CA bundle bind-mounted the same way, for a
+# builder whose network reaches the index through a TLS proxy with its own CA. Empty, both change nothing.
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG PIP_FIND_LINKS=
+ARG PIP_CERT=
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -28,8 +44,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /app
 
 # Dependencies in their own layers, before the code: editing server/ does not reinstall torch.
-# torch comes first and pinned, from the index that matches the base image (CPU or CUDA).
-RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
+RUN python3 -m venv /opt/venv \
+ && pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
 COPY pyproject.toml README.md ./
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
       > /tmp/requirements.txt \

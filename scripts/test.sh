@@ -7,14 +7,20 @@ cd "$(dirname "$0")/.."
 export MERGESERVE_VLLM=${MERGESERVE_VLLM:-1}
 # shellcheck source=scripts/setup.sh
 . scripts/setup.sh
-# The metrics tests run a real Prometheus; Debian ships it (with promtool).
-if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
+# Debian packages the tests run: a real Prometheus (with promtool) for the metrics tests; debootstrap, buildah,
+# podman and runc to build the container image and run it (tests/deploy/test_image.py).
+apt_needed=()
+for tool_pkg in prometheus:prometheus promtool:prometheus debootstrap:debootstrap buildah:buildah podman:podman \
+                runc:runc; do
+  PATH="$PATH:/usr/sbin:/sbin" command -v "${tool_pkg%%:*}" >/dev/null || apt_needed+=("${tool_pkg#*:}")
+done
+if [ ${#apt_needed[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "test.sh: installing prometheus (Debian package)" >&2
+    echo "test.sh: installing ${apt_needed[*]} (Debian packages)" >&2
     apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${apt_needed[@]}" >/dev/null
   else
-    echo "test.sh: the metrics tests need prometheus and promtool; install Debian's prometheus package" >&2
+    echo "test.sh: the tests need ${apt_needed[*]}; install those Debian packages (as root)" >&2
     exit 1
   fi
 fi
