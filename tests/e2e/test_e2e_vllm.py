@@ -77,10 +77,11 @@ def test_stream_equals_the_whole_answer(server: LiveServer, reference: Any) -> N
 def test_openai_chat_matches_the_reference(server: LiveServer, reference: Any) -> None:
     model, tokenizer = reference
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", default_headers={"x-merge-mode": "merged"})
+    messages: Any = [{"role": "user", "content": QUESTIONS[0]}]
+    model_id = client.models.list().data[0].id
     answer = client.chat.completions.create(
-        model=client.models.list().data[0].id, messages=[{"role": "user", "content": QUESTIONS[0]}], max_tokens=MAX_NEW, logprobs=True,
-        temperature=0,
-    )  # fmt: skip
+        model=model_id, messages=messages, max_tokens=MAX_NEW, logprobs=True, temperature=0
+    )
     assert answer.usage is not None and answer.usage.completion_tokens == len(answer.choices[0].logprobs.content)
     prompt_ids = list(tokenizer(_chat(tokenizer, QUESTIONS[0]), add_special_tokens=False).input_ids)
     served = [(tokenizer.convert_tokens_to_ids(tokenizer.tokenize(c.token))[0], c.logprob)
