@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import PreTrainedModel
 
 from server.boot.boot import boot
@@ -150,3 +151,40 @@ def test_tensor_parallel_2_serves_the_same_greedy_tokens(
             assert_served_like_reference(reference, ids, _served(sharded), TOL)
     finally:
         tp2.close()
+
+
+def test_the_gate_refuses_a_model_that_is_not_the_reference(ab_engine: Engine, vllm_model: dict[str, Path]) -> None:
+    """The unmerged arm's prompt logprobs against the *base* model's logits (adapters missing): exit 3."""
+    from transformers import LlamaForCausalLM
+
+    from server.errors import ExitCode, MergeserveError
+    from server.vllm_engine import gate
+    from server.vllm_engine.engines import prompt_logprobs
+
+    base = LlamaForCausalLM.from_pretrained(vllm_model["base"]).eval()
+    backend = ab_engine.scheduler
+    probes = [ab_engine.tokenize(p) for p in PROMPTS]
+    served = prompt_logprobs(backend.loop, "unmerged", backend.arms["unmerged"], probes)  # type: ignore[attr-defined]
+    pairs = []
+    for ids, got in zip(probes, served, strict=True):
+        logits = base(input_ids=torch.tensor([ids])).logits[0].detach()
+        pairs.append((gate.reference_logprobs(ids, logits), gate.served_logprobs(ids, got)))
+    result = gate.compare("unmerged", pairs, "float32")
+    assert not result.passed and result.max_abs_diff > 0.05
+    with pytest.raises(MergeserveError) as refused:
+        gate.check([result])
+    assert refused.value.exit_code == ExitCode.CHECK_FAILED and "refusing to serve" in refused.value.line()
+
+
+def test_an_adapter_vllm_cannot_apply_is_refused_before_loading(vllm_model: dict[str, Path], tmp_path: Path) -> None:
+    from server.errors import ExitCode
+    from server.load.adapters import BootError
+    from tests.conftest import build_adapter
+
+    dora = build_adapter(vllm_model["base"], tmp_path / "dora", seed=5, use_dora=True)
+    config = load_config(vllm_config({**vllm_model, "alpha": dora}, tmp_path, mode="unmerged"))
+    with pytest.raises(BootError) as refused:
+        boot(config)
+    line = refused.value.line()
+    assert refused.value.exit_code == ExitCode.BAD_INPUT and "use mode: merged" in line and "use_dora" in line
+    assert not (tmp_path / "cache" / "entries").exists()  # refused before anything was merged or stored
