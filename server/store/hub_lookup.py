@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from huggingface_hub import snapshot_download
+from huggingface_hub import constants, snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError
 
 from server.config.hub_id import HubId, local_path
@@ -33,27 +33,31 @@ class Located:
     note: str
 
 
-def _cached(item: ModelConfig | AdapterConfig, hub: HubId, patterns: list[str], allow_pickle: bool) -> HubId | None:
-    """`hub` at the snapshot the local cache holds, if that snapshot has what `item` needs; else None."""
+def _cached(key: str, item: ModelConfig | AdapterConfig, hub: HubId, patterns: list[str],
+            allow_pickle: bool) -> HubId | None:  # fmt: skip
+    """`hub` at the snapshot the local cache holds, if it has what `item` needs; else None, or offline serve's error."""
     try:
         found = snapshot_download(hub.repo, revision=hub.revision, allow_patterns=patterns, local_files_only=True)
-    except LocalEntryNotFoundError:
+    except LocalEntryNotFoundError as exc:
+        if constants.is_offline_mode():
+            raise explain(exc, key, hub) from None
         return None
-    folder = Path(found)
-    resolved = hub.model_copy(update={"snapshot": folder, "sha": folder.name})
-    return resolved if missing_files(item, local_path(resolved, item.subfolder), allow_pickle) is None else None
+    resolved = hub.model_copy(update={"snapshot": Path(found), "sha": Path(found).name})
+    problem = missing_files(item, local_path(resolved, item.subfolder), allow_pickle)
+    if problem is not None and constants.is_offline_mode():
+        raise HubError(problem[0], problem[1], f"{key} ({hub})")  # as resolve_one raises it
+    return resolved if problem is None else None
 
 
 def locate_one(key: str, item: ModelConfig | AdapterConfig, allow_pickle: bool) -> tuple[HubId, Located]:
-    """`item`'s Hub id resolved as far as possible without downloading; HubError with serve's line when offline."""
+    """`item`'s Hub id resolved as far as possible without downloading; offline, serve's HubError for a miss."""
     hub = item.hub
     assert hub is not None
     patterns = allow_patterns(item, hub, allow_pickle)
-    resolved = _cached(item, hub, patterns, allow_pickle)
+    resolved = _cached(key, item, hub, patterns, allow_pickle)
     if resolved is not None:
         return resolved, Located(key, str(hub), resolved.sha, True, f"cached ({resolved.snapshot})")
     try:
-        # dry_run: metadata only. Offline, it raises what serve's snapshot_download raises, explained alike.
         plan = snapshot_download(hub.repo, revision=hub.revision, allow_patterns=patterns, dry_run=True)
     except Exception as exc:
         raise explain(exc, key, hub) from None

@@ -17,14 +17,15 @@ from typing import Any
 from server.boot.boot import boot
 from server.config.load import load_config
 from tests.conftest import build_adapter
+from tests.hub_cache import BASE, LORA, hub_config, publish
 from tests.live_server import REPO, free_port
 
 Writer = Callable[[dict[str, Any]], Path]
 
 
-def _cli(*argv: str) -> subprocess.CompletedProcess[str]:
+def _cli(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "server", *argv], cwd=REPO, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "server", *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
     )
 
 
@@ -93,3 +94,28 @@ def test_check_does_not_read_the_weights(
     assert "serve would start" in checked.stdout
     served = _cli("serve", "--config", str(config), "--host", "127.0.0.1", "--port", str(free_port()))
     assert served.returncode != 0  # the reference: loading these weights does fail
+
+
+def test_hub_ids_resolve_from_the_cache_and_offline_misses_refuse_as_serve_does(
+    tmp_path: Path, tiny_base: Path, tiny_adapters: dict[str, Path], write_config: Writer
+) -> None:
+    cache = tmp_path / "hf-cache"
+    base_sha = publish(cache, BASE, tiny_base, refs=("main", "v1"))
+    lora_sha = publish(cache, LORA, tiny_adapters["alpha"], subfolder="alpha")
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(REPO), "MERGESERVE_CACHE_DIR": str(tmp_path / "merge-cache")}  # fmt: skip
+    config = write_config(hub_config(f"{BASE}@v1", {"path": LORA, "subfolder": "alpha"}))
+    proc = _cli("check", "--config", str(config), "--json", env=env)
+    assert proc.returncode == 0, proc.stderr
+    found = json.loads(proc.stdout)
+    assert [(h["key"], h["commit"], h["cached"]) for h in found["hub"]] == [
+        ("model.path", base_sha, True),
+        ("adapters[0].path", lora_sha, True),
+    ]
+    assert found["adapters"][0]["path"].endswith(f"{lora_sha}/alpha") and found["cache"]["status"] == "miss"
+
+    absent = write_config(hub_config(f"{BASE}@v1", {"path": "test-org/not-cached"}))
+    checked = _cli("check", "--config", str(absent), env=env)
+    served = _cli("serve", "--config", str(absent), "--port", str(free_port()), env=env)
+    assert (checked.returncode, served.returncode) == (2, 2)
+    assert checked.stderr.strip() == served.stderr.strip().splitlines()[-1] and "HF_HUB_OFFLINE" in checked.stderr
