@@ -73,7 +73,7 @@ def _engine(config: Config) -> dict[str, Any]:
 def _dtype(setting: str) -> tuple[list[str], str]:
     """(the dtypes boot may serve in, how it chooses); `auto` is left to boot, which measures it."""
     if setting == "auto":
-        return list(AUTO_CHOICES), "auto (measured at boot: bfloat16 if clearly faster than float32 here)"
+        return list(AUTO_CHOICES), "measured at boot: bfloat16 if clearly faster than float32 here, else float32"
     name, reason = resolve_dtype_setting(setting)
     return [name], reason
 
