@@ -16,9 +16,12 @@ Load, identical for every row: the same chat prompts (scripts/bench_serving.py's
 first --prompts of them), greedy (temperature 0), at most --new-tokens, POST /v1/chat/completions with `stream: true`
 and `stream_options.include_usage`. At each level C (1 and 8 clients): C warm-up requests per arm, excluded; then
 --reps repetitions, each sending every prompt once split evenly over C clients (each client one request after
-another; with fewer prompts than clients, as in --quick, prompts repeat so that every client sends one); the arms of one server alternate repetition by repetition, so slow drift in machine speed hits both.
+another; with fewer prompts than clients, as in --quick, prompts repeat so that every client sends one); the arms
+of one server alternate repetition by repetition, so slow drift in machine speed hits both.
 Per request (client clock): TTFT = send to the first chunk with content; TPOT = (latency - TTFT) / (tokens - 1);
-tokens = the final chunk's usage.completion_tokens. Per repetition: tokens/s = its generated tokens / its wall time.
+tokens = the final chunk's usage.completion_tokens, counted, never assumed: there is no ignore_eos on our routes,
+and the pirate's answers often end at EOS before --new-tokens (the same tokens on every row when the greedy texts
+agree). Per repetition: tokens/s = its generated tokens / its wall time.
 Reported per row and level: the median tokens/s over repetitions, TTFT p50 and TPOT p50 over all measured requests.
 Ratios: merged / unmerged tokens/s per engine and level; mergeserve-vLLM / vLLM's server per arm and level
 (target >= 0.9). Greedy texts are compared between mergeserve's vLLM arms and the reference (same prompt, same text).
@@ -36,7 +39,9 @@ import json
 import os
 import signal
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,9 +88,6 @@ class VllmServer(LocalServer):
     """vLLM's own OpenAI server as a LocalServer: the same /health polling, log file and SIGTERM stop."""
 
     def __init__(self, args: list[str], env: dict[str, str], prefix: str) -> None:
-        import subprocess
-        import tempfile
-
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         fd, name = tempfile.mkstemp(prefix=f"{prefix}-server-{self.port}-", suffix=".log")
