@@ -129,6 +129,19 @@ def stop_all(server: LocalServer) -> int:
     return code
 
 
+def others_heavy() -> list[str]:
+    """ab_load's heavy processes plus other vLLM processes (engine cores, workers, servers) not started by this run:
+    on 2 cores one busy neighbour can cut vLLM's tokens/s several-fold (its OpenMP threads are bound to the cores)."""
+    mine = {str(p) for p in descendants(os.getpid())}
+    found = [h for h in heavy_processes() if h.split(":")[0] not in mine]
+    for path in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            cmd = path.read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+            if path.parent.name not in mine and ("VLLM::" in cmd or "vllm.entrypoints" in cmd):
+                found.append(f"{path.parent.name}: {cmd[:100]}")
+    return sorted(set(found))
+
+
 class Progress:
     """Progress lines with an ETA from the measured seconds per request so far (boots estimated at 90 s each)."""
 
@@ -234,11 +247,14 @@ def run_stage(server: LocalServer, arms: list[Arm], args: argparse.Namespace, pr
         progress.booted()
         print(f"bench_engines: {arms[0].engine} healthy after {boot:.0f} s (log {server.log})", file=sys.stderr)
         info = httpx.get(f"{server.url}/info", timeout=10, trust_env=False)
+        load, heavy = [os.getloadavg()[0]], set(others_heavy())
         rows = measure(server.url, arms, args, progress)
+        load.append(os.getloadavg()[0])
+        heavy.update(others_heavy())
     finally:
         code = stop_all(server)
     for row in rows.values():
-        row.update(boot_s=boot, log=str(server.log), exit_code=code)
+        row.update(boot_s=boot, log=str(server.log), exit_code=code, load=load, heavy_seen=sorted(heavy))
     return {"rows": rows, "info": info.json() if info.status_code == 200 else None}
 
 
@@ -329,6 +345,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             progress)  # fmt: skip
             got["rows"][f"vLLM server, {arm}"]["command_args"] = refs[0][arm]
         rows |= got["rows"]
+        if args.json:  # kept if a later stage fails or the run is stopped
+            args.json.with_suffix(".partial.json").write_text(json.dumps({"rows": rows, "server_info": infos}))
+    if args.json:
+        args.json.with_suffix(".partial.json").unlink(missing_ok=True)
     return {"rows": rows, "server_info": infos, "ratios": ratios(rows, args.levels)}
 
 
@@ -366,10 +386,10 @@ def main(argv: list[str] | None = None) -> int:
     settings = {k: getattr(args, k) for k in ("levels", "reps", "prompts", "new_tokens", "quick", "only",
                                               "torch_config", "vllm_config")}  # fmt: skip
     env: dict[str, Any] = {"cpus": os.cpu_count(), "git": git_state(), "load_before": os.getloadavg(),
-                           "heavy_before": heavy_processes()}  # fmt: skip
+                           "heavy_before": others_heavy()}  # fmt: skip
     start = time.monotonic()
     result = {"settings": settings, "environment": env, **run(args)}
-    env.update(load_after=os.getloadavg(), heavy_after=heavy_processes(), wall_s=time.monotonic() - start)
+    env.update(load_after=os.getloadavg(), heavy_after=others_heavy(), wall_s=time.monotonic() - start)
     print(markdown_report(result) if args.markdown else text_report(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))

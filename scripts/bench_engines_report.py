@@ -73,6 +73,8 @@ def conditions(result: dict[str, Any]) -> list[str]:
             lines.append(
                 f"note: {name}: some requests stopped at EOS before {st['new_tokens']} tokens (levels {short})"
             )
+        lines.append(f"{name}: 1-min load {row['load'][0]:.2f} before, {row['load'][1]:.2f} after its measurement; "
+                     f"other heavy processes seen: {len(row['heavy_seen'])}")  # fmt: skip
         if "command_args" in row:
             lines.append(f"{name}: vllm.entrypoints.openai.api_server {' '.join(row['command_args'])}")
     return lines
