@@ -280,15 +280,19 @@ def reference_args(config_path: str, info: dict[str, Any]) -> tuple[dict[str, li
              "unmerged": ArmPlan("base", base_dir, adapter.path, rank, shares.get("unmerged", 1.0))}  # fmt: skip
     out = {}
     for arm, plan in plans.items():
-        flags: list[str] = []
-        for key, value in engine_args(config, plan, config.model.dtype).items():
-            if value is None or value is False:
-                continue
-            flags += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
-        if plan.adapter_dir is not None:
-            flags += ["--lora-modules", f"{adapter.name}={plan.adapter_dir}"]
-        out[arm] = flags
+        lora = f"{adapter.name}={plan.adapter_dir}" if plan.adapter_dir is not None else None
+        out[arm] = cli_flags(engine_args(config, plan, config.model.dtype), lora)
     return out, environment(config)
+
+
+def cli_flags(kwargs: dict[str, Any], lora_module: str | None) -> list[str]:
+    """vLLM server flags for AsyncEngineArgs keyword arguments (True: a bare flag; None, False: vLLM's default)."""
+    flags: list[str] = []
+    for key, value in kwargs.items():
+        if value is None or value is False:
+            continue
+        flags += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
+    return flags + (["--lora-modules", lora_module] if lora_module else [])
 
 
 def ratios(rows: dict[str, Any], levels: list[int]) -> dict[str, Any]:
