@@ -47,8 +47,10 @@ def ratio_lines(result: dict[str, Any]) -> list[str]:
             for c in levels
         ]
         lines.append(f"- {arm}: " + at.format(*marks))
+    if r["same_text_as_reference"]:
+        lines.append("greedy texts, mergeserve's vLLM engine vs vLLM's own server, first repetition at 1 client:")
     for arm, (same, n) in r["same_text_as_reference"].items():
-        lines.append(f"greedy texts, mergeserve vLLM {arm} vs vLLM's server: {same}/{n} prompts identical")
+        lines.append(f"- {arm}: {same}/{n} prompts identical")
     return lines
 
 
@@ -84,7 +86,8 @@ def markdown_report(result: dict[str, Any]) -> str:
     header, cells = table(result)
     lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
     lines += ["| " + " | ".join(c) + " |" for c in cells]
-    return "\n".join([*lines, "", *ratio_lines(result), "", *conditions(result)]) + "\n"
+    notes = [f"- {line}" for line in conditions(result)]
+    return "\n".join([*lines, "", *ratio_lines(result), "", *notes]) + "\n"
 
 
 def text_report(result: dict[str, Any]) -> str:
