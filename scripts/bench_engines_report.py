@@ -5,6 +5,31 @@ from __future__ import annotations
 from typing import Any
 
 ROW_ORDER = ("mergeserve torch", "mergeserve vLLM", "vLLM server")
+TARGET_VS_REFERENCE = 0.9  # issue 13: our HTTP layer, metrics and routing cost at most 10 %
+
+
+def ratios(rows: dict[str, Any], levels: list[int]) -> dict[str, Any]:
+    """merged / unmerged tokens/s per engine; mergeserve-vLLM / vLLM's server per arm; same greedy texts."""
+
+    def rate(engine: str, arm: str, c: int) -> float | None:
+        row = rows.get(f"{engine}, {arm}")
+        return row["levels"][str(c)]["tokens_per_s"] if row else None
+
+    def div(a: float | None, b: float | None) -> float | None:
+        return a / b if a is not None and b else None
+
+    merge = {e: {str(c): div(rate(e, "merged", c), rate(e, "unmerged", c)) for c in levels}
+             for e in dict.fromkeys(r["engine"] for r in rows.values())}  # fmt: skip
+    vs_ref = {arm: {str(c): div(rate("mergeserve vLLM", arm, c), rate("vLLM server", arm, c)) for c in levels}
+              for arm in ("merged", "unmerged")}  # fmt: skip
+    same: dict[str, Any] = {}
+    for arm in ("merged", "unmerged"):
+        ours, ref = rows.get(f"mergeserve vLLM, {arm}"), rows.get(f"vLLM server, {arm}")
+        if ours and ref:
+            a, b = ours["levels"][str(levels[0])]["texts"], ref["levels"][str(levels[0])]["texts"]
+            same[arm] = [sum(a[k] == b.get(k) for k in a), len(a)]
+    return {"merged_over_unmerged": merge, "vllm_engine_over_reference": vs_ref, "same_text_as_reference": same,
+            "target_vs_reference": TARGET_VS_REFERENCE}  # fmt: skip
 
 
 def _num(value: float | None, digits: int = 1) -> str:

@@ -60,7 +60,7 @@ def test_ratios_divide_the_right_rows() -> None:
         ("vLLM server", "merged", {1: 15.0, 8: 40.0}, texts),
         ("vLLM server", "unmerged", {1: 5.0, 8: 16.0}, texts),
     ]}  # fmt: skip
-    r = bench_engines.ratios(rows, [1, 8])
+    r = bench_engines_report.ratios(rows, [1, 8])
     assert r["merged_over_unmerged"]["mergeserve torch"] == {"1": pytest.approx(0.9), "8": pytest.approx(1.25)}
     assert r["merged_over_unmerged"]["vLLM server"] == {"1": pytest.approx(3.0), "8": pytest.approx(2.5)}
     assert r["vllm_engine_over_reference"]["merged"] == {"1": pytest.approx(0.9), "8": pytest.approx(0.9)}
