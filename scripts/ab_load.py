@@ -36,13 +36,27 @@ PROMPTS = tuple(f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n" for 
 HEAVY = ("bench_serving", "train_demo_adapter", "pytest", "bench_modes", "bench_memory", "server serve", "pip install")
 
 
+class BootFailed(RuntimeError):
+    """The server exited while booting: its exit code and last log line (for a refusal, its one-line reason)."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(f"exit {code}: {reason}")
+        self.code = code
+
+
 @contextlib.contextmanager
 def managed_server(config: Path, boot_timeout: float) -> Iterator[tuple[str, Path]]:
-    """Start an `ab` server here on a free loopback port; yield (url, log); stop it."""
+    """Start an `ab` server here on a free loopback port; yield (url, log); stop it. BootFailed if it exits first."""
     server = LocalServer(config, "--mode", "ab", prefix="ab_report")
     try:
         print(f"ab_report: booting {config} on {server.url} (log {server.log})", file=sys.stderr)
-        server.wait_healthy(boot_timeout)
+        try:
+            server.wait_healthy(boot_timeout)
+        except RuntimeError:
+            if server.proc.poll() is None:
+                raise
+            lines = [line for line in server.read_log().splitlines() if line.strip()]
+            raise BootFailed(server.proc.returncode, lines[-1] if lines else "no output") from None
         yield server.url, server.log
     finally:
         print(f"ab_report: server stopped, exit code {server.stop()}", file=sys.stderr)

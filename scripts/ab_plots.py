@@ -10,11 +10,21 @@ import numpy as np
 from ab_stats import ARMS, METRICS, Sample, values
 
 COLORS = {"merged": "tab:blue", "unmerged": "tab:orange"}
-CAVEAT = (
-    "Method: see the docstring of scripts/ab_report.py. In `staggered` phase at c >= 2 both arms are in flight "
-    "together and an ab server runs one decode step per busy arm per turn, so each request also waits for the other "
-    "arm's steps: those per-arm figures describe the mixed deployment, and their ratios are pulled towards 1."
-)
+CAVEATS = {
+    "torch": "Method: see the docstring of scripts/ab_report.py. In `staggered` phase at c >= 2 both arms are in "
+    "flight together and an ab server runs one decode step per busy arm per turn, so each request also waits for the "
+    "other arm's steps: those per-arm figures describe the mixed deployment, and their ratios are pulled towards 1.",
+    "vllm": "Method: see the docstring of scripts/ab_report.py. On the vLLM engine the arms are two vLLM engines, "
+    "each in its own processes, sharing the machine's cores: in `staggered` phase at c >= 2 both are in flight "
+    "together and each slows the other, so those per-arm figures describe the mixed deployment, and their ratios "
+    "are pulled towards 1. Queue time is vLLM's own (queued to scheduled), per arm.",
+}
+
+
+def engine_kind(info: dict[str, Any]) -> str:
+    """torch or vllm: /info's `engine.kind`, or for a server whose /info lacks it, whether boot started vLLM."""
+    kind = (info.get("engine") or {}).get("kind")
+    return str(kind) if kind else "vllm" if "vllm_start" in (info.get("boot_seconds") or {}) else "torch"
 
 
 def new_figure(ncols: int, width: float = 5.0) -> tuple[Any, Any]:
@@ -124,8 +134,8 @@ def markdown(report: dict[str, Any]) -> str:
     for arm, i in info.items():
         adapters = ", ".join(f"{a['name']} r={a['rank']} w={a['weight']}" for a in i.get("adapters", []))
         parity = i.get("parity") or {}
-        lines.append(f"- server for {arm}: mode {i.get('mode')}, {i.get('dtype')}, adapters [{adapters}], "
-                     f"parity max|dlogit| {parity.get('max_abs_diff')}")  # fmt: skip
+        lines.append(f"- server for {arm}: engine {engine_kind(i)}, mode {i.get('mode')}, {i.get('dtype')}, "
+                     f"adapters [{adapters}], parity max|dlogit| {parity.get('max_abs_diff')}")  # fmt: skip
     lines += ["", "## Per arm and concurrency (client-side, ms)", "",
               "| c | arm | n | errors | latency p50 | latency p90 | TTFT p50 | TPOT p50 | tok/s per stream | "
               "server tok/s | same greedy text (incl. warm-up) |",
@@ -156,7 +166,9 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     for metric in METRICS:
         lines += [ci_line(metric, key, r) for key, r in report["speedup"][metric].items()]
-    lines += ["", "Plots: latency_cdf.png, ttft_tpot.png, throughput.png, speedup.png.", "", CAVEAT]
+    kinds = sorted({engine_kind(i) for i in info.values()}) or ["torch"]
+    caveats = [CAVEATS.get(k, CAVEATS["torch"]) for k in kinds]
+    lines += ["", "Plots: latency_cdf.png, ttft_tpot.png, throughput.png, speedup.png.", "", *caveats]
     errors = [f"c={c} {arm}: {report['levels'][str(c)]['arms'][arm]['first_error']}"
               for c in st["levels"] for arm in ARMS if report["levels"][str(c)]["arms"][arm]["errors"]]  # fmt: skip
     if errors:

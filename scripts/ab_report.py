@@ -16,11 +16,13 @@ Method
     Overall: geometric mean of the per-level ratios, bootstrapped by resampling within each level. A CI that holds
     1 is reported as "no significant difference".
 
-Caveat, measured and stated in the report: an `ab` server runs one decode step per busy arm per scheduler turn, so
-with both arms in flight every request waits for the other arm's steps too; at c >= 2 (staggered) the per-arm
-figures describe the mixed deployment, not each arm's own speed.
+Either engine (`engine.kind: torch | vllm`): the load is the same HTTP; the page names the engine from /info.
+Caveat, measured and stated in the report: a torch `ab` server runs one decode step per busy arm per scheduler turn,
+and a vLLM one runs two engines sharing the cores, so with both arms in flight every request is slowed by the other
+arm too; at c >= 2 (staggered) the per-arm figures describe the mixed deployment, not each arm's own speed.
 
     python scripts/ab_report.py --config configs/demo-ab.yaml --out /tmp/ab-report [--levels 1,2,4] [--requests 24]
+    python scripts/ab_report.py --config configs/demo-vllm.yaml --out /tmp/ab-report-vllm    (the vLLM engine)
     python scripts/ab_report.py --url http://127.0.0.1:8080 ...
     python scripts/ab_report.py --merged-url http://127.0.0.1:8081 --unmerged-url http://127.0.0.1:8082 ...
     python scripts/ab_report.py --reanalyse --out /tmp/ab-report    (statistics and plots again from report.json)

@@ -14,6 +14,10 @@ Method
     run one after another, so slow drift in machine speed is not spread evenly over them; each row records the
     load it saw.
 
+  * The engine, limits, cache and parity sections of --config are kept (configs/demo-vllm.yaml sweeps on vLLM). A
+    combination the server refuses at boot (on vLLM: the adapters' one-LoRA rank, r x k, above 512) is a row saying
+    so, and the sweep goes on.
+
     python scripts/ab_sweep.py --config FILE --out /tmp/ab-sweep [--ranks 8,64,256] [--counts 1,2,4]
     python scripts/ab_report.py --sweep --config FILE --out /tmp/ab-sweep       (the same)
     python scripts/ab_sweep.py --reanalyse --out /tmp/ab-sweep    (statistics, page and plots again from sweep.json)
@@ -48,6 +52,14 @@ def model_section(config: Path) -> dict[str, Any]:
     if not path.startswith("package:") and not Path(path).is_absolute():
         model["path"] = str((config.resolve().parent / path).resolve())
     return model
+
+
+def base_sections(config: Path) -> dict[str, Any]:
+    """Every section of a config but the sweep's own (adapters, mode, ab, server): the engine (torch or vLLM), the
+    limits, cache and parity settings are swept as given, with the model path made absolute."""
+    raw = yaml.safe_load(config.read_text())
+    kept = {k: v for k, v in raw.items() if k not in ("adapters", "mode", "ab", "server")}
+    return {**kept, "model": model_section(config)}
 
 
 def adapter_params(rank: int, index: int, b_scale: float) -> dict[str, Any]:
@@ -94,11 +106,11 @@ def _is_built(folder: Path, params: dict[str, Any]) -> bool:
     )
 
 
-def write_config(model: dict[str, Any], root: Path, rank: int, count: int, path: Path) -> Path:
+def write_config(base: dict[str, Any], root: Path, rank: int, count: int, path: Path) -> Path:
     adapters = [
         {"name": f"r{rank}_{i}", "path": str(root / f"r{rank}_{i}"), "weight": 1.0 / count} for i in range(count)
     ]
-    config = {"model": model, "adapters": adapters, "mode": "ab", "server": {"host": "127.0.0.1", "port": 8080}}
+    config = {**base, "adapters": adapters, "mode": "ab", "server": {"host": "127.0.0.1", "port": 8080}}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
@@ -113,11 +125,16 @@ def overhead(samples: list[ab_stats.Sample], metric: str, args: argparse.Namespa
 
 
 def run_combo(config: Path, rank: int, count: int, args: argparse.Namespace) -> tuple[dict[str, Any], list[Any]]:
+    """One combination's row and samples; a combination the server refuses at boot (e.g. on vLLM a one-LoRA rank
+    above 512) is a row that says so, and the sweep goes on."""
     load_before = os.getloadavg()[0]
     heavy = set(ab_load.heavy_processes())
-    with ab_load.managed_server(config, args.boot_timeout) as (url, log):
-        info = ab_load.server_info({"ab": url})["ab"]
-        samples = asyncio.run(ab_load.run_level(dict.fromkeys(ab_stats.ARMS, url), 1, args))
+    try:
+        with ab_load.managed_server(config, args.boot_timeout) as (url, log):
+            info = ab_load.server_info({"ab": url})["ab"]
+            samples = asyncio.run(ab_load.run_level(dict.fromkeys(ab_stats.ARMS, url), 1, args))
+    except ab_load.BootFailed as exc:
+        return {"rank": rank, "count": count, "refused": str(exc), "load": [load_before, os.getloadavg()[0]]}, []
     heavy.update(ab_load.heavy_processes())
     stats = {arm: ab_stats.arm_stats(samples, 1, arm) for arm in ab_stats.ARMS}
     row = {
@@ -150,6 +167,9 @@ def markdown(rows: list[dict[str, Any]], settings: dict[str, Any]) -> str:
              "(95% CI) | verdict (TPOT) | same text | parity max diff | load 1-min | other heavy procs |",
              "|---:|---:|---:|---:|---|---|---|---|---:|---|---:|"]  # fmt: skip
     for r in rows:
+        if "refused" in r:
+            lines.append(f"| {r['rank']} | {r['count']} | refused at boot ({r['refused']}) |" + " - |" * 8)
+            continue
         t, lat = r["tpot"], r["latency"]
         lines.append(
             f"| {r['rank']} | {r['count']} | {r['tpot_ms']['merged']:.1f} | {r['tpot_ms']['unmerged']:.1f} | "
@@ -169,7 +189,7 @@ def plot_lines(rows: list[dict[str, Any]], x_key: str, line_key: str, out: Path)
     ax = axes[0]
     lines = sorted({r[line_key] for r in rows})
     for j, value in enumerate(lines):
-        sub = sorted((r for r in rows if r[line_key] == value and r["tpot"]["overhead"] is not None),
+        sub = sorted((r for r in rows if r[line_key] == value and (r.get("tpot") or {}).get("overhead") is not None),
                      key=lambda r: r[x_key])  # fmt: skip
         x = np.array([r[x_key] for r in sub], dtype=float) * (1 + 0.04 * (j - (len(lines) - 1) / 2))
         y = np.array([r["tpot"]["overhead"] for r in sub]) * 100
@@ -223,7 +243,7 @@ def reanalyse(out: Path, args: argparse.Namespace) -> None:
     """Recompute every row's overheads from the samples kept in sweep.json (e.g. after a change of statistic)."""
     saved = json.loads((out / "sweep.json").read_text())
     fields = {f for f in ab_stats.Sample.__dataclass_fields__}
-    for row in saved["rows"]:
+    for row in (r for r in saved["rows"] if "refused" not in r):
         got = [ab_stats.Sample(**{k: v for k, v in s.items() if k in fields})
                for s in saved["samples"] if (s["rank"], s["count"]) == (row["rank"], row["count"])]  # fmt: skip
         row.update(tpot=overhead(got, "tpot", args), latency=overhead(got, "latency", args))
@@ -239,16 +259,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     ranks, counts = [int(v) for v in args.ranks.split(",")], [int(v) for v in args.counts.split(",")]
     out, config = Path(args.out), Path(args.config)
-    model = model_section(config)
+    model, base = model_section(config), base_sections(config)
     build_adapters(model, out / "adapters", ranks, max(counts), args.b_scale)
     rows, samples = [], []
     for rank in ranks:
         for count in counts:
-            combo = write_config(model, out / "adapters", rank, count, out / "configs" / f"r{rank}_k{count}.yaml")
+            combo = write_config(base, out / "adapters", rank, count, out / "configs" / f"r{rank}_k{count}.yaml")
             row, got = run_combo(combo, rank, count, args)
             rows.append(row)
             samples += [{"rank": rank, "count": count, **s.as_dict()} for s in got]
-            print(f"ab_sweep: r={rank} k={count}: TPOT overhead {pct(row['tpot']['overhead'])}", file=sys.stderr)
+            said = row.get("refused") or f"TPOT overhead {pct(row['tpot']['overhead'])}"
+            print(f"ab_sweep: r={rank} k={count}: {said}", file=sys.stderr)
     settings = {k: getattr(args, k) for k in ("requests", "warmup", "max_new_tokens", "b_scale", "resamples", "seed")}
     settings.update(ranks=ranks, counts=counts, base=model["path"], git=ab_load.git_state())
     write_outputs(settings, rows, samples, out)

@@ -3,19 +3,29 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import re
+import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import yaml
+
+from server.config.load import load_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+import ab_load
 import ab_plots
 import ab_report
 import ab_stats
+import ab_sweep
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def synthetic(tpot: dict[str, float], n: int, levels: list[int], seed: int = 0) -> list[ab_stats.Sample]:
@@ -34,6 +44,21 @@ def synthetic(tpot: dict[str, float], n: int, levels: list[int], seed: int = 0) 
                 samples.append(s)
                 t = s.end
     return samples
+
+
+def synthetic_report(
+    samples: list[ab_stats.Sample], args: Any, levels: list[int], info: dict[str, Any]
+) -> dict[str, Any]:
+    report: dict[str, Any] = {
+        "source": "synthetic",
+        "settings": {"requests": 12, "warmup": 0, "max_new_tokens": 20, "phase": "staggered", "resamples": 2000,
+                     "seed": 0, "levels": levels},
+        "environment": {"cpus": 2, "git": {"commit": "0" * 40, "dirty": []}, "load_before": (0.1, 0, 0),
+                        "load_after": (0.2, 0, 0), "heavy_seen": []},
+        "server_info": {"merged": {**info, "parity": {"max_abs_diff": 0}}},
+    }  # fmt: skip
+    report.update(ab_report.analyse(samples, args, levels))
+    return report
 
 
 def test_speedup_finds_a_real_difference() -> None:
@@ -73,15 +98,7 @@ def test_report_files_are_written(tmp_path: Path) -> None:
     levels = [1, 2]
     samples = synthetic({"merged": 0.020, "unmerged": 0.025}, 12, levels)
     args = ab_report.parse(["--url", "http://127.0.0.1:1", "--levels", "1,2", "--resamples", "2000"])
-    report: dict[str, Any] = {
-        "source": "synthetic",
-        "settings": {"requests": 12, "warmup": 0, "max_new_tokens": 20, "phase": "staggered", "resamples": 2000,
-                     "seed": 0, "levels": levels},
-        "environment": {"cpus": 2, "git": {"commit": "0" * 40, "dirty": []}, "load_before": (0.1, 0, 0),
-                        "load_after": (0.2, 0, 0), "heavy_seen": []},
-        "server_info": {"merged": {"mode": "ab", "dtype": "float32", "adapters": [], "parity": {"max_abs_diff": 0}}},
-    }  # fmt: skip
-    report.update(ab_report.analyse(samples, args, levels))
+    report = synthetic_report(samples, args, levels, {"mode": "ab", "dtype": "float32", "adapters": []})
     report["levels"]["1"]["queue"] = {"merged": {"n": 12, "mean": 0.001}, "unmerged": {"n": 12, "mean": 0.003}}
     ab_plots.write_outputs(report, samples, tmp_path)
     for name in ("report.md", "report.json", "latency_cdf.png", "ttft_tpot.png", "throughput.png", "speedup.png"):
@@ -99,6 +116,21 @@ def test_report_files_are_written(tmp_path: Path) -> None:
     again = ab_report.reanalyse(tmp_path, args)  # from report.json alone: same statistics, queue table kept
     assert again["speedup"] == json.loads(json.dumps(report["speedup"]))
     assert again["levels"]["1"]["queue"] == report["levels"]["1"]["queue"]
+
+
+def test_report_names_the_engine_and_its_caveat() -> None:
+    """On the vLLM engine the two arms are two vLLM engines sharing the cores, not one loop taking turns: the page
+    says which engine served and gives that engine's caveat (from /info's `engine`, or its vLLM boot phases)."""
+    samples = synthetic({"merged": 0.020, "unmerged": 0.025}, 4, [1])
+    args = ab_report.parse(["--url", "http://127.0.0.1:1", "--levels", "1", "--resamples", "2000"])
+    pages = {}
+    for kind, info in (("torch", {"boot_seconds": {"merge": 1.0}}), ("vllm", {"engine": {"kind": "vllm"}}),
+                       ("vllm-phases", {"boot_seconds": {"vllm_start": 9.0}})):  # fmt: skip
+        pages[kind] = ab_plots.markdown(synthetic_report(samples, args, [1], {"mode": "ab", **info}))
+    assert "engine torch" in pages["torch"] and "one decode step per busy arm" in pages["torch"]
+    for kind in ("vllm", "vllm-phases"):
+        assert "engine vllm" in pages[kind] and "two vLLM engines" in pages[kind], pages[kind]
+        assert "one decode step per busy arm" not in pages[kind]
 
 
 def test_pairs_cancel_the_spread_between_prompts() -> None:
@@ -155,3 +187,33 @@ def test_scripts_import_each_other_without_a_circle() -> None:
 
     for name in sorted(graph):
         visit(name, ())
+
+
+def test_sweep_configs_keep_the_engine_and_limits_of_the_given_config(tmp_path: Path) -> None:
+    """`ab_report --sweep --config configs/demo-vllm.yaml` sweeps on vLLM: every combination's config keeps the
+    engine section (and limits, cache), only adapters, mode and server are the sweep's own."""
+    given = yaml.safe_load((REPO / "configs" / "demo-vllm.yaml").read_text())
+    shutil.copytree(REPO / "configs" / "adapters" / "pirate", tmp_path / "adapters" / "r8_0")  # any saved LoRA
+    path = ab_sweep.write_config(ab_sweep.base_sections(REPO / "configs" / "demo-vllm.yaml"), tmp_path / "adapters",
+                                 8, 1, tmp_path / "c.yaml")  # fmt: skip
+    written = yaml.safe_load(path.read_text())
+    assert written["engine"] == given["engine"] and written["limits"] == given["limits"]
+    assert written["mode"] == "ab" and [a["name"] for a in written["adapters"]] == ["r8_0"]
+    assert load_config(path).engine.kind == "vllm"
+
+
+def test_sweep_records_a_combination_the_server_refuses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM takes at most rank 512 as one LoRA, so rank 256 x 4 adapters is refused at boot: the sweep goes on and
+    its page says so instead of stopping."""
+
+    @contextlib.contextmanager
+    def refusing(config: Path, boot_timeout: float) -> Iterator[tuple[str, Path]]:
+        raise ab_load.BootFailed(2, "config.yaml: adapters: rank 1024 above vLLM's largest max_lora_rank 512")
+        yield  # pragma: no cover
+
+    monkeypatch.setattr(ab_load, "managed_server", refusing)
+    args = ab_sweep.parse(["--out", str(tmp_path)])
+    row, samples = ab_sweep.run_combo(tmp_path / "c.yaml", 256, 4, args)
+    assert samples == [] and row["refused"].startswith("exit 2: config.yaml: adapters: rank 1024")
+    page = ab_sweep.markdown([row], {})
+    assert "| 256 | 4 | refused at boot (exit 2: config.yaml" in page
