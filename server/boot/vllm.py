@@ -92,7 +92,7 @@ def _merged_entry(config: Config, timer: PhaseTimer, cache: MergeCache) -> Check
     )
 
 
-def _base_dir(config: Config, cache: MergeCache, timer: PhaseTimer) -> Path:
+def base_checkpoint(config: Config, cache: MergeCache, timer: PhaseTimer) -> Path:
     """A safetensors folder vLLM can load the base from: the model folder itself, or a dequantized copy."""
     path = config.model.local
     if path.is_dir() and any(path.glob("*.safetensors")):
@@ -122,7 +122,7 @@ def _plans(config: Config, cache: MergeCache, merged_dir: Path, timer: PhaseTime
         if arm == "merged":
             plans.append(ArmPlan(arm, merged_dir, memory_share=shares[arm]))
             continue
-        base_dir = _base_dir(config, cache, timer)
+        base_dir = base_checkpoint(config, cache, timer)
         with timer.phase("adapter_store"):
             adapter = write_vllm_adapter(config, cache.root / "vllm-adapters", config.model.dtype)
         plans.append(ArmPlan(arm, base_dir, adapter.path, adapter.rank, shares[arm]))
