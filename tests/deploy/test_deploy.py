@@ -18,6 +18,7 @@ import httpx
 import pytest
 import yaml
 
+from server.config.load import load_config
 from tests.live_server import REPO, LiveServer
 from tests.prometheus_server import PrometheusServer
 
@@ -64,6 +65,23 @@ def test_kubernetes_manifests_validate() -> None:
         assert container["resources"]["requests"] and container["resources"]["limits"]
     cuda = next(d for d in docs if d["metadata"]["name"] == "mergeserve-cuda")
     assert cuda["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+
+
+def test_vllm_tp_manifest_gives_each_tp_worker_a_gpu(tmp_path: Path) -> None:
+    docs = list(yaml.safe_load_all((REPO / "configs" / "k8s" / "deployment-vllm-tp.yaml").read_text()))
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    configmap = next(d for d in docs if d["kind"] == "ConfigMap")
+    (tmp_path / "mergeserve.yaml").write_text(configmap["data"]["mergeserve.yaml"])
+    config = load_config(tmp_path / "mergeserve.yaml")  # the config the pod mounts is one mergeserve accepts
+    gpus = container["resources"]["limits"]["nvidia.com/gpu"]
+    assert config.engine.kind == "vllm" and str(config.engine.tensor_parallel_size) == gpus
+    assert container["resources"]["requests"]["nvidia.com/gpu"] == gpus  # extended resources: requests == limits
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"  # NCCL's shared memory, not 64 MB
+    assert volumes[mounts["/config"]]["configMap"]["name"] == configmap["metadata"]["name"]
 
 
 def _dashboard_exprs() -> list[str]:
