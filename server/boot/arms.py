@@ -57,7 +57,7 @@ def _gate(result: ParityResult) -> None:
         )
 
 
-def _refuse_quantized_merge(config: Config) -> None:
+def refuse_quantized_merge(config: Config) -> None:
     method = quantization_method(config.model.local)
     if method and config.mode != "unmerged":
         names = ", ".join(f"'{a.name}'" for a in config.adapters)
@@ -124,7 +124,7 @@ class BuiltArms:
 def build_arms(config: Config, timer: PhaseTimer) -> BuiltArms:
     """Load, attach, merge as the mode says, and pass the parity gate (or raise BootError)."""
     names = [a.name for a in config.adapters]
-    _refuse_quantized_merge(config)
+    refuse_quantized_merge(config)
     dtype_name, dtype_reason = resolve_dtype_setting(config.model.dtype)
     model_cfg = config.model.model_copy(update={"dtype": dtype_name})
     with timer.phase("load_base"):

@@ -105,7 +105,8 @@ def _refuse(adapter: AdapterConfig, problem: str, fix: str) -> BootError:
     return BootError(problem, fix, f"adapter '{adapter.name}' ({adapter.local})")
 
 
-def _read_adapter(adapter: AdapterConfig, allow_pickle: bool) -> tuple[PeftConfig, dict[str, torch.Tensor]]:
+def read_adapter_config(adapter: AdapterConfig) -> PeftConfig:
+    """The adapter's PEFT config, or the refusal boot would raise for it; reads adapter_config.json only."""
     try:
         raw = json.loads((adapter.local / "adapter_config.json").read_text())
         refusal = config_refusal(raw) if isinstance(raw, dict) else ("it is not a JSON object", "re-save the adapter")
@@ -119,6 +120,11 @@ def _read_adapter(adapter: AdapterConfig, allow_pickle: bool) -> tuple[PeftConfi
     if getattr(peft_config, "modules_to_save", None) and adapter.weight != 1.0:
         # A saved module replaces the base's whole; PEFT's unmerged forward cannot scale a replacement.
         raise _refuse(adapter, "modules_to_save replaces whole modules, which a weight cannot scale", "use weight 1.0")
+    return peft_config
+
+
+def _read_adapter(adapter: AdapterConfig, allow_pickle: bool) -> tuple[PeftConfig, dict[str, torch.Tensor]]:
+    peft_config = read_adapter_config(adapter)
     tensors = _read_weights(adapter, allow_pickle)
     for key, value in tensors.items():
         if value.is_floating_point() and not torch.isfinite(value).all():

@@ -104,23 +104,40 @@ def _header(shard: list[TensorSpec]) -> bytes:
     return raw + b" " * (-len(raw) % 8)
 
 
+@dataclass(frozen=True)
+class Written:
+    """One tensor's bytes are out: its shard (1-based, of `shards`) and whether it was the shard's last tensor."""
+
+    shard: int
+    shards: int
+    file: str
+    nbytes: int
+    shard_bytes: int
+    last: bool
+
+
 def write_sharded(
-    out: Path, specs: list[TensorSpec], produce: Callable[[TensorSpec], torch.Tensor], max_shard_bytes: int
+    out: Path,
+    specs: list[TensorSpec],
+    produce: Callable[[TensorSpec], torch.Tensor],
+    max_shard_bytes: int,
+    progress: Callable[[Written], None] | None = None,
 ) -> list[str]:
     """Write `specs` into model-0000i-of-0000n.safetensors plus the index; `produce` makes each tensor on demand.
 
-    Each produced tensor must have exactly the planned shape and dtype; it is dropped right after its bytes are out.
-    Returns the written file names.
+    Each produced tensor must have exactly the planned shape and dtype; it is dropped right after its bytes are out,
+    and then `progress` hears of it. Returns the written file names.
     """
     shards = plan_shards(specs, max_shard_bytes)
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map: dict[str, str] = {}
-    for file_name, shard in zip(names, shards, strict=True):
+    for number, (file_name, shard) in enumerate(zip(names, shards, strict=True), start=1):
         header = _header(shard)
+        shard_bytes = sum(s.nbytes for s in shard)
         with open(out / file_name, "wb") as f:
             f.write(struct.pack("<Q", len(header)))
             f.write(header)
-            for spec in shard:
+            for i, spec in enumerate(shard):
                 tensor = produce(spec)
                 if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
                     raise RuntimeError(f"{spec.name}: produced {tensor.dtype} {tuple(tensor.shape)}, planned {spec}")
@@ -128,6 +145,8 @@ def write_sharded(
                 f.write(flat.view(torch.uint8).numpy().data if flat.numel() else b"")
                 weight_map[spec.name] = file_name
                 del tensor, flat
+                if progress is not None:
+                    progress(Written(number, len(shards), file_name, spec.nbytes, shard_bytes, i == len(shard) - 1))
     index = {"metadata": {"total_size": sum(s.nbytes for s in specs)}, "weight_map": dict(sorted(weight_map.items()))}
     (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     return [*names, INDEX_FILE]

@@ -53,6 +53,7 @@ from server.merge.kinds import LayerDelta, has_adapter, uses_bias
 from server.store.checkpoint import TensorSpec, write_sharded
 from server.store.hub import resolve_hub
 from server.store.model_files import resolve_dtype, tied_names, write_model_files
+from server.store.progress import ShardProgress
 from server.store.sources import SourceError, TensorSource, open_source
 
 EXPORT_RECORD = "mergeserve.json"
@@ -273,7 +274,8 @@ def export_merged(
         # The small files first: building a tokenizer from a GGUF takes memory that is freed before the weights start.
         files = write_model_files(partial, config.model, source.config, out_dtype, plan.tie)
         gc.collect()
-        files += write_sharded(partial, plan.specs, plan.produce, max_shard_bytes)
+        with ShardProgress(sum(s.nbytes for s in plan.specs)) as progress:
+            files += write_sharded(partial, plan.specs, plan.produce, max_shard_bytes, progress)
         files.append(write_record(partial, config, out_dtype))
         if out.exists():
             out.rmdir()

@@ -108,14 +108,14 @@ def resolve_one(key: str, item: ModelConfig | AdapterConfig, allow_pickle: bool)
         raise explain(exc, key, hub) from None
     resolved = hub.model_copy(update={"snapshot": folder, "sha": folder.name})
     local = local_path(resolved, item.subfolder)
-    problem = _missing(item, local, allow_pickle)
+    problem = missing_files(item, local, allow_pickle)
     if problem is not None:
         raise HubError(problem[0], problem[1], f"{key} ({hub})")
     log.info("hub: %s %s -> commit %s (%s)", key, hub, resolved.sha, local)
     return resolved
 
 
-def _missing(item: ModelConfig | AdapterConfig, local: Path, allow_pickle: bool) -> tuple[str, str] | None:
+def missing_files(item: ModelConfig | AdapterConfig, local: Path, allow_pickle: bool) -> tuple[str, str] | None:
     """(problem, fix) when the snapshot lacks what `item` needs to load, else None."""
     weights = "*.safetensors" if not allow_pickle else "*"
     if isinstance(item, ModelConfig):

@@ -11,6 +11,7 @@ loop; `emit` is called from it, as the torch scheduler calls it from the model t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import itertools
 import logging
@@ -175,7 +176,18 @@ class VllmScheduler:
     def close(self) -> None:
         for arm in self.arms.values():
             try:
+                # Stop reading outputs first: shutting the engine core down under a live reader logs it as a
+                # crash (EngineDeadError) although nothing failed.
+                self.loop.run(_stop_reading(arm.engine), timeout=10)
                 arm.engine.shutdown()
             except Exception as exc:  # shutting down: report, do not mask the other arm's shutdown
                 log.warning("vLLM shutdown: %s", exc)
         self.loop.stop()
+
+
+async def _stop_reading(engine: Any) -> None:
+    handler = getattr(engine, "output_handler", None)
+    if handler is not None:
+        handler.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await handler

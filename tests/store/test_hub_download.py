@@ -97,3 +97,22 @@ def test_a_gguf_is_fetched_only_when_named(
     resolved = resolve_hub(config)
     assert resolved.model.sha == sha and resolved.model.local.read_bytes() == b"GGUF q4"
     assert [f for f in online.fetched if "gguf" in f] == ["test-org/tiny-gguf/q4/model.Q4_K_M.gguf"]
+
+
+def test_check_names_the_commits_and_downloads_nothing(
+    online: StubRepos, tiny_base: Path, tiny_adapters: dict[str, Path], write_config: Writer
+) -> None:
+    """`mergeserve check` asks the Hub for the commit and the file list only; the boot after it fetches that list."""
+    from server.boot.plan import check
+
+    base_sha, lora_sha = _publish(online, tiny_base, tiny_adapters["alpha"])
+    config = load_config(write_config(hub_config(BASE, {"path": LORA})))
+    plan = check(config, "config.yaml")
+    assert plan.refusal is None and online.fetched == []
+    assert [(h["commit"], h["cached"]) for h in plan.hub] == [(base_sha, False), (lora_sha, False)]
+    boot(config)
+    fetched = [sum(f.startswith(f"{repo}/") for f in online.fetched) for repo in (BASE, LORA)]
+    expected = [f"not cached: serve would download {n}" for n in fetched]
+    assert [h["note"].split(" files")[0] for h in plan.hub] == expected
+    again = check(config, "config.yaml")
+    assert [(h["commit"], h["cached"]) for h in again.hub] == [(base_sha, True), (lora_sha, True)]

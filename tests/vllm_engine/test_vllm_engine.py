@@ -119,6 +119,10 @@ def test_cancel_frees_the_slot_and_overload_is_refused(ab_engine: Engine) -> Non
     while ab_engine.scheduler.load != (0, 0) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert ab_engine.scheduler.load == (0, 0)
+    engines = [arm.engine for arm in ab_engine.scheduler.arms.values()]  # type: ignore[attr-defined]
+    while any(e.get_num_unfinished_requests() for e in engines) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [e.get_num_unfinished_requests() for e in engines] == [0, 0]  # vLLM aborted them too
     gen = ab_engine.generate(PreparedRequest(ids, SamplingParams(), 4), "merged")
     assert len(gen.tokens) == 4
 
