@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,24 @@ async def send(client: httpx.AsyncClient, url: str, sample: Sample, max_new_toke
         sample.end = time.perf_counter()
 
 
+@dataclass
+class Progress:
+    """One stderr line per finished request: the level and arm the run is on, and an ETA from its pace so far
+    (requests of a level take about equally long, so the mean so far is a fair guess for the rest)."""
+
+    total: int
+    label: str = "ab_report"
+    done: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+    def step(self, sample: Sample) -> None:
+        self.done += 1
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / self.done * (self.total - self.done)
+        print(f"{self.label}: level {sample.level}, {sample.arm} arm: {self.done}/{self.total} requests, "
+              f"{elapsed / 60:.1f} min elapsed, ETA ~{eta / 60:.1f} min", file=sys.stderr)  # fmt: skip
+
+
 def plan(level: int, pairs: int, phase: str) -> list[list[tuple[int, str]]]:
     """Per worker, its (pair, arm) requests: pair p goes to worker p % c; arms alternate inside each worker."""
     workers: list[list[tuple[int, str]]] = [[] for _ in range(level)]
@@ -111,7 +130,9 @@ def plan(level: int, pairs: int, phase: str) -> list[list[tuple[int, str]]]:
     return workers
 
 
-async def run_level(urls: dict[str, str], level: int, args: argparse.Namespace) -> list[Sample]:
+async def run_level(
+    urls: dict[str, str], level: int, args: argparse.Namespace, progress: Progress | None = None
+) -> list[Sample]:
     pairs = args.requests + args.warmup
     samples = {(p, arm): Sample(level, arm, p, (p - args.warmup) % len(PROMPTS), p < args.warmup)
                for p in range(pairs) for arm in ARMS}  # fmt: skip
@@ -120,6 +141,8 @@ async def run_level(urls: dict[str, str], level: int, args: argparse.Namespace) 
 
         async def one(key: tuple[int, str]) -> None:
             await send(client, urls[key[1]], samples[key], args.max_new_tokens)
+            if progress is not None:
+                progress.step(samples[key])
 
         async def worker(jobs: list[tuple[int, str]]) -> None:
             for key in jobs:

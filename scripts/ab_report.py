@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from ab_load import git_state, heavy_processes, managed_server, run_level, server_info
+from ab_load import Progress, git_state, heavy_processes, managed_server, run_level, server_info
 from ab_plots import markdown, write_outputs
 from ab_stats import ARMS, METRICS, Sample, arm_stats, level_throughput, queue_bias, same_text, speedup
 from local_server import check_loopback
@@ -111,9 +111,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     queue: dict[str, Any] = {}
     with targets(args) as (urls, log):
         info = server_info(urls)
+        progress = Progress(total=len(levels) * (args.requests + args.warmup) * 2)
         for level in levels:
             before = queue_totals(urls)
-            samples += asyncio.run(run_level(urls, level, args))
+            samples += asyncio.run(run_level(urls, level, args, progress))
             queue[str(level)] = queue_means(before, queue_totals(urls))
             heavy.update(heavy_processes())
             Path(args.out).mkdir(parents=True, exist_ok=True)  # kept if a later level fails

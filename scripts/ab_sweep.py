@@ -132,7 +132,8 @@ def run_combo(config: Path, rank: int, count: int, args: argparse.Namespace) -> 
     try:
         with ab_load.managed_server(config, args.boot_timeout) as (url, log):
             info = ab_load.server_info({"ab": url})["ab"]
-            samples = asyncio.run(ab_load.run_level(dict.fromkeys(ab_stats.ARMS, url), 1, args))
+            progress = ab_load.Progress((args.requests + args.warmup) * 2, f"ab_sweep rank {rank} x{count}")
+            samples = asyncio.run(ab_load.run_level(dict.fromkeys(ab_stats.ARMS, url), 1, args, progress))
     except ab_load.BootFailed as exc:
         return {"rank": rank, "count": count, "refused": str(exc), "load": [load_before, os.getloadavg()[0]]}, []
     heavy.update(ab_load.heavy_processes())

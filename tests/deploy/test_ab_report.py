@@ -217,3 +217,14 @@ def test_sweep_records_a_combination_the_server_refuses(tmp_path: Path, monkeypa
     assert samples == [] and row["refused"].startswith("exit 2: config.yaml: adapters: rank 1024")
     page = ab_sweep.markdown([row], {})
     assert "| 256 | 4 | refused at boot (exit 2: config.yaml" in page
+
+
+def test_progress_names_level_and_arm_with_an_eta(capsys: pytest.CaptureFixture[str]) -> None:
+
+    progress = ab_load.Progress(total=4)
+    progress.start -= 6.0  # six seconds in, so the pace is 3 s per request after two
+    progress.step(ab_stats.Sample(level=2, arm="merged", pair=0, prompt=0, warmup=False))
+    progress.step(ab_stats.Sample(level=2, arm="unmerged", pair=0, prompt=0, warmup=False))
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[-1].startswith("ab_report: level 2, unmerged arm: 2/4 requests, 0.1 min elapsed, ETA ~0.1 min")
+    assert "1/4 requests" in lines[0] and "merged arm" in lines[0]
