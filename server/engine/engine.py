@@ -85,22 +85,16 @@ class Engine:
         self.info = info
         self.limits = limits
         self.token_floor: TokenFloor | None = token_floor(tokenizer)  # refuses hopeless inputs before tokenizing
-        self.scheduler: Backend
         if served is None:
-            self.arms: dict[str, Any] = arms
             self.model = next(iter(arms.values()))
-            self.device_type = next(self.model.parameters()).device.type
-            self.eos_ids = eos_ids(tokenizer, self.model)
-            self.scheduler = Scheduler(
-                arms, tokenizer, self.eos_ids, limits.max_batch_size, limits.max_concurrent_requests
-            )
-            self.unsupported: Callable[[PreparedRequest], str | None] = lambda request: None
-            self.collector: Any = None
-        else:
-            self.arms = dict.fromkeys(served.arms)
-            self.device_type, self.eos_ids = served.device_type, served.eos_ids
-            self.scheduler, self.unsupported = served.backend, served.unsupported
-            self.collector = served.collector
+            eos = eos_ids(tokenizer, self.model)
+            scheduler = Scheduler(arms, tokenizer, eos, limits.max_batch_size, limits.max_concurrent_requests)
+            served = Served(scheduler, list(arms), eos, next(self.model.parameters()).device.type)
+        # Torch arms stay reachable by name (tests and tools read their weights); a served backend has no modules.
+        self.arms: dict[str, Any] = arms or dict.fromkeys(served.arms)
+        self.scheduler: Backend = served.backend
+        self.eos_ids, self.device_type = served.eos_ids, served.device_type
+        self.unsupported, self.collector = served.unsupported, served.collector
 
     @property
     def mode(self) -> str:

@@ -29,7 +29,7 @@ from transformers import PreTrainedTokenizerBase
 from server.engine.batch import Batch
 from server.engine.detokenizer import Detokenizer
 from server.engine.sampling import TokenChooser
-from server.engine.stopping import StoppingCriteria
+from server.engine.stopping import StoppingCriteria, record_token
 from server.engine.types import Emit, Generation, Handle, PreparedRequest
 
 log = logging.getLogger("mergeserve.scheduler")
@@ -106,21 +106,15 @@ class _Row:
             return True
         token_id, logprob, top = self.chooser.choose(self.all_ids, logits)  # type: ignore[arg-type]
         self.all_ids = torch.cat([self.all_ids, self.all_ids.new_tensor([[token_id]])], dim=1)
-        gen = self.gen
-        gen.tokens.append(self.detokenizer.push(token_id, logprob, top))
-        gen.text = self.detokenizer.text
-        gen.finish_reason = self.stopping(token_id, gen.text)
-        now = time.perf_counter()
-        gen.inference_seconds = now - self.admitted
-        if gen.first_token_seconds is None:
-            gen.first_token_seconds = now - self.submitted
-        if gen.finish_reason is not None:
+        gen, token = self.gen, self.detokenizer.push(token_id, logprob, top)
+        done = record_token(gen, token, self.stopping, self.detokenizer.text, self.submitted, self.admitted)
+        if done:
             self.release()
         # A snapshot: the reader runs on the event loop, maybe several steps behind this thread, and must see the
         # text and finish_reason as of this token, or it would end the stream early and drop the tokens between.
         # The token list is shared (it is only appended to), so it is complete in the final snapshot.
-        self.emit(gen.tokens[-1], copy.copy(gen))
-        return gen.finish_reason is not None
+        self.emit(token, copy.copy(gen))
+        return done
 
 
 def _fail_row(row: _Row, exc: BaseException) -> None:

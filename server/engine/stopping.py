@@ -6,11 +6,12 @@ finishes as "eos_token", and one that completes a stop sequence on the last allo
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from server.engine.types import FinishReason
+from server.engine.types import FinishReason, Generation, Token
 
 
 def eos_ids(tokenizer: PreTrainedTokenizerBase, model: Any) -> set[int]:
@@ -52,3 +53,20 @@ class StoppingCriteria:
         if self.generated >= self.max_new_tokens:
             return "length"
         return None
+
+
+def record_token(gen: Generation, token: Token, stopping: StoppingCriteria, text: str, submitted: float,
+                 started: float) -> bool:  # fmt: skip
+    """Append one chosen token to `gen` with the text so far, the stop rule's verdict and the timings: inference
+    from `started`, first token from `submitted` (TTFT includes queueing). True once the request is finished.
+
+    One step for both engines (the torch scheduler and the vLLM one), so a request ends, and is timed, alike on both.
+    """
+    gen.tokens.append(token)
+    gen.text = text
+    gen.finish_reason = stopping(token.id, text)
+    now = time.perf_counter()
+    gen.inference_seconds = now - started
+    if gen.first_token_seconds is None:
+        gen.first_token_seconds = now - submitted
+    return gen.finish_reason is not None

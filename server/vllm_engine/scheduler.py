@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerBase
 
 from server.engine.detokenizer import Detokenizer
 from server.engine.scheduler import EngineDead, Slots
-from server.engine.stopping import StoppingCriteria
+from server.engine.stopping import StoppingCriteria, record_token
 from server.engine.types import Emit, Generation, Handle, PreparedRequest
 from server.vllm_engine.loop import LoopThread
 from server.vllm_engine.requests import sampling_kwargs
@@ -72,16 +72,10 @@ class _Request:
         self.slots.give_back()
 
     def push(self, token_id: int, logprob: float, top: tuple[tuple[int, float], ...] | None) -> bool:
-        """Record one token; True once the request is finished."""
-        gen = self.gen
-        gen.tokens.append(self.detokenizer.push(token_id, logprob, top))
-        gen.text = self.detokenizer.text
-        gen.finish_reason = self.stopping(token_id, gen.text)
-        now = time.perf_counter()
-        if gen.first_token_seconds is None:
-            gen.first_token_seconds = now - self.submitted
-        gen.inference_seconds = now - self.submitted - gen.queue_seconds
-        return gen.finish_reason is not None
+        """Record one token; True once the request is finished. Inference starts when vLLM scheduled it."""
+        token = self.detokenizer.push(token_id, logprob, top)
+        started = self.submitted + self.gen.queue_seconds
+        return record_token(self.gen, token, self.stopping, self.detokenizer.text, self.submitted, started)
 
 
 class VllmScheduler:
