@@ -1,6 +1,7 @@
 """Benchmark base vs unmerged vs merged decoding of the demo, in one process, as ratios.
 
-All three arms run the same greedy loop the server uses (prefill and decode_one_token in server.engine.batch)
+All three arms run the same greedy loop the server uses (server.engine.batch's `Batch`: slab KV cache,
+prefill, decode steps)
 for a fixed number of new tokens, interleaved round by round so drift in machine speed hits every arm alike. Warm-up
 rounds are excluded; the figures are medians over the timed rounds.
 
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from server.config.load import load_config
-from server.engine.batch import decode_one_token, prefill
+from server.engine.batch import Batch
 from server.load.adapters import load_adapters, load_base
 from server.merge.apply import merge_and_unload
 
@@ -31,10 +32,13 @@ PROMPT = "What is the capital of Germany? Answer in one sentence, then explain w
 def greedy_seconds(model: nn.Module, input_ids: torch.Tensor, new_tokens: int) -> float:
     """Wall time of prefill + (new_tokens - 1) decode steps; input_ids: (1, T)."""
     start = time.perf_counter()
-    logits, cache = prefill(model, input_ids)
+    batch: Batch[str] = Batch(slots=1, budget=input_ids.shape[1])
+    batch.add("row", input_ids[0].tolist())
+    [(row, logits)] = batch.prefill(model, batch.next_chunks())
+    batch.join(row)
     for _ in range(new_tokens - 1):
         token = logits.argmax(dim=-1, keepdim=True)  # (1, 1)
-        logits = decode_one_token(model, token, cache)
+        logits = batch.step(model, token)
     return time.perf_counter() - start
 
 

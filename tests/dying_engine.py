@@ -20,21 +20,21 @@ POISON_LENGTH = 20
 
 
 def main() -> int:
-    real_decode, real_fail = batch.decode_one_token, scheduler._Lane.fail
+    real_decode, real_fail = batch.decode_rows, scheduler._Lane.fail
     closed = asyncio.new_event_loop()
     closed.close()
 
-    def decode(model: Any, tokens: torch.Tensor, cache: Any, mask: torch.Tensor | None = None) -> torch.Tensor:
-        if mask is not None and mask.shape[1] > POISON_LENGTH:
+    def decode(model: Any, slab: Any, tokens: torch.Tensor) -> torch.Tensor:
+        if max(slab.lengths[: tokens.shape[0]]) > POISON_LENGTH:
             raise RuntimeError("injected fault: decode step")
-        return real_decode(model, tokens, cache, mask)
+        return real_decode(model, slab, tokens)
 
     def fail(lane: Any, exc: BaseException) -> None:
         for row in lane.rows:
             row.emit = lambda item, gen: closed.call_soon_threadsafe(print, item)
         real_fail(lane, exc)
 
-    batch.decode_one_token = decode  # type: ignore[assignment]
+    batch.decode_rows = decode  # type: ignore[assignment]
     scheduler._Lane.fail = fail  # type: ignore[method-assign]
     return cli.main(sys.argv[1:])
 

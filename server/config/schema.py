@@ -198,6 +198,11 @@ class LimitsConfig(_Strict):
     )
     max_stop_sequences: int = Field(default=4, ge=0, description="Most `stop` strings a request may give.")
     max_batch_size: int = Field(default=8, gt=0, description="Most requests decoded together in one forward pass.")
+    max_batch_prefill_tokens: int = Field(
+        default=128,
+        gt=0,
+        description="Most prompt tokens in one prefill forward (rows x padded chunk); longer prompts go in chunks.",
+    )
     max_concurrent_requests: int = Field(
         default=128, gt=0, description="Running plus waiting requests; past it, 429 Model is overloaded."
     )

@@ -1,119 +1,152 @@
-"""The running batch: rows that decode together, their KV cache and their attention mask (TGI's `Batch`).
+"""The running batch of a lane (TGI's `Batch`): rows decoding together, rows being prefilled, and their KV slab.
 
-Rows join with `concatenate` (left padding aligns them on the right, where the next token goes) and leave with
-`filter` (padding columns no kept row needs are trimmed). A padded row attends to exactly the keys it would see
-alone, since the mask hides the padding and its position ids skip it, so its logits do not depend on what else is
-in the batch, up to float rounding in the attention sums.
+Slots: the running rows hold slots 0..B-1 in row order, so a decode step reads the slab in place; rows being
+prefilled hold slots from B up. A row that leaves gives its slot to the last running row (one copy of that row's
+columns), and a row whose prompt is done takes slot B, so neither ever re-pads or concatenates anyone's cache.
+
+Prefill is chunked and batched: each call of `prefill` runs one forward of at most `budget` tokens (rows x padded
+chunk width), shortest remaining prompt first. Newcomers that arrive together share a forward, and a long prompt goes
+in chunks of `budget` tokens between decode steps, so a short request waits for one chunk, never for the long
+prompt's whole prefill.
+
+Numerics: a row's queries see exactly its own columns (kv_slab's mask), with its own positions, so its logits do not
+depend on what else is in the batch, up to float rounding in the attention sums.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 import torch
 from torch import nn
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+from server.engine.kv_slab import KVSlab, forward
 
 R = TypeVar("R")
 
 
-@torch.inference_mode()
-def prefill(model: nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, DynamicCache]:
-    """input_ids: (1, T) -> next-token logits (1, V) and the filled cache."""
-    cache = DynamicCache()
-    # logits_to_keep=1: the vocabulary projection for every prompt position would be wasted work.
-    out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    return out.logits[:, -1, :], cache
+@dataclass(eq=False)
+class Prefilling(Generic[R]):
+    """A row whose prompt is (partly) in the cache: `done` of its `ids` are cached in slot `slot`."""
+
+    row: R
+    ids: list[int]
+    slot: int
+    done: int = 0
+
+    @property
+    def remaining(self) -> int:
+        return len(self.ids) - self.done
 
 
-@torch.inference_mode()
-def decode_one_token(
-    model: nn.Module, tokens: torch.Tensor, cache: DynamicCache, mask: torch.Tensor | None = None
-) -> torch.Tensor:
-    """tokens: (B, 1), mask: (B, S + 1) with 0 on left padding -> logits (B, V); the cache grows by one position."""
-    if mask is None:
-        return model(input_ids=tokens, past_key_values=cache, use_cache=True).logits[:, -1, :]
-    positions = mask.sum(dim=-1, keepdim=True) - 1  # (B, 1): padding does not count as a position
-    out = model(input_ids=tokens, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
-    return out.logits[:, -1, :]
+def prefill_rows(model: nn.Module, slab: KVSlab, chunks: list[tuple[Prefilling[R], int]]) -> torch.Tensor:
+    """One forward over (row, token count) chunks, right-padded to the widest -> logits (n, V) at each chunk's end."""
+    width = max(count for _, count in chunks)
+    pad = 0  # any id will do: padded queries write junk past the row's length and are never read
+    ids = [p.ids[p.done : p.done + count] + [pad] * (width - count) for p, count in chunks]
+    device = next(model.parameters()).device
+    slots = torch.tensor([p.slot for p, _ in chunks], device=device)
+    return forward(model, slab, slots, torch.tensor(ids, device=device), [p.done for p, _ in chunks],
+                   [count - 1 for _, count in chunks])  # fmt: skip
 
 
-def _kv_layers(cache: DynamicCache) -> list[DynamicLayer]:
-    """The per-layer K/V tensors, (B, H, S, D) each; only full-attention layers can be re-aligned by padding."""
-    layers = []
-    for layer in cache.layers:
-        if not isinstance(layer, DynamicLayer) or isinstance(layer, DynamicSlidingWindowLayer):
-            raise NotImplementedError(
-                f"batching needs full-attention KV caches, not {type(layer).__name__}; set limits.max_batch_size: 1"
-            )
-        layers.append(layer)
-    return layers
+def decode_rows(model: nn.Module, slab: KVSlab, tokens: torch.Tensor) -> torch.Tensor:
+    """tokens: (B, 1), the last sampled token of the rows in slots 0..B-1 -> logits (B, V)."""
+    batch = tokens.shape[0]
+    return forward(model, slab, slice(0, batch), tokens, slab.lengths[:batch], [0] * batch)
 
 
 class Batch(Generic[R]):
-    """Rows in cache order, with their DynamicCache (per layer K/V: (B, H, S, D)) and attention mask (B, S).
+    """A lane's rows: `rows` decoding (slots 0..B-1, in order) and `prefilling` (slots from B up).
 
-    The mask lives on the CPU (it is small, and trimming it needs a host sync anyway) and goes to the model's
-    device once per step. `rows` is replaced, never changed in place, so a thread reading it sees a whole list.
+    `rows` is replaced, never changed in place, so a thread reading it sees a whole list.
     """
 
-    def __init__(self, rows: list[R], cache: DynamicCache, mask: torch.Tensor) -> None:
-        self.rows, self.cache, self.mask = rows, cache, mask
+    def __init__(self, slots: int, budget: int) -> None:
+        self.slab = KVSlab(slots)
+        self.budget = budget
+        self.rows: list[R] = []
+        self.prefilling: list[Prefilling[R]] = []
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    @classmethod
-    def prefill(cls, model: nn.Module, row: R, input_ids: torch.Tensor) -> tuple[torch.Tensor, Batch[R]]:
-        """input_ids: (1, T) -> next-token logits (1, V) and a one-row batch holding the prompt's cache.
+    @property
+    def free(self) -> int:
+        """Slots a newcomer can take."""
+        return self.slab.slots - len(self.rows) - len(self.prefilling)
 
-        The mask has one column per CACHED position, `cache.get_seq_length()` (T), never the id count: the token
-        sampled from these logits is not in the cache until the next step feeds it. A mask built from prompt +
-        first token is one column too long, and since position ids are the mask's sum minus one, every later
-        position would be shifted by one (a wrong rotary angle on every decoded token).
-        """
-        logits, cache = prefill(model, input_ids)
-        mask = torch.ones(1, cache.get_seq_length(), dtype=torch.long)  # (1, T)
-        return logits, cls([row], cache, mask)
+    def add(self, row: R, ids: list[int]) -> None:
+        """Queue `row` for prefill in a free slot (the caller checks `free`)."""
+        taken = {p.slot for p in self.prefilling}
+        slot = next(s for s in range(len(self.rows), self.slab.slots) if s not in taken)
+        self.slab.lengths[slot] = 0
+        self.prefilling = [*self.prefilling, Prefilling(row, ids, slot)]
+
+    def next_chunks(self) -> list[tuple[Prefilling[R], int]]:
+        """The next prefill forward: shortest remaining first, as many rows as fit `budget` once padded."""
+        chunks: list[tuple[Prefilling[R], int]] = []
+        for p in sorted(self.prefilling, key=lambda p: p.remaining):
+            count = min(p.remaining, self.budget)
+            width = max([count, *(c for _, c in chunks)])
+            if chunks and width * (len(chunks) + 1) > self.budget:
+                break
+            chunks.append((p, count))
+        return chunks
+
+    def prefill(self, model: nn.Module, chunks: list[tuple[Prefilling[R], int]]) -> list[tuple[R, torch.Tensor]]:
+        """Run the chunks; -> (row, logits (1, V)) for each row whose prompt is now fully cached."""
+        logits = prefill_rows(model, self.slab, chunks)
+        finished = []
+        for i, (p, count) in enumerate(chunks):
+            p.done += count
+            self.slab.lengths[p.slot] = p.done
+            if p.remaining == 0:
+                finished.append((p.row, logits[i : i + 1]))
+        return finished
+
+    def drop_prefilling(self, row: R) -> None:
+        self.prefilling = [p for p in self.prefilling if p.row is not row]
+
+    def join(self, row: R) -> None:
+        """Move a fully prefilled row into the running batch, at slot B."""
+        p = next(p for p in self.prefilling if p.row is row)
+        target = len(self.rows)
+        if p.slot != target:
+            other = next((q for q in self.prefilling if q.slot == target), None)
+            if other is None:
+                self.slab.move(p.slot, target)
+            else:
+                self.slab.swap(p.slot, target)
+                other.slot = p.slot
+        self.drop_prefilling(row)
+        self.rows = [*self.rows, row]
 
     def step(self, model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens: (B, 1), each row's last sampled token, in row order -> logits (B, V); every row grows by one."""
-        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)  # (B, S + 1)
-        return decode_one_token(model, tokens, self.cache, self.mask.to(tokens.device))
-
-    def concatenate(self, other: Batch[R]) -> None:
-        """Append other's rows after ours (in place; `other` is used up): both are left-padded to the wider S."""
-        width = max(self.mask.shape[1], other.mask.shape[1])
-        self._left_pad(width)
-        other._left_pad(width)
-        for la, lb in zip(_kv_layers(self.cache), _kv_layers(other.cache), strict=True):
-            assert la.keys is not None and lb.keys is not None and la.values is not None and lb.values is not None
-            la.keys, la.values = torch.cat([la.keys, lb.keys]), torch.cat([la.values, lb.values])  # (B + B', ...)
-        self.mask = torch.cat([self.mask, other.mask])  # (B + B', S)
-        self.rows = [*self.rows, *other.rows]
+        """tokens: (B, 1), each running row's last sampled token, in row order -> logits (B, V)."""
+        logits = decode_rows(model, self.slab, tokens)
+        for i in range(len(self.rows)):
+            self.slab.lengths[i] += 1
+        return logits
 
     def filter(self, keep: list[int]) -> None:
-        """Keep the rows at `keep` (a non-empty list of indices, in order), then drop the leading columns that are
-        padding in every kept row, so a long row that left no longer costs the others attention over its length."""
-        index = torch.tensor(keep, dtype=torch.long)
-        mask = self.mask[index]  # (B', S)
-        start = int((mask.cumsum(dim=1) == 0).all(dim=0).sum().item())  # columns that are padding in every row
-        for layer in _kv_layers(self.cache):
-            assert layer.keys is not None and layer.values is not None
-            layer.keys = layer.keys[index.to(layer.keys.device), :, start:]  # (B', H, S - start, D)
-            layer.values = layer.values[index.to(layer.values.device), :, start:]
-        self.mask = mask[:, start:]  # (B', S - start)
-        self.rows = [self.rows[i] for i in keep]
+        """Keep the running rows at indices `keep`; each gap is filled by the last running row, so the order of the
+        kept rows may change (rows carry their own state; only the slot order has to match `rows`)."""
+        rows = list(self.rows)
+        for i in sorted(set(range(len(rows))) - set(keep), reverse=True):
+            last = len(rows) - 1
+            if i != last:
+                self.slab.move(last, i)
+                rows[i] = rows[last]
+            rows.pop()
+        self.rows = rows
 
-    def _left_pad(self, width: int) -> None:
-        """Pad every layer's keys/values (B, H, S, D) and the mask (B, S) with zeros on the left to S = width."""
-        extra = width - self.mask.shape[1]
-        if extra <= 0:
-            return
-        for layer in _kv_layers(self.cache):
-            k, v = layer.keys, layer.values
-            assert k is not None and v is not None
-            layer.keys = torch.cat([k.new_zeros(k.shape[0], k.shape[1], extra, k.shape[3]), k], dim=2)
-            layer.values = torch.cat([v.new_zeros(v.shape[0], v.shape[1], extra, v.shape[3]), v], dim=2)
-        self.mask = torch.cat([self.mask.new_zeros(self.mask.shape[0], extra), self.mask], dim=1)
+    def clear(self) -> None:
+        """Forget every row and free the slab (the lane is idle, or its rows failed)."""
+        self.rows, self.prefilling = [], []
+        self.slab.release()
+
+    @property
+    def idle(self) -> bool:
+        return not self.rows and not self.prefilling

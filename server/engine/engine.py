@@ -88,7 +88,8 @@ class Engine:
         if served is None:
             self.model = next(iter(arms.values()))
             eos = eos_ids(tokenizer, self.model)
-            scheduler = Scheduler(arms, tokenizer, eos, limits.max_batch_size, limits.max_concurrent_requests)
+            scheduler = Scheduler(arms, tokenizer, eos, limits.max_batch_size, limits.max_concurrent_requests,
+                                  limits.max_batch_prefill_tokens)  # fmt: skip
             served = Served(scheduler, list(arms), eos, next(self.model.parameters()).device.type)
         # Torch arms stay reachable by name (tests and tools read their weights); a served backend has no modules.
         self.arms: dict[str, Any] = arms or dict.fromkeys(served.arms)

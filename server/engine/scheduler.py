@@ -1,11 +1,12 @@
 """Iteration-level batching: requests join the running batch at step boundaries and leave as soon as they finish.
 
-One thread owns the model. Each loop turn it admits waiting requests (each prefilled alone, then joined to the
-lane's `Batch`), runs one decode step for the whole batch, and hands every row its token. Rows that finish or whose
-client went away leave the batch before the next step, so a long request never holds short ones back. The KV-cache
-surgery lives in batch.py, the stop rules in stopping.py and the incremental detokenizing in detokenizer.py; this
-module keeps the thread, the lanes, the slots, admission, and failure isolation (a request whose own prefill or
-sampling fails fails alone; a failed decode step fails its batch; a dead thread fails everything it held).
+One thread owns the model. Each loop turn, per lane, it gives waiting requests the free slots of the lane's `Batch`,
+runs one prefill forward (newcomers together, a long prompt one chunk at a time), runs one decode step for the
+running rows, and hands every row its token. Rows that finish or whose client went away leave the batch before the
+next step, so a long request never holds short ones back. The KV slab and the slot bookkeeping live in batch.py and
+kv_slab.py, the stop rules in stopping.py and the incremental detokenizing in detokenizer.py; this module keeps the
+thread, the lanes, the request slots, admission, and failure isolation (a request whose own prefill or sampling
+fails fails alone; a failed decode step fails its lane's rows; a dead thread fails everything it held).
 
 Numerics: each request samples from its own seeded generator, and a batched row sees the logits it would see alone
 (see batch.py), so its output does not depend on what else is in the batch, up to float rounding.
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from server.engine.batch import Batch
+from server.engine.batch import Batch, Prefilling
 from server.engine.detokenizer import Detokenizer
 from server.engine.sampling import TokenChooser
 from server.engine.stopping import StoppingCriteria, record_token
@@ -134,91 +135,100 @@ def _advance(row: _Row, logits: torch.Tensor) -> bool:
 class _Lane:
     """One model's running batch. Lanes never share a batch, so an A/B process never mixes arms in a forward."""
 
-    def __init__(self, name: str, model: nn.Module, lock: threading.Condition) -> None:
+    def __init__(self, name: str, model: nn.Module, lock: threading.Condition, slots: int, prefill_budget: int) -> None:
         self.name, self.model, self.lock = name, model, lock
         self.device = next(model.parameters()).device
         self.waiting: deque[_Row] = deque()
-        self.admitting: _Row | None = None  # being prefilled: neither waiting nor in the batch, but still counted
-        self.batch: Batch[_Row] | None = None
+        self.batch: Batch[_Row] = Batch(slots, prefill_budget)
 
     @property
     def rows(self) -> list[_Row]:
-        """The running rows, in batch order."""
-        return self.batch.rows if self.batch is not None else []
+        """The running rows, in slot order."""
+        return self.batch.rows
+
+    @property
+    def prefilling(self) -> list[_Row]:
+        return [p.row for p in self.batch.prefilling]
 
     @property
     def load(self) -> tuple[int, int]:
-        return len(self.rows) + (self.admitting is not None), len(self.waiting)
+        return len(self.rows) + len(self.batch.prefilling), len(self.waiting)
 
     @property
     def busy(self) -> bool:
-        return bool(self.waiting or self.rows)
+        return bool(self.waiting) or not self.batch.idle
 
     def withdraw(self, row: _Row) -> None:
-        """Drop a cancelled row that is still queued; once admission has popped it, the scheduler releases it."""
+        """Drop a cancelled row that is still queued; once admitted, the scheduler releases it at its next turn."""
         with self.lock:
             if row in self.waiting:
                 self.waiting.remove(row)
                 row.release()
 
-    def admit(self, max_batch_size: int) -> None:
-        while True:
-            with self.lock:
-                if not self.waiting or len(self.rows) >= max_batch_size:
-                    return
-                row = self.admitting = self.waiting.popleft()
-            if row.handle.cancelled.is_set():
-                row.release()
-            else:
-                self._prefill_and_join(row)
-            with self.lock:
-                self.admitting = None
+    def admit(self) -> None:
+        """Give waiting requests the free slots, then run one prefill forward (one chunk) for the rows that have one."""
+        with self.lock:
+            while self.waiting and self.batch.free > 0:
+                row = self.waiting.popleft()
+                row.admitted = time.perf_counter()
+                row.gen.queue_seconds = row.admitted - row.submitted
+                self.batch.add(row, list(row.request.input_ids))
+        for p in self.batch.prefilling:
+            if p.row.handle.cancelled.is_set():
+                p.row.release()
+                self.batch.drop_prefilling(p.row)
+        chunks = self.batch.next_chunks()
+        if chunks:
+            self._prefill(chunks)
+        if self.batch.idle:
+            self.batch.clear()
 
-    def _prefill_and_join(self, row: _Row) -> None:
-        """Prefill the row alone (its failure fails only it) and, unless its first token finished it, join it."""
-        row.admitted = time.perf_counter()
-        row.gen.queue_seconds = row.admitted - row.submitted
+    def _prefill(self, chunks: list[tuple[Prefilling[_Row], int]]) -> None:
+        """One prefill forward. If a shared forward fails, each row is retried alone, so only the row whose own
+        prefill fails (a prompt too long for memory, say) fails; the others and the running batch go on."""
         try:
-            logits, alone = Batch.prefill(self.model, row, row.all_ids)
-            done = row.advance(logits)
-        except Exception as exc:  # the prefill ran alone: only this request fails, the batch goes on
-            _fail_row(row, exc)
+            finished = self.batch.prefill(self.model, chunks)
+        except Exception as exc:
+            if len(chunks) > 1:
+                for chunk in chunks:
+                    self._prefill([chunk])
+                return
+            self.batch.drop_prefilling(chunks[0][0].row)
+            _fail_row(chunks[0][0].row, exc)
             return
-        if done:
-            return  # done after one token
-        if self.batch is None:
-            with self.lock:
-                self.batch = alone
-        else:
-            self.batch.concatenate(alone)
+        for row, logits in finished:
+            if _advance(row, logits):
+                self.batch.drop_prefilling(row)  # done after one token, cancelled, or its sampling failed
+            else:
+                self.batch.join(row)
 
     def step(self) -> int:
-        """One decode step for every row; returns the batch size."""
+        """One decode step for every running row; returns the batch size."""
         batch = self.batch
-        assert batch is not None
         tokens = torch.cat([row.all_ids[:, -1:] for row in batch.rows])  # (B, 1), on the device without a sync per row
         logits = batch.step(self.model, tokens)  # (B, V)
         keep = [i for i, row in enumerate(batch.rows) if not _advance(row, logits[i : i + 1])]
-        if not keep:
-            with self.lock:
-                self.batch = None
-        elif len(keep) < len(batch):
+        if len(keep) < len(batch):
             batch.filter(keep)
+        if batch.idle:
+            batch.clear()  # frees the slab while the lane has nothing to do
         return len(tokens)
 
     def orphans(self) -> list[_Row]:
         """Every request this lane holds, taken out of it, to fail them all when the model thread dies."""
-        rows = [*self.waiting, *self.rows, *([self.admitting] if self.admitting else [])]
-        self.waiting, self.batch, self.admitting = deque(), None, None
+        rows = [*self.waiting, *self.rows, *self.prefilling]
+        self.waiting = deque()
+        self.batch.clear()
         return rows
 
     def fail(self, exc: BaseException) -> None:
-        failed = self.rows + ([self.admitting] if self.admitting else [])
+        """A forward or the batch bookkeeping failed: the slab may be half-written, so every admitted row fails."""
+        failed = self.rows + self.prefilling
         log.exception("lane %s: decode failed; failing %d requests", self.name, len(failed))
         for row in failed:
             row.fail(exc)
         with self.lock:
-            self.batch, self.admitting = None, None
+            self.batch.clear()
 
 
 class Scheduler:
@@ -231,6 +241,7 @@ class Scheduler:
         eos_ids: set[int],
         max_batch_size: int,
         max_concurrent_requests: int,
+        prefill_budget: int = 128,
         on_step: Callable[[str, int, int], None] | None = None,
     ) -> None:
         self.max_batch_size = max_batch_size
@@ -239,7 +250,9 @@ class Scheduler:
         self._wake = threading.Condition()
         self._tokenizer, self._eos_ids = tokenizer, frozenset(eos_ids)
         self._special_ids = frozenset(tokenizer.all_special_ids)
-        self.lanes = {name: _Lane(name, model, self._wake) for name, model in models.items()}
+        self.lanes = {
+            name: _Lane(name, model, self._wake, max_batch_size, prefill_budget) for name, model in models.items()
+        }
         self._closed = False
         # Why the model thread died, if it did (close() is not a death): /health answers 503 and the CLI exits.
         self.death: str | None = None
@@ -297,7 +310,7 @@ class Scheduler:
                     return
             for lane in self.lanes.values():
                 try:
-                    lane.admit(self.max_batch_size)
+                    lane.admit()
                     if lane.rows:
                         batch = lane.step()
                         if self.on_step:

@@ -139,5 +139,6 @@ def test_batches_never_mix_arms_and_arms_take_turns(ab: tuple[Config, Engine]) -
     assert outputs["merged"] == outputs["unmerged"] and len(outputs["merged"]) == 3
     lanes = [lane for lane, _ in steps]
     assert all(batch == 3 for _, batch in steps)  # each step batched one arm's three rows, never a mix
-    assert lanes[::2] == ["merged"] * len(lanes[::2]) and lanes[1::2] == ["unmerged"] * len(lanes[1::2])
+    first, second = lanes[0], ("unmerged" if lanes[0] == "merged" else "merged")  # whichever admitted first
+    assert lanes[::2] == [first] * len(lanes[::2]) and lanes[1::2] == [second] * len(lanes[1::2])
     assert abs(lanes.count("merged") - lanes.count("unmerged")) <= 1  # fair turns: neither arm starves

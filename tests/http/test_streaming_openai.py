@@ -175,7 +175,7 @@ def test_error_after_the_first_token_arrives_in_the_stream(client: TestClient, m
     def broken(*_args: Any, **_kwargs: Any) -> Any:
         raise RuntimeError("decode exploded")
 
-    monkeypatch.setattr(server.engine.batch, "decode_one_token", broken)
+    monkeypatch.setattr(server.engine.batch, "decode_rows", broken)
     events = _events(client, "/generate_stream", {"inputs": "Arr", "parameters": {"max_new_tokens": 5}})
     assert "token" in events[0]  # the prefill token still arrived
     assert events[-1] == {"error": "Request failed during generation: decode exploded", "error_type": "generation"}

@@ -1,0 +1,128 @@
+"""The slab KV cache and chunked, batched prefill against a plain `model(input_ids)` forward of each whole sequence.
+
+Rows join at different steps, their prompts go in chunks smaller than the prompts, several share a prefill forward,
+and rows leave mid-batch (so the last row moves into the gap): every logit vector a row gets must still be the one a
+cache-free forward over that row's own tokens gives.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from server.engine.batch import Batch
+from server.engine.sampling import SamplingParams
+from server.engine.scheduler import Scheduler
+from server.engine.types import Generation, PreparedRequest, Token
+
+TOL = 1e-4  # float32 attention sums in another order: ~1e-6 here; a wrong position or key is off by > 1e-2
+
+
+def _prompt(seed: int, length: int, vocab: int) -> list[int]:
+    return torch.randint(2, vocab, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@torch.inference_mode()
+def _reference(model: Any, ids: list[int]) -> torch.Tensor:
+    return model(input_ids=torch.tensor([ids])).logits[0, -1]
+
+
+def _check(model: Any, seqs: dict[str, list[int]], row: str, logits: torch.Tensor) -> None:
+    expected = _reference(model, seqs[row])
+    diff = (logits[0] - expected).abs().max().item()
+    assert diff <= TOL, f"row {row} at length {len(seqs[row])}: max |logit diff| {diff:.2e}"
+    seqs[row].append(int(expected.argmax()))
+
+
+def _drain_prefill(model: Any, batch: Batch[str], seqs: dict[str, list[int]]) -> None:
+    while batch.prefilling:
+        for row, logits in batch.prefill(model, batch.next_chunks()):
+            _check(model, seqs, row, logits)
+            batch.join(row)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_rows_that_join_and_leave_see_only_their_own_tokens(
+    arch: str, tiny_base: Path, tiny_gpt2: Path, request: pytest.FixtureRequest
+) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_base if arch == "llama" else tiny_gpt2).eval()
+    vocab = model.config.vocab_size
+    seqs = {name: _prompt(i, length, vocab) for i, (name, length) in enumerate([("a", 3), ("b", 11), ("c", 7)])}
+    batch: Batch[str] = Batch(slots=3, budget=8)  # b's 11 tokens go in two chunks; a and c share a forward
+    for name in ("a", "b"):
+        batch.add(name, list(seqs[name]))
+    _drain_prefill(model, batch, seqs)
+    checked = 0
+    for step in range(12):
+        if step == 2:
+            batch.add("c", list(seqs["c"]))
+            _drain_prefill(model, batch, seqs)
+        tokens = torch.tensor([[seqs[row][-1]] for row in batch.rows])  # (B, 1)
+        logits = batch.step(model, tokens)
+        for i, row in enumerate(batch.rows):
+            _check(model, seqs, row, logits[i : i + 1])
+            checked += 1
+        if step == 4:  # the first row leaves: the last one moves into its slot
+            batch.filter([i for i, row in enumerate(batch.rows) if row != "a"])
+            assert "a" not in batch.rows and len(batch.rows) == 2
+    assert checked >= 12 * 2 and batch.slab.capacity >= max(len(s) for s in seqs.values())
+
+
+def test_a_short_prompt_is_answered_before_a_long_prompt_finishes_prefill(tiny_base: Path) -> None:
+    """Chunked prefill: a 4-token prompt that arrives while a 60-token one is in its first chunk gets its first token
+    before the long one does (its prefill is one chunk; the long one's is eight)."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+    gate, first_forward = threading.Event(), threading.Event()
+    real_forward = model.forward
+
+    def gated(*args: Any, **kwargs: Any) -> Any:
+        first_forward.set()
+        assert gate.wait(timeout=30)
+        return real_forward(*args, **kwargs)
+
+    model.forward = gated  # type: ignore[method-assign]
+    firsts: list[str] = []
+    done = threading.Event()
+
+    def emit_for(name: str) -> Any:
+        def emit(item: Token | BaseException, gen: Generation) -> None:
+            assert not isinstance(item, BaseException), item
+            if len(gen.tokens) == 1:
+                firsts.append(name)
+            if len(firsts) == 2:
+                done.set()
+
+        return emit
+
+    scheduler = Scheduler({"m": model}, _Tok(), {1}, max_batch_size=4, max_concurrent_requests=4, prefill_budget=8)
+    try:
+        vocab = model.config.vocab_size
+        scheduler.submit(_req(_prompt(1, 60, vocab)), emit_for("long"))
+        assert first_forward.wait(timeout=30)  # the long prompt's first chunk is in the model now
+        scheduler.submit(_req(_prompt(2, 4, vocab)), emit_for("short"))
+        gate.set()
+        assert done.wait(timeout=60)
+    finally:
+        scheduler.close()
+    assert firsts == ["short", "long"]
+
+
+def _req(ids: list[int]) -> PreparedRequest:
+    return PreparedRequest(input_ids=ids, params=SamplingParams(), max_new_tokens=2)
+
+
+class _Tok:
+    """What the scheduler asks of a tokenizer: special ids and decoding single tokens."""
+
+    all_special_ids = (0, 1)
+
+    def decode(self, ids: list[int], **_: Any) -> str:
+        return "".join(f"<{i}>" for i in ids)
+
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
+        return [f"<{i}>" for i in ids]
