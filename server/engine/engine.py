@@ -16,6 +16,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from server.config.schema import LimitsConfig
+from server.engine.kv_slab import refuse_sliding_window
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import Scheduler
 from server.engine.stopping import eos_ids
@@ -87,6 +88,7 @@ class Engine:
         self.token_floor: TokenFloor | None = token_floor(tokenizer)  # refuses hopeless inputs before tokenizing
         if served is None:
             self.model = next(iter(arms.values()))
+            refuse_sliding_window(self.model, limits.max_total_tokens)
             eos = eos_ids(tokenizer, self.model)
             scheduler = Scheduler(arms, tokenizer, eos, limits.max_batch_size, limits.max_concurrent_requests,
                                   limits.max_batch_prefill_tokens)  # fmt: skip

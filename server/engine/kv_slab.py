@@ -18,7 +18,25 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache
 
+from server.load.adapters import BootError
+
 _MIN_CAPACITY = 256
+
+
+def refuse_sliding_window(model: nn.Module, max_total_tokens: int) -> None:
+    """The slab's mask is full causal attention. A model with sliding-window layers attends only to the last `window`
+    keys there, so past `window` tokens its logits would differ from ours: refuse unless no request can get there."""
+    config = getattr(model, "config", None)
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None) or []
+    slides = "sliding_attention" in layer_types or (not layer_types and getattr(config, "use_sliding_window", True))
+    if window and slides and window < max_total_tokens:
+        raise BootError(
+            f"the model attends over a sliding window of {window} tokens, and the torch engine's KV cache serves full "
+            f"attention only; with limits.max_total_tokens {max_total_tokens} a request could outgrow the window",
+            f"set limits.max_total_tokens to {window} or less, or serve with engine.kind: vllm",
+            "limits.max_total_tokens",
+        )
 
 
 class KVSlab:

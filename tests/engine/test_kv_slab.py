@@ -126,3 +126,18 @@ class _Tok:
 
     def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
         return [f"<{i}>" for i in ids]
+
+
+def test_a_sliding_window_model_is_refused_unless_requests_fit_the_window() -> None:
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from server.engine.kv_slab import refuse_sliding_window
+    from server.load.adapters import BootError
+
+    config = MistralConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=1, sliding_window=64)  # fmt: skip
+    model = MistralForCausalLM(config)
+    with pytest.raises(BootError) as refused:
+        refuse_sliding_window(model, max_total_tokens=96)
+    assert "limits.max_total_tokens" in refused.value.line() and "64" in refused.value.line()
+    refuse_sliding_window(model, max_total_tokens=64)  # no request can outgrow the window: served as it is
