@@ -115,12 +115,15 @@ class SlabView(Cache):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """key/value_states: (n, H, C, D) -> the rows' keys and values (n, H, width, D), new states included."""
         keys, values = self.slab.layer(layer_idx, key_states)
+        row_index, columns, rows = self.row_index, self.columns, self.rows
+        if columns.device != keys.device:  # a model split over devices (device_map): each layer indexes its own
+            row_index, columns = row_index.to(keys.device), columns.to(keys.device)
+            rows = rows if isinstance(rows, slice) else rows.to(keys.device)
         # Advanced indices on dims 0 and 2 put their broadcast shape (n, C) first: the target is (n, C, H, D).
-        keys[self.row_index, :, self.columns] = key_states.transpose(1, 2).to(keys.dtype)
-        values[self.row_index, :, self.columns] = value_states.transpose(1, 2).to(values.dtype)
-        if isinstance(self.rows, slice):
-            return keys[self.rows, :, : self.width], values[self.rows, :, : self.width]
-        rows = self.rows
+        keys[row_index, :, columns] = key_states.transpose(1, 2).to(keys.dtype)
+        values[row_index, :, columns] = value_states.transpose(1, 2).to(values.dtype)
+        if isinstance(rows, slice):
+            return keys[rows, :, : self.width], values[rows, :, : self.width]
         return keys[:, :, : self.width].index_select(0, rows), values[:, :, : self.width].index_select(0, rows)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
