@@ -34,6 +34,16 @@ QUESTIONS = (
     "How do plants make their food?",
 )
 PROMPTS = tuple(f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n" for q in QUESTIONS)
+# How the arms share the server (--arms), as the report's page and console state it.
+ARM_MODES = {
+    "isolated": "one arm in flight at a time: blocks of c requests of one arm, each block waited out before the "
+    "next, the arms' blocks interleaved (pair i = the same prompt in two adjacent blocks, the arm that goes first "
+    "swapping from one pair of blocks to the next), so each arm's figures are that arm's own speed at concurrency c",
+    "mixed": "c workers each send a pair's two requests back to back, odd workers starting on unmerged, so at c >= 2 "
+    "both arms are in flight together, as in a 50/50 deployment: each arm's figures include the other arm's load "
+    "(at c = 1 one request is in flight at a time, as in isolated)",
+}
+LEGACY_PHASE = {"aligned": "isolated", "staggered": "mixed"}  # --phase, the option's name before --arms
 HEAVY = ("bench_serving", "train_demo_adapter", "pytest", "bench_modes", "bench_memory", "server serve", "pip install")
 
 
@@ -120,14 +130,25 @@ class Progress:
               f"{elapsed / 60:.1f} min elapsed, ETA ~{eta / 60:.1f} min", file=sys.stderr)  # fmt: skip
 
 
-def plan(level: int, pairs: int, phase: str) -> list[list[tuple[int, str]]]:
-    """Per worker, its (pair, arm) requests: pair p goes to worker p % c; arms alternate inside each worker."""
+def plan(level: int, pairs: int) -> list[list[tuple[int, str]]]:
+    """Mixed arms, per worker, its (pair, arm) requests: pair p goes to worker p % c, which sends its merged and
+    unmerged request back to back; odd workers start on unmerged, so at c >= 2 both arms are in flight together."""
     workers: list[list[tuple[int, str]]] = [[] for _ in range(level)]
     for p in range(pairs):
         w = p % level
-        order = ARMS if phase == "aligned" or w % 2 == 0 else ARMS[::-1]
-        workers[w].extend((p, arm) for arm in order)
+        workers[w].extend((p, arm) for arm in (ARMS if w % 2 == 0 else ARMS[::-1]))
     return workers
+
+
+def isolated_blocks(level: int, pairs: int) -> list[tuple[str, list[int]]]:
+    """Isolated arms: (arm, pairs) blocks, each sent at once and waited out before the next, so one arm is in flight
+    at a time. Pairs k*c .. k*c+c-1 go to both arms in two adjacent blocks; the arm that goes first swaps with k
+    (merged, unmerged, unmerged, merged, ...), so a steady drift in machine speed favours neither arm."""
+    blocks: list[tuple[str, list[int]]] = []
+    for k, first in enumerate(range(0, pairs, level)):
+        chunk = list(range(first, min(first + level, pairs)))
+        blocks += [(arm, chunk) for arm in (ARMS if k % 2 == 0 else ARMS[::-1])]
+    return blocks
 
 
 async def run_level(
@@ -149,12 +170,11 @@ async def run_level(
                 await one(key)
 
         t0 = time.perf_counter()
-        if args.phase == "aligned":
-            for first in range(0, pairs, level):
-                for arm in ARMS:
-                    await asyncio.gather(*(one((p, arm)) for p in range(first, min(first + level, pairs))))
+        if args.arms == "isolated":
+            for arm, chunk in isolated_blocks(level, pairs):
+                await asyncio.gather(*(one((p, arm)) for p in chunk))
         else:
-            await asyncio.gather(*(worker(jobs) for jobs in plan(level, pairs, args.phase)))
+            await asyncio.gather(*(worker(jobs) for jobs in plan(level, pairs)))
     for s in samples.values():
         s.start, s.end = s.start - t0, s.end - t0
     return list(samples.values())

@@ -7,18 +7,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from ab_load import ARM_MODES, LEGACY_PHASE
 from ab_stats import ARMS, METRICS, Sample, values
 
 COLORS = {"merged": "tab:blue", "unmerged": "tab:orange"}
 CAVEATS = {
-    "torch": "Method: see the docstring of scripts/ab_report.py. In `staggered` phase at c >= 2 both arms are in "
-    "flight together and an ab server runs one decode step per busy arm per turn, so each request also waits for the "
-    "other arm's steps: those per-arm figures describe the mixed deployment, and their ratios are pulled towards 1.",
-    "vllm": "Method: see the docstring of scripts/ab_report.py. On the vLLM engine the arms are two vLLM engines, "
-    "each in its own processes, sharing the machine's cores: in `staggered` phase at c >= 2 both are in flight "
-    "together and each slows the other, so those per-arm figures describe the mixed deployment, and their ratios "
-    "are pulled towards 1. Queue time is vLLM's own (queued to scheduled), per arm.",
+    "torch": "An ab server runs one decode step per busy arm per turn: with both arms in flight (mixed mode at "
+    "c >= 2) each request also waits for the other arm's steps, so those per-arm figures describe the mix and their "
+    "ratios are pulled towards 1; in isolated mode one arm is busy at a time and is stepped alone.",
+    "vllm": "On the vLLM engine the arms are two vLLM engines, each in its own processes, sharing the machine's "
+    "cores: with both in flight (mixed mode at c >= 2) each slows the other, so those per-arm figures describe the "
+    "mix and their ratios are pulled towards 1; in isolated mode the other arm's engine is idle. Queue time is "
+    "vLLM's own (queued to scheduled), per arm.",
 }
+
+
+def arms_mode(settings: dict[str, Any]) -> str:
+    """isolated or mixed; a report written before --arms existed names its `phase` instead."""
+    return str(settings.get("arms") or LEGACY_PHASE[settings["phase"]])
 
 
 def engine_kind(info: dict[str, Any]) -> str:
@@ -120,16 +126,26 @@ def ci_line(metric: str, key: str, r: dict[str, Any]) -> str:
             f"(95% CI {r['lo']:.3f}-{r['hi']:.3f}): {r['verdict']}")  # fmt: skip
 
 
+def in_flight_line(report: dict[str, Any]) -> str:
+    """Per level, how long both arms had a request in flight (client clock); reports before it was measured: ''."""
+    got = [(c, report["levels"][str(c)].get("both_arms_in_flight")) for c in report["settings"]["levels"]]
+    parts = [f"c={c} {g['seconds']:.1f} s of {g['of']:.1f} s" for c, g in got if g]
+    if len(parts) < len(got):
+        return ""
+    return "Both arms in flight together (client clock, send to last event): " + ", ".join(parts) + "."
+
+
 def markdown(report: dict[str, Any]) -> str:
     st, env = report["settings"], report["environment"]
     lines = ["# A/B report: merged vs unmerged", "",
              f"Source: {report['source']}; git {env['git']['commit'][:10]} ({len(env['git']['dirty'])} dirty files).",
              f"Settings: levels {st['levels']}, {st['requests']} requests per arm per level after {st['warmup']} "
-             f"warm-up pairs, max_new_tokens {st['max_new_tokens']}, greedy, phase `{st['phase']}`, "
+             f"warm-up pairs, max_new_tokens {st['max_new_tokens']}, greedy, "
              f"{st['resamples']} bootstrap resamples (seed {st['seed']}).",
              f"Machine: {env['cpus']} CPUs; 1-min load average {env['load_before'][0]:.2f} before, "
              f"{env['load_after'][0]:.2f} after; other benchmark/training/test processes seen during the run: "
-             f"{len(env['heavy_seen'])}{' (see report.json)' if env['heavy_seen'] else ''}.", ""]  # fmt: skip
+             f"{len(env['heavy_seen'])}{' (see report.json)' if env['heavy_seen'] else ''}.", "",
+             f"Arms: `{arms_mode(st)}`: {ARM_MODES[arms_mode(st)]}.", "", in_flight_line(report), ""]  # fmt: skip
     info = report["server_info"]
     for arm, i in info.items():
         adapters = ", ".join(f"{a['name']} r={a['rank']} w={a['weight']}" for a in i.get("adapters", []))
@@ -161,14 +177,20 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {c} | - | - | - | no x-queue-time headers | {means} |")
     lines += [
         "",
-        "## Speed-up of merged (median over prompt pairs of unmerged / merged, 95% bootstrap CI over pairs)",
+        f"## Speed-up of merged (median over prompt pairs of unmerged / merged, 95% bootstrap CI over pairs; "
+        f"arms `{arms_mode(st)}`)",
         "",
     ]
     for metric in METRICS:
         lines += [ci_line(metric, key, r) for key, r in report["speedup"][metric].items()]
     kinds = sorted({engine_kind(i) for i in info.values()}) or ["torch"]
     caveats = [CAVEATS.get(k, CAVEATS["torch"]) for k in kinds]
-    lines += ["", "Plots: latency_cdf.png, ttft_tpot.png, throughput.png, speedup.png.", "", *caveats]
+    lines += [
+        "",
+        "Plots: latency_cdf.png, ttft_tpot.png, throughput.png, speedup.png.",
+        "",
+        "Method: see the docstring of scripts/ab_report.py. " + " ".join(caveats),
+    ]
     errors = [f"c={c} {arm}: {report['levels'][str(c)]['arms'][arm]['first_error']}"
               for c in st["levels"] for arm in ARMS if report["levels"][str(c)]["arms"][arm]["errors"]]  # fmt: skip
     if errors:

@@ -5,10 +5,19 @@ Method
     to start one here on a free loopback port), or two single-arm servers (`--merged-url`, `--unmerged-url`).
   * Load: 8 fixed ChatML questions, greedy, a fixed max_new_tokens, streamed from /generate_stream. A "pair" is one
     merged and one unmerged request for the same prompt, so both arms see the same prompts (and, greedy, should
-    generate the same tokens). At concurrency c, c workers each send pairs, alternating arms request by request.
-    --phase staggered (default): worker w starts on arm w % 2 and runs freely, so at c >= 2 both arms are in flight
-    together, the mix a 50/50 A/B deployment sees. --phase aligned: rounds of c requests of one arm, then c of the
-    other, so every decode batch holds a single arm. The first --warmup pairs of each level are sent, not counted.
+    generate the same tokens). The first --warmup pairs of each level are sent, not counted. --arms says how the
+    arms share the server at concurrency c:
+      isolated (default; --phase aligned before): one arm in flight at a time. Blocks of c requests of one arm are
+      sent together and waited out before the next block starts; pair k*c+i is request i of two adjacent blocks, and
+      the arm that goes first swaps from one pair of blocks to the next (M U U M M U ...), so a drift in machine
+      speed hits both arms alike. Each arm's figures are its own speed at concurrency c: use this to compare the
+      arms (is merged faster, by how much).
+      mixed (--phase staggered before): c workers each send a pair's two requests back to back, odd workers starting
+      on unmerged, so at c >= 2 both arms are in flight together, as in a 50/50 A/B deployment. Each arm's figures
+      include the other arm's load: use this to see what users of such a deployment get, not to rank the arms.
+    At c = 1 both send one request at a time. In isolated mode a level's last block holds (requests + warmup) mod c
+    pairs when that is not 0; a multiple of c keeps every block full. The page gives, per level, the seconds during
+    which both arms had a request in flight (client clock): 0 in isolated mode.
   * Per request (client clock): latency = send to last event; TTFT = send to first token event;
     TPOT = (latency - TTFT) / (tokens - 1).
   * Speed-up of merged = median over pairs of unmerged / merged, for TPOT, latency and TTFT (> 1: merged is
@@ -17,11 +26,14 @@ Method
     1 is reported as "no significant difference".
 
 Either engine (`engine.kind: torch | vllm`): the load is the same HTTP; the page names the engine from /info.
-Caveat, measured and stated in the report: a torch `ab` server runs one decode step per busy arm per scheduler turn,
+Why isolated exists, stated in the report: a torch `ab` server runs one decode step per busy arm per scheduler turn,
 and a vLLM one runs two engines sharing the cores, so with both arms in flight every request is slowed by the other
-arm too; at c >= 2 (staggered) the per-arm figures describe the mixed deployment, not each arm's own speed.
+arm too; at c >= 2 in mixed mode the per-arm figures describe the mix, not each arm's own speed, and their ratio is
+pulled towards 1. In isolated mode only one arm is busy, so a torch server steps that arm alone (the idle vLLM
+engine of the other arm keeps its processes, idle).
 
     python scripts/ab_report.py --config configs/demo-ab.yaml --out /tmp/ab-report [--levels 1,2,4] [--requests 24]
+    python scripts/ab_report.py --config configs/demo-ab.yaml --arms mixed --out /tmp/ab-report-mixed
     python scripts/ab_report.py --config configs/demo-vllm.yaml --out /tmp/ab-report-vllm    (the vLLM engine)
     python scripts/ab_report.py --url http://127.0.0.1:8080 ...
     python scripts/ab_report.py --merged-url http://127.0.0.1:8081 --unmerged-url http://127.0.0.1:8082 ...
@@ -42,9 +54,28 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from ab_load import Progress, git_state, heavy_processes, managed_server, run_level, server_info
-from ab_plots import markdown, write_outputs
-from ab_stats import ARMS, METRICS, Sample, arm_stats, level_throughput, queue_bias, same_text, speedup
+from ab_load import (
+    ARM_MODES,
+    LEGACY_PHASE,
+    Progress,
+    git_state,
+    heavy_processes,
+    managed_server,
+    run_level,
+    server_info,
+)
+from ab_plots import arms_mode, markdown, write_outputs
+from ab_stats import (
+    ARMS,
+    METRICS,
+    Sample,
+    arm_stats,
+    both_arms_in_flight,
+    level_throughput,
+    queue_bias,
+    same_text,
+    speedup,
+)
 from local_server import check_loopback
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -97,6 +128,7 @@ def analyse(samples: list[Sample], args: argparse.Namespace, levels: list[int]) 
         "levels": {str(c): {"arms": {arm: arm_stats(samples, c, arm) for arm in ARMS},
                             "throughput": level_throughput(samples, c) or 0.0,
                             "same_text": same_text(samples, c),
+                            "both_arms_in_flight": both_arms_in_flight(samples, c),
                             "queue_bias": queue_bias(samples, c, args.resamples, args.seed)} for c in levels},
         "speedup": {m: speedup(samples, m, levels, args.resamples, args.seed) for m in METRICS},
     }  # fmt: skip
@@ -104,11 +136,12 @@ def analyse(samples: list[Sample], args: argparse.Namespace, levels: list[int]) 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     levels = [int(c) for c in args.levels.split(",")]
-    settings = {k: getattr(args, k) for k in ("requests", "warmup", "max_new_tokens", "phase", "resamples", "seed")}
+    settings = {k: getattr(args, k) for k in ("requests", "warmup", "max_new_tokens", "arms", "resamples", "seed")}
     env: dict[str, Any] = {"cpus": os.cpu_count(), "git": git_state(), "load_before": os.getloadavg()}
     heavy: set[str] = set(heavy_processes())
     samples: list[Sample] = []
     queue: dict[str, Any] = {}
+    print(f"ab_report: arms {args.arms}: {ARM_MODES[args.arms]}", file=sys.stderr)
     with targets(args) as (urls, log):
         info = server_info(urls)
         progress = Progress(total=len(levels) * (args.requests + args.warmup) * 2)
@@ -137,7 +170,7 @@ def reanalyse(out: Path, args: argparse.Namespace) -> dict[str, Any]:
     fields = set(Sample.__dataclass_fields__)
     samples = [Sample(**{k: v for k, v in s.items() if k in fields}) for s in report.pop("samples")]
     queue = {key: level.get("queue") for key, level in report["levels"].items()}
-    report["settings"].update(resamples=args.resamples, seed=args.seed)
+    report["settings"].update(resamples=args.resamples, seed=args.seed, arms=arms_mode(report["settings"]))
     report.update(analyse(samples, args, report["settings"]["levels"]))
     for key, means in queue.items():
         report["levels"][key]["queue"] = means
@@ -159,12 +192,21 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=24, help="measured requests per arm per level")
     p.add_argument("--warmup", type=int, default=2, help="warm-up requests per arm per level, not counted")
     p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--phase", choices=["staggered", "aligned"], default="staggered")
+    p.add_argument(
+        "--arms",
+        choices=list(ARM_MODES),
+        default="isolated",
+        help="isolated: one arm in flight at a time, to compare the arms; mixed: both at once (a 50/50 "
+        "deployment); see the docstring",
+    )
+    p.add_argument("--phase", choices=list(LEGACY_PHASE), help="old name: aligned = --arms isolated, staggered = mixed")
     p.add_argument("--resamples", type=int, default=4000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--boot-timeout", type=float, default=900.0)
     p.add_argument("--request-timeout", type=float, default=600.0)
     args = p.parse_args(argv)
+    if args.phase:
+        args.arms = LEGACY_PHASE[args.phase]
     if bool(args.merged_url) != bool(args.unmerged_url):
         p.error("--merged-url and --unmerged-url go together")
     if args.resamples < 2000 or args.requests < 2:

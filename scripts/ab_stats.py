@@ -155,3 +155,22 @@ def same_text(samples: list[Sample], level: int) -> tuple[int, int]:
             by_pair.setdefault(s.pair, {})[s.arm] = s.text
     full = [p for p in by_pair.values() if len(p) == 2]
     return sum(p["merged"] == p["unmerged"] for p in full), len(full)
+
+
+def _union(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    merged: list[tuple[float, float]] = []
+    for start, end in sorted(spans):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def both_arms_in_flight(samples: list[Sample], level: int) -> dict[str, float]:
+    """Seconds of the level during which each arm had a request in flight (client clock, send to last event, warm-up
+    and failed requests included: they loaded the server too), out of the level's span. 0 in isolated mode."""
+    spans = {arm: _union([(s.start, s.end) for s in samples if s.level == level and s.arm == arm]) for arm in ARMS}
+    both = sum(max(0.0, min(e1, e2) - max(s1, s2)) for s1, e1 in spans["merged"] for s2, e2 in spans["unmerged"])
+    every = [t for arm in ARMS for span in spans[arm] for t in span]
+    return {"seconds": both, "of": (max(every) - min(every)) if every else 0.0}

@@ -225,7 +225,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--boot-timeout", type=float, default=900.0)
     p.add_argument("--request-timeout", type=float, default=600.0)
     args = p.parse_args(argv)
-    args.phase = "staggered"  # one worker: plain alternation
+    args.arms = "mixed"  # c = 1, one worker: one request at a time, merged, unmerged, merged, ...
     if args.resamples < 2000 or args.requests < 2:
         p.error("need --resamples >= 2000 and --requests >= 2")
     return args
