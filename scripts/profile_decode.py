@@ -8,7 +8,7 @@ stop rules), `row.emit` (handing the token to its reader) and `decode.filter` (r
 forward, sampling, detokenizing, emit, and "bookkeeping" = step - the others (building the token batch, the loop).
 Only steps at the full batch size count for B = 8 would need a steady batch; all steps are averaged here, and the
 steps count is printed. The profiler adds a few microseconds per op, so the small phases read high, not low.
-The top aten ops inside the forward are listed too (self CPU time).
+The top aten/oneDNN ops inside the forward are listed too (self CPU time).
 
     python scripts/profile_decode.py [--config configs/demo.yaml] [--dtype float32] [--batches 1,8]
         [--new-tokens 48] [--out docs/profile/run.md]
@@ -59,7 +59,7 @@ def breakdown(prof: Any) -> tuple[dict[str, float], int, list[tuple[str, float]]
             totals[event.name] += event.cpu_time_total / 1000  # us -> ms
     per_step = {name: totals[name] / max(steps, 1) for name in ("decode.step", *PHASES)}
     per_step["bookkeeping"] = per_step["decode.step"] - sum(per_step[p] for p in PHASES)
-    aten = [a for a in prof.key_averages() if a.key.startswith("aten")]
+    aten = [a for a in prof.key_averages() if a.key.startswith(("aten::", "mkldnn::", "mkl::"))]
     ops = sorted(((a.key, a.self_cpu_time_total / 1000 / max(steps, 1)) for a in aten), key=lambda kv: -kv[1])
     return per_step, steps, ops[:8]
 
