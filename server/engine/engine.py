@@ -16,6 +16,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from server.config.schema import LimitsConfig
+from server.engine.attention import use_slab_attention
 from server.engine.kv_slab import refuse_sliding_window
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import Scheduler
@@ -89,6 +90,8 @@ class Engine:
         if served is None:
             self.model = next(iter(arms.values()))
             refuse_sliding_window(self.model, limits.max_total_tokens)
+            for arm in arms.values():
+                use_slab_attention(arm)
             eos = eos_ids(tokenizer, self.model)
             scheduler = Scheduler(arms, tokenizer, eos, limits.max_batch_size, limits.max_concurrent_requests,
                                   limits.max_batch_prefill_tokens)  # fmt: skip

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache
 
+from server.engine.attention import wants_bool_mask
 from server.load.adapters import BootError
 
 _MIN_CAPACITY = 256
@@ -133,14 +134,17 @@ class SlabView(Cache):
         return self.width, 0
 
 
-def causal_mask(columns: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
-    """columns: (n, C), each query's column -> additive mask (n, 1, C, width): 0 where key column <= query column.
+def causal_mask(columns: torch.Tensor, width: int, dtype: torch.dtype | None) -> torch.Tensor:
+    """columns: (n, C), each query's column -> mask (n, 1, C, width): True / 0 where key column <= query column.
 
-    Additive, in the model's dtype, so eager and SDPA attention read it alike; finfo.min rather than -inf keeps a
-    softmax finite even for a row with every key masked (never the case here: a query always sees itself).
+    Boolean (dtype None) for `slab_attention`; otherwise additive, in the model's dtype, so eager attention reads it
+    too; finfo.min rather than -inf keeps a softmax finite even for a row with every key masked (never the case here:
+    a query always sees itself).
     """
     keys = torch.arange(width, device=columns.device)  # (width,)
     allowed = keys[None, None, :] <= columns[:, :, None]  # (n, C, width)
+    if dtype is None:
+        return allowed[:, None]
     mask = torch.zeros(allowed.shape, dtype=dtype, device=columns.device)
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
@@ -155,8 +159,7 @@ def forward(
     columns = torch.tensor(starts, device=device)[:, None] + torch.arange(ids.shape[1], device=device)  # (n, C)
     width = max(starts) + ids.shape[1]
     slab.reserve(width)
-    dtype = next(model.parameters()).dtype
-    mask = causal_mask(columns, width, dtype)
+    mask = causal_mask(columns, width, None if wants_bool_mask(model) else next(model.parameters()).dtype)
     keep = sorted(set(last))
     # Only the queries whose next token is wanted reach the vocabulary projection: for a prefill chunk that is one
     # position per row, not C (at C = 128 and a 49k vocabulary, 25 MB of logits per row otherwise).

@@ -15,6 +15,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from server.engine.attention import use_slab_attention, wants_bool_mask
 from server.engine.batch import Batch
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import Scheduler
@@ -33,7 +34,7 @@ def _reference(model: Any, ids: list[int]) -> torch.Tensor:
 
 
 def _check(model: Any, seqs: dict[str, list[int]], row: str, logits: torch.Tensor) -> None:
-    expected = _reference(model, seqs[row])
+    expected = _reference(model, seqs[row])  # no mask: transformers' SDPA even after use_slab_attention
     diff = (logits[0] - expected).abs().max().item()
     assert diff <= TOL, f"row {row} at length {len(seqs[row])}: max |logit diff| {diff:.2e}"
     seqs[row].append(int(expected.argmax()))
@@ -46,11 +47,18 @@ def _drain_prefill(model: Any, batch: Batch[str], seqs: dict[str, list[int]]) ->
             batch.join(row)
 
 
+@pytest.mark.parametrize("attention", ["slab", "sdpa", "eager"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_rows_that_join_and_leave_see_only_their_own_tokens(
-    arch: str, tiny_base: Path, tiny_gpt2: Path, request: pytest.FixtureRequest
+    arch: str, attention: str, tiny_base: Path, tiny_gpt2: Path
 ) -> None:
-    model = AutoModelForCausalLM.from_pretrained(tiny_base if arch == "llama" else tiny_gpt2).eval()
+    """slab: the engine's attention (boolean mask, grouped-query heads shared); sdpa and eager: transformers' own,
+    with the additive mask. The reference is a plain forward of the same model, no cache, no mask."""
+    path = tiny_base if arch == "llama" else tiny_gpt2
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager" if attention == "eager" else "sdpa")
+    model.eval()
+    if attention == "slab":
+        assert use_slab_attention(model) and wants_bool_mask(model)
     vocab = model.config.vocab_size
     seqs = {name: _prompt(i, length, vocab) for i, (name, length) in enumerate([("a", 3), ("b", 11), ("c", 7)])}
     batch: Batch[str] = Batch(slots=3, budget=8)  # b's 11 tokens go in two chunks; a and c share a forward

@@ -1,0 +1,65 @@
+"""Attention for the KV slab: SDPA that reads grouped-query K/V in place.
+
+transformers' SDPA path copies K and V once per layer and step to repeat each KV head for its query heads
+(`repeat_kv`) whenever a mask is given, and the slab always gives one. SmolLM2 has 9 query heads over 3 KV heads, so
+that copy triples the bytes attention reads; torch's SDPA can share the heads itself (`enable_gqa`). The engine
+registers this function under its own name and switches served models that use "sdpa" to it: with the slab's
+boolean mask it calls SDPA with enable_gqa; anything else (no mask, a padding mask from a plain forward) goes to
+transformers' own SDPA function unchanged, so plain forwards of the served model are transformers' SDPA.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+SLAB_ATTENTION = "mergeserve_sdpa"
+
+
+def slab_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: object,
+) -> tuple[torch.Tensor, None]:
+    """query: (n, H, C, D), key/value: (n, Hkv, S, D), mask: (n, 1, C, S) bool -> (n, C, H, D), as transformers'."""
+    if attention_mask is None or attention_mask.dtype != torch.bool:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)  # type: ignore[arg-type]  # fmt: skip
+    grouped = query.shape[1] != key.shape[1]
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling,
+                                         enable_gqa=grouped)  # fmt: skip
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _transformers_model(model: nn.Module) -> Any:
+    get_base_model = getattr(model, "get_base_model", None)  # PEFT wraps the transformers model
+    return get_base_model() if callable(get_base_model) else model
+
+
+def use_slab_attention(model: nn.Module) -> bool:
+    """Switch a served transformers model from "sdpa" to `slab_attention` (registered once per process; registering
+    again replaces the entry with the same function). Models on eager or other kernels are left as they are."""
+    inner = _transformers_model(model)
+    config = getattr(inner, "config", None)
+    if getattr(config, "_attn_implementation", None) not in ("sdpa", SLAB_ATTENTION):
+        return False
+    AttentionInterface.register(SLAB_ATTENTION, slab_attention)
+    AttentionMaskInterface.register(SLAB_ATTENTION, sdpa_mask)
+    inner.set_attn_implementation(SLAB_ATTENTION)
+    return True
+
+
+def wants_bool_mask(model: nn.Module) -> bool:
+    inner = _transformers_model(model)
+    return getattr(getattr(inner, "config", None), "_attn_implementation", None) == SLAB_ATTENTION
