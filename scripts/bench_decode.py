@@ -10,6 +10,8 @@ Method:
 - Prefill: input (1, T), no cache, logits of the last position only (as generation does).
 - Timing: one warm-up call per case, then --reps rounds; within a round every variant of a shape runs once, in
   turn, so load from other processes on the shared machine hits them alike. Figures are medians over the rounds.
+- On a shared machine run with OMP_WAIT_POLICY=PASSIVE: spinning OpenMP threads of several processes on 2 cores
+  made a decode step 10x slower than passive waiting did.
 - Kernels: one call per case under torch.profiler; the top aten ops by self CPU time name the path a matmul took.
 - Accuracy: each dtype's last-position logits of two chat prompts vs float32 (max |diff|), and 32 greedy tokens
   (DynamicCache `generate`) compared with float32's: the step of the first disagreement.
@@ -56,10 +58,10 @@ def median_ms(seconds: list[float]) -> float:
     return 1000.0 * statistics.median(seconds)
 
 
-def break_even_tokens(boot_s: float, eager_ms: float, compiled_ms: float) -> float | None:
-    """Tokens after which compile's boot is repaid; None when the compiled step is not faster."""
+def break_even_tokens(boot_s: float, eager_ms: float, compiled_ms: float, batch: int) -> float | None:
+    """Tokens (decode steps x batch) after which compile's boot is repaid; None when the compiled step is no faster."""
     saved_ms = eager_ms - compiled_ms
-    return None if saved_ms <= 0 else 1000.0 * boot_s / saved_ms
+    return None if saved_ms <= 0 else 1000.0 * boot_s / saved_ms * batch
 
 
 @contextlib.contextmanager
@@ -233,7 +235,7 @@ def compile_one(model: Any, batch: int, context: int, mode: str, reps: int) -> d
         "eager_ms": ms["eager"],
         "compiled_ms": ms["compiled"],
         "max_abs_diff": diff,
-        "break_even_tokens": break_even_tokens(boot_s, ms["eager"], ms["compiled"]),
+        "break_even_tokens": break_even_tokens(boot_s, ms["eager"], ms["compiled"], batch),
     }
 
 
@@ -302,7 +304,7 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"torch {env['torch']}, transformers {env['transformers']}, {env['threads']} threads, "
         f"{env['reps']} reps (medians, variants interleaved within each rep; shared machine, load average at "
-        f"start {env['load']}).",
+        f"start {env['load']}, OMP_WAIT_POLICY {env.get('omp_wait_policy', 'unset')}).",
         "",
         *shape_table(result["decode"], "Decode step, input (B, 1), context S"),
         *shape_table(result["prefill"], "Prefill, batch 1, T tokens"),
@@ -311,6 +313,8 @@ def markdown(result: dict[str, Any]) -> str:
         lines += kernel_table(result["decode"], "Decode") + kernel_table(result["prefill"], "Prefill")
     if result["compile"]:
         lines += compile_table(result["compile"], env["compile_context"])
+    if not result["accuracy"]:
+        return "\n".join(lines) + "\n"
     lines += [
         "### Accuracy vs float32 (eager)",
         "",
@@ -333,7 +337,10 @@ def main() -> int:
     parser.add_argument("--compile-modes", default="default,max-autotune-no-cudagraphs")
     parser.add_argument("--compile-batches", type=ints, default=[1, 8])
     parser.add_argument("--compile-context", type=int, default=64)
+    parser.add_argument("--compile-dtypes", default="fp32,bf16,fp16")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--no-accuracy", action="store_true")
     parser.add_argument("--out", default="docs/bench-decode/run.md")
     parser.add_argument("--json", default="")
     args = parser.parse_args()
@@ -341,6 +348,8 @@ def main() -> int:
 
     import transformers
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     tokenizer, base, _ = build_merged(args.config)
     base.eval()
     models = {key: base if dtype == torch.float32 else copy.deepcopy(base).to(dtype) for key, dtype in DTYPES.items()}
@@ -351,14 +360,16 @@ def main() -> int:
         "reps": args.reps,
         "load": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "compile_context": args.compile_context,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
     }
-    result: dict[str, Any] = {"env": env, "accuracy": accuracy(models, tokenizer)}
+    result: dict[str, Any] = {"env": env, "accuracy": [] if args.no_accuracy else accuracy(models, tokenizer)}
     print(json.dumps(result["accuracy"]), flush=True)
     profile = not args.no_profile
     result["decode"] = bench_decode(models, args.batches, args.contexts, args.reps, profile)
     result["prefill"] = bench_prefill(models, args.prefill, args.reps, profile)
     modes = [m for m in args.compile_modes.split(",") if m]
-    result["compile"] = bench_compile(models, args.compile_batches, args.compile_context, modes, args.reps)
+    compiled = {key: models[key] for key in args.compile_dtypes.split(",") if key}
+    result["compile"] = bench_compile(compiled, args.compile_batches, args.compile_context, modes, args.reps)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(markdown(result))
     if args.json:

@@ -39,8 +39,16 @@ def test_repeated_decode_steps_see_the_same_context_as_a_full_forward() -> None:
 
 
 @pytest.mark.parametrize(
-    ("boot_s", "eager_ms", "compiled_ms", "tokens"),
-    [(60.0, 100.0, 40.0, 1000.0), (1.0, 50.0, 50.0, None), (1.0, 50.0, 60.0, None)],
+    ("boot_s", "eager_ms", "compiled_ms", "batch", "tokens"),
+    [
+        (60.0, 100.0, 40.0, 1, 1000.0),
+        (60.0, 100.0, 40.0, 8, 8000.0),
+        (1.0, 50.0, 50.0, 1, None),
+        (1.0, 50.0, 60.0, 1, None),
+    ],
 )
-def test_break_even_tokens(boot_s: float, eager_ms: float, compiled_ms: float, tokens: float | None) -> None:
-    assert bench_decode.break_even_tokens(boot_s, eager_ms, compiled_ms) == tokens
+def test_break_even_tokens(
+    boot_s: float, eager_ms: float, compiled_ms: float, batch: int, tokens: float | None
+) -> None:
+    """60 s of boot saved at 60 ms a step takes 1000 steps, each of `batch` tokens; a step no faster never pays."""
+    assert bench_decode.break_even_tokens(boot_s, eager_ms, compiled_ms, batch) == tokens
