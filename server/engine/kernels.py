@@ -5,7 +5,8 @@ step (one row per request) that reorder costs more than the matmul: on this proj
 576 x 1536 bf16 linear takes ~10x longer through `F.linear` than through the same oneDNN kernel on a weight
 reordered once (docs/benchmarks.md, "Serving kernels"), which is why bf16 decoding used to lose to float32 here.
 Prepacking does that reorder once at boot; it is what torch.compile's CPU "freezing" does for linear layers, without
-the compile. The packed weight is a copy (the original stays for tied embeddings and for anyone reading weights).
+the compile. Steps of one or two rows go to ATen's bf16 gemv instead (`small_rows_scope`), faster still there, so
+the unpacked weight is kept as well.
 
 Packing changes no arithmetic the model is asked for (oneDNN computes the same dot products; its blocked order may
 round differently in the last bit, like any other kernel choice), so served logits are checked, as always, against a
@@ -14,10 +15,12 @@ plain forward of the served model.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 log = logging.getLogger("mergeserve.kernels")
@@ -26,6 +29,7 @@ PrepackSetting = Literal["auto", "on", "off"]
 # oneDNN picks the packed layout for a batch-size hint; 8 rows (a full decode batch) measured as fast as the exact
 # hint at 1 row and at prefill chunks, while a hint of 1 slowed batch-8 steps (docs/benchmarks.md).
 _ROWS_HINT = 8
+GEMV_MAX_ROWS = 2
 
 
 def _prepack_supported(dtype: torch.dtype, device: torch.device) -> bool:
@@ -35,17 +39,33 @@ def _prepack_supported(dtype: torch.dtype, device: torch.device) -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def small_rows_scope(model: nn.Module, rows: int) -> contextlib.AbstractContextManager[None]:
+    """The kernel choice for a forward of `rows` query rows: oneDNN off at GEMV_MAX_ROWS rows or fewer on a bf16 CPU
+    model, so its matmuls take ATen's bf16 gemv, which reads each weight once with no reorder and ran a one-row
+    decode step 1.6x faster than oneDNN here (docs/bench-decode: 34.6 vs 56.2 ms); oneDNN wins from 4 rows up."""
+    param = next(model.parameters())
+    if rows > GEMV_MAX_ROWS or param.dtype != torch.bfloat16 or param.device.type != "cpu":
+        return contextlib.nullcontext()
+    return torch.backends.mkldnn.flags(enabled=False)
+
+
 class PackedLinear(nn.Module):
-    """Inference-only `nn.Linear` over a oneDNN-prepacked weight; x: (..., in) -> (..., out)."""
+    """Inference-only `nn.Linear` over a oneDNN-prepacked weight; x: (..., in) -> (..., out).
+
+    It keeps the unpacked weight too, for the few-row steps that `small_rows_scope` sends to ATen's gemv: twice the
+    linear layers' memory (the demo in bf16: 270 MB more), which buys both kernels their best shapes.
+    """
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         with torch.no_grad():
             self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), _ROWS_HINT)
-        self.bias = linear.bias
+        self.weight, self.bias = linear.weight, linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch._C._get_mkldnn_enabled():  # a few-row step in small_rows_scope: ATen's gemv
+            return F.linear(x, self.weight, self.bias)
         rows = x.reshape(-1, self.in_features)  # (N, in): oneDNN's linear takes 2-D input
         out = torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")
         return out.reshape(*x.shape[:-1], self.out_features)
@@ -53,8 +73,7 @@ class PackedLinear(nn.Module):
 
 def prepack_linears(model: nn.Module) -> int:
     """Replace the `nn.Linear` layers of `model` (PEFT's base layers included, its LoRA A/B not) by `PackedLinear`s,
-    in place; returns how many were replaced. The unpacked weight is dropped unless something else holds it (a tied
-    embedding), so memory stays about the same."""
+    in place; returns how many were replaced."""
     replaced = 0
     for parent in list(model.modules()):
         if isinstance(parent, nn.ModuleDict):

@@ -19,6 +19,7 @@ from torch import nn
 from transformers.cache_utils import Cache
 
 from server.engine.attention import wants_bool_mask
+from server.engine.kernels import small_rows_scope
 from server.load.adapters import BootError
 
 _MIN_CAPACITY = 256
@@ -165,8 +166,9 @@ def forward(
     # position per row, not C (at C = 128 and a 49k vocabulary, 25 MB of logits per row otherwise).
     keep_arg: int | torch.Tensor = 1 if keep == [ids.shape[1] - 1] else torch.tensor(keep, device=device)
     view = SlabView(slab, rows, columns, width)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=columns, past_key_values=view, use_cache=True,
-                logits_to_keep=keep_arg)  # fmt: skip
+    with small_rows_scope(model, ids.numel()):
+        out = model(input_ids=ids, attention_mask=mask, position_ids=columns, past_key_values=view, use_cache=True,
+                    logits_to_keep=keep_arg)  # fmt: skip
     logits = out.logits  # (n, K, V), K = len(keep)
     pick = torch.tensor([keep.index(q) for q in last], device=logits.device)
     return logits[torch.arange(len(last), device=logits.device), pick]  # (n, V)

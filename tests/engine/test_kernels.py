@@ -49,3 +49,22 @@ def test_prepack_is_a_torch_setting() -> None:
     assert EngineConfig(prepack_linear="off").prepack_linear == "off"
     with pytest.raises(ValueError, match=r"engine\.prepack_linear is a torch-engine setting"):
         EngineConfig(kind="vllm", prepack_linear="on")
+
+
+@needs_bf16_onednn
+def test_few_row_steps_take_the_gemv_path_and_agree(tiny_base: Path) -> None:
+    """A one-row forward inside small_rows_scope runs the unpacked weight through ATen (oneDNN off) and gives the
+    packed path's logits within bf16 rounding; an 8-row forward keeps oneDNN on."""
+    from server.engine.kernels import small_rows_scope
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.bfloat16).eval()
+    prepack_linears(model)
+    ids = torch.randint(2, model.config.vocab_size, (1, 1), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        packed = model(input_ids=ids).logits.float()
+        with small_rows_scope(model, 1):
+            assert not torch._C._get_mkldnn_enabled()
+            gemv = model(input_ids=ids).logits.float()
+        with small_rows_scope(model, 8):
+            assert torch._C._get_mkldnn_enabled()
+    assert (gemv - packed).abs().max().item() <= 0.02 * packed.abs().max().item()

