@@ -100,10 +100,11 @@ class Arm:
 
 
 def check_llama_python(python: str | None) -> str:
-    if not python or subprocess.run([python, "-c", "import llama_cpp.server"], capture_output=True).returncode:
+    runs = python and Path(python).is_file()
+    if not runs or subprocess.run([str(python), "-c", "import llama_cpp.server"], capture_output=True).returncode:
         raise SystemExit(f"bench_llamacpp: {python or '(no --llama-python)'} cannot import llama_cpp.server; "
                          f"install it in its own venv: {INSTALL}")  # fmt: skip
-    return python
+    return str(python)
 
 
 def run_step(command: list[str], what: str) -> None:
@@ -155,7 +156,7 @@ def prepare(config_path: str, work: Path, src: Path | None, lora: bool) -> dict[
                              files["base"]), "convert base -> f16 GGUF")  # fmt: skip
         if not files["lora"].exists():
             export(base_config(config_path, work), work / "base")
-            adapter = load_config(config_path).adapters[0].path
+            adapter = str(load_config(config_path).adapters[0].path)
             run_step(convert(src, "convert_lora_to_gguf.py", adapter, "--base", work / "base", "--outtype", "f16",
                              "--outfile", files["lora"]), "convert adapter -> f16 GGUF LoRA")  # fmt: skip
     return files
@@ -237,9 +238,9 @@ def consistency(checks: dict[str, list[dict]], tokenizer: Any) -> dict[str, Any]
     first = next(iter(ids))
     agreement = {arm: agreement_summary(ids[first], other) for arm, other in ids.items() if arm != first}
     same = len({tuple(v) for v in prompt_tokens.values()}) == 1
-    texts = {arm: cs[0]["choices"][0]["text"] for arm, cs in checks.items()}
+    texts = {arm: [c["choices"][0]["text"] for c in cs] for arm, cs in checks.items()}
     return {"prompt_tokens": prompt_tokens, "prompt_tokens_equal": same, "agreement_reference": first,
-            "agreement": agreement, "prompt0_texts": texts}  # fmt: skip
+            "agreement": agreement, "texts": texts}  # fmt: skip
 
 
 def report(result: dict[str, Any]) -> str:
@@ -252,9 +253,11 @@ def report(result: dict[str, Any]) -> str:
              f"{len(result['heavy_processes_at_start'])} (listed in the JSON).",
              f"Prompt tokens per prompt: {next(iter(c['prompt_tokens'].values()))} "
              f"({'the same on every arm' if c['prompt_tokens_equal'] else 'DIFFERENT between arms: ' + str(c['prompt_tokens'])}).",  # noqa: E501
-             f"Greedy tokens against {c['agreement_reference']} (leading tokens that agree, per prompt):"]  # fmt: skip
+             f"Greedy text against {c['agreement_reference']}, per prompt: leading tokens that agree / the reference's "
+             "tokens (both texts re-tokenized, so a count is of text tokens, not of generated ones):"]  # fmt: skip
     for arm, a in c["agreement"].items():
-        lines.append(f"- {arm}: {a['leading']} (identical outputs {a['identical']}/{a['prompts']})")
+        agree = ", ".join(f"{n}/{of}" for n, of in zip(a["leading"], a["of"], strict=True))
+        lines.append(f"- {arm}: {agree} (identical outputs {a['identical']}/{a['prompts']})")
     lines += ["", "Target (#15, measured, not asserted): ours >= 0.5x llama.cpp f16 decode tokens/s:",
               *target_lines(result["summaries"], MERGED_REF)]  # fmt: skip
     return "\n".join(lines)

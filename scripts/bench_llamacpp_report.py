@@ -63,10 +63,12 @@ def leading_agreement(a: list[int], b: list[int]) -> int:
 
 
 def agreement_summary(reference: list[list[int]], other: list[list[int]]) -> dict[str, Any]:
-    """Per prompt: leading agreeing tokens of `other` against `reference`, and how many outputs are identical."""
+    """Per prompt: leading agreeing tokens of `other` against `reference` out of the reference's length, and how
+    many outputs are identical."""
     leading = [leading_agreement(r, o) for r, o in zip(reference, other, strict=True)]
     identical = sum(r == o for r, o in zip(reference, other, strict=True))
-    return {"leading": leading, "min": min(leading), "identical": identical, "prompts": len(leading)}
+    return {"leading": leading, "of": [len(r) for r in reference], "min": min(leading), "identical": identical,
+            "prompts": len(leading)}  # fmt: skip
 
 
 def table(result: dict[str, Any]) -> str:

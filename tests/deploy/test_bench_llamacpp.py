@@ -57,7 +57,7 @@ def test_leading_agreement_counts_until_the_first_difference() -> None:
     assert leading_agreement([1, 2], [1, 2, 3]) == 2
     assert leading_agreement([5], [6]) == 0
     summary = agreement_summary([[1, 2, 3], [4, 5]], [[1, 2, 3], [4, 6]])
-    assert summary == {"leading": [3, 1], "min": 1, "identical": 1, "prompts": 2}
+    assert summary == {"leading": [3, 1], "of": [3, 2], "min": 1, "identical": 1, "prompts": 2}
 
 
 def _summaries() -> dict[str, dict[str, float]]:
