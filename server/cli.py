@@ -60,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--cache-dir", default=env("MERGESERVE_CACHE_DIR"), help="override cache.dir (env MERGESERVE_CACHE_DIR)"
     )
+    serve.add_argument("--dtype", choices=["auto", "checkpoint", "float32", "float16", "bfloat16"],
+                       default=env("MERGESERVE_DTYPE"), help="override model.dtype (env MERGESERVE_DTYPE)")  # fmt: skip
     serve.add_argument(
         "--log-level", default=env("MERGESERVE_LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"]
     )
@@ -85,6 +87,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "server.host": getattr(args, "host", None),
         "server.port": getattr(args, "port", None),
         "mode": args.mode,
+        "model.dtype": getattr(args, "dtype", None) if args.command == "serve" else None,  # merge's --dtype is its own
         "cache.dir": str(Path(args.cache_dir).expanduser().resolve()) if args.cache_dir else None,
     }
     return {k: v for k, v in pairs.items() if v is not None}
