@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache
 
-from server.engine.attention import wants_bool_mask
+from server.engine.attention import kv_dtype, wants_bool_mask
 from server.engine.kernels import small_rows_scope
 from server.load.adapters import BootError
 
@@ -64,12 +64,15 @@ class KVSlab:
                 store[i] = new
         self.capacity = capacity
 
-    def layer(self, index: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer `index`'s K and V, allocated on first use from the shape of its new states `like` (n, H, C, D)."""
+    def layer(
+        self, index: int, like: torch.Tensor, dtype: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `index`'s K and V, allocated on first use from the shape of its new states `like` (n, H, C, D), in
+        `dtype` (default: like's)."""
         while len(self.keys) <= index:  # layers are written in order, so this allocates exactly `index`
             shape = (self.slots, like.shape[1], self.capacity, like.shape[3])
-            self.keys.append(like.new_zeros(shape))
-            self.values.append(like.new_zeros(shape))
+            self.keys.append(like.new_zeros(shape, dtype=dtype or like.dtype))
+            self.values.append(like.new_zeros(shape, dtype=dtype or like.dtype))
         return self.keys[index], self.values[index]
 
     @torch.inference_mode()
@@ -105,9 +108,16 @@ class SlabView(Cache):
     index tensor (rows being prefilled, wherever their slots are: one gather per layer, small next to a prefill).
     """
 
-    def __init__(self, slab: KVSlab, rows: slice | torch.Tensor, columns: torch.Tensor, width: int) -> None:
+    def __init__(
+        self,
+        slab: KVSlab,
+        rows: slice | torch.Tensor,
+        columns: torch.Tensor,
+        width: int,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__(layers=[])
-        self.slab, self.rows, self.columns, self.width = slab, rows, columns, width
+        self.slab, self.rows, self.columns, self.width, self.dtype = slab, rows, columns, width, dtype
         first = rows.start if isinstance(rows, slice) else 0
         index = torch.arange(first, rows.stop) if isinstance(rows, slice) else rows
         self.row_index = index.to(columns.device)[:, None]  # (n, 1), broadcast against columns (n, C)
@@ -116,7 +126,7 @@ class SlabView(Cache):
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: object, **kwargs: object
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """key/value_states: (n, H, C, D) -> the rows' keys and values (n, H, width, D), new states included."""
-        keys, values = self.slab.layer(layer_idx, key_states)
+        keys, values = self.slab.layer(layer_idx, key_states, self.dtype)
         row_index, columns, rows = self.row_index, self.columns, self.rows
         if columns.device != keys.device:  # a model split over devices (device_map): each layer indexes its own
             row_index, columns = row_index.to(keys.device), columns.to(keys.device)
@@ -165,7 +175,7 @@ def forward(
     # Only the queries whose next token is wanted reach the vocabulary projection: for a prefill chunk that is one
     # position per row, not C (at C = 128 and a 49k vocabulary, 25 MB of logits per row otherwise).
     keep_arg: int | torch.Tensor = 1 if keep == [ids.shape[1] - 1] else torch.tensor(keep, device=device)
-    view = SlabView(slab, rows, columns, width)
+    view = SlabView(slab, rows, columns, width, kv_dtype(model))
     with small_rows_scope(model, ids.numel()):
         out = model(input_ids=ids, attention_mask=mask, position_ids=columns, past_key_values=view, use_cache=True,
                     logits_to_keep=keep_arg)  # fmt: skip
