@@ -198,8 +198,11 @@ class LimitsConfig(_Strict):
     )
     max_stop_sequences: int = Field(default=4, ge=0, description="Most `stop` strings a request may give.")
     max_batch_size: int = Field(default=8, gt=0, description="Most requests decoded together in one forward pass.")
+    # A prefill forward costs ~35 ms + 1 ms/token here (bf16 demo: 64 tokens 105 ms, 128: 192 ms), and a short prompt
+    # arriving mid-chunk waits for the rest of that chunk: at 64 its TTFT behind a 1000-token prompt is 1.6x idle (2.7x
+    # at 128), for 17 % more prefill time of the long prompt itself (docs/benchmarks.md, "Time to first token").
     max_batch_prefill_tokens: int = Field(
-        default=128,
+        default=64,
         gt=0,
         description="Most prompt tokens in one prefill forward (rows x padded chunk); longer prompts go in chunks.",
     )

@@ -254,7 +254,7 @@ class Scheduler:
         eos_ids: set[int],
         max_batch_size: int,
         max_concurrent_requests: int,
-        prefill_budget: int = 128,
+        prefill_budget: int = 64,
         on_step: Callable[[str, int, int], None] | None = None,
     ) -> None:
         self.max_batch_size = max_batch_size
