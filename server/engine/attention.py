@@ -38,7 +38,12 @@ def slab_attention(
     scaling: float | None = None,
     **kwargs: object,
 ) -> tuple[torch.Tensor, None]:
-    """query: (n, H, C, D), key/value: (n, Hkv, S, D), mask: (n, 1, C, S) bool -> (n, C, H, D), as transformers'."""
+    """query: (n, H, C, D), key/value: (n, Hkv, S, D), mask: (n, 1, C, S) bool -> (n, C, H, D), as transformers'.
+
+    A mixed forward (server.engine.mixed) passes its plan as `slab_plan`: the plan attends per group instead."""
+    plan: Any = kwargs.get("slab_plan")
+    if plan is not None:
+        return plan.attend(query, key, value, scaling), None
     if attention_mask is None or attention_mask.dtype != torch.bool:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)  # type: ignore[arg-type]  # fmt: skip

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from server.engine.kv_slab import KVSlab, forward
+from server.engine.mixed import Chunk, mixed_forward
 
 R = TypeVar("R")
 
@@ -97,7 +98,22 @@ class Batch(Generic[R]):
 
     def prefill(self, model: nn.Module, chunks: list[tuple[Prefilling[R], int]]) -> list[tuple[R, torch.Tensor]]:
         """Run the chunks; -> (row, logits (1, V)) for each row whose prompt is now fully cached."""
-        logits = prefill_rows(model, self.slab, chunks)
+        return self._cached(chunks, prefill_rows(model, self.slab, chunks))
+
+    def mixed(
+        self, model: nn.Module, tokens: torch.Tensor, chunks: list[tuple[Prefilling[R], int]]
+    ) -> tuple[torch.Tensor, list[tuple[R, torch.Tensor]]]:
+        """One forward for a decode step and the chunks (server.engine.mixed); tokens: (B, 1) as for `step` ->
+        (the running rows' logits (B, V), (row, logits (1, V)) for each row whose prompt is now fully cached)."""
+        batch = len(self.rows)
+        parts = [Chunk(p.slot, p.ids[p.done : p.done + count], p.done) for p, count in chunks]
+        logits = mixed_forward(model, self.slab, tokens, self.slab.lengths[:batch], parts)  # (B + P, V)
+        for i in range(batch):
+            self.slab.lengths[i] += 1
+        return logits[:batch], self._cached(chunks, logits[batch:])
+
+    def _cached(self, chunks: list[tuple[Prefilling[R], int]], logits: torch.Tensor) -> list[tuple[R, torch.Tensor]]:
+        """Book the chunks as cached; logits (P, V), one per chunk -> the rows whose prompt is now complete."""
         finished = []
         for i, (p, count) in enumerate(chunks):
             p.done += count

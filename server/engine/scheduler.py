@@ -28,6 +28,7 @@ from torch import nn
 from torch.profiler import record_function
 from transformers import PreTrainedTokenizerBase
 
+from server.engine.attention import wants_bool_mask
 from server.engine.batch import Batch, Prefilling
 from server.engine.detokenizer import Detokenizer
 from server.engine.sampling import TokenChooser
@@ -146,6 +147,7 @@ class _Lane:
         self.device = next(model.parameters()).device
         self.waiting: deque[_Row] = deque()
         self.batch: Batch[_Row] = Batch(slots, prefill_budget)
+        self.mixes = wants_bool_mask(model)  # a mixed forward needs the slab's attention (server.engine.mixed)
 
     @property
     def rows(self) -> list[_Row]:
@@ -171,8 +173,25 @@ class _Lane:
                 self.waiting.remove(row)
                 row.release()
 
-    def admit(self) -> None:
-        """Give waiting requests the free slots, then run one prefill forward (one chunk) for the rows that have one."""
+    def turn(self) -> int:
+        """One turn of this lane: admit, then its forwards; -> the decode batch size (0: no row decoded).
+
+        Rows decoding and prefill chunks waiting share one forward when the model allows it (server.engine.mixed);
+        otherwise, or if that forward fails, the chunks get a prefill forward of their own and the rows a decode
+        step, each with its own failure isolation."""
+        chunks = self.admit()
+        if chunks and self.rows and self.mixes:
+            batch = self._mixed(chunks)
+            if batch is not None:
+                return batch
+        if chunks:
+            self._prefill(chunks)
+        if self.batch.idle:
+            self.batch.clear()
+        return self.step() if self.rows else 0
+
+    def admit(self) -> list[tuple[Prefilling[_Row], int]]:
+        """Give waiting requests the free slots; -> the prefill chunks for this turn's forward."""
         with self.lock:
             while self.waiting and self.batch.free > 0:
                 row = self.waiting.popleft()
@@ -183,11 +202,7 @@ class _Lane:
             if p.row.handle.cancelled.is_set():
                 p.row.release()
                 self.batch.drop_prefilling(p.row)
-        chunks = self.batch.next_chunks()
-        if chunks:
-            self._prefill(chunks)
-        if self.batch.idle:
-            self.batch.clear()
+        return self.batch.next_chunks()
 
     def _prefill(self, chunks: list[tuple[Prefilling[_Row], int]]) -> None:
         """One prefill forward. If a shared forward fails, each row is retried alone, so only the row whose own
@@ -203,6 +218,10 @@ class _Lane:
             self.batch.drop_prefilling(chunks[0][0].row)
             _fail_row(chunks[0][0].row, exc)
             return
+        self._join(finished)
+
+    def _join(self, finished: list[tuple[_Row, torch.Tensor]]) -> None:
+        """Rows whose prompt is cached: each takes its first token from its prefill logits (1, V), then joins."""
         for row, logits in finished:
             if _advance(row, logits):
                 self.batch.drop_prefilling(row)  # done after one token, cancelled, or its sampling failed
@@ -212,20 +231,43 @@ class _Lane:
     def step(self) -> int:
         """One decode step for every running row; returns the batch size."""
         with record_function("decode.step"):
-            return self._step()
+            tokens = self._last_tokens()
+            with record_function("decode.forward"):
+                logits = self.batch.step(self.model, tokens)  # (B, V)
+            self._advance_rows(logits)
+            return len(tokens)
 
-    def _step(self) -> int:
+    def _mixed(self, chunks: list[tuple[Prefilling[_Row], int]]) -> int | None:
+        """A decode step with the chunks in its forward (profiled as a step: its forward includes the chunks);
+        None if the forward failed, before any bookkeeping: the caller reruns it apart, which rewrites every slab
+        column it wrote."""
+        with record_function("decode.step"):
+            tokens = self._last_tokens()
+            try:
+                with record_function("decode.forward"):
+                    logits, finished = self.batch.mixed(self.model, tokens, chunks)  # (B, V), finished prefills
+            except Exception as exc:  # NotMixable, or a failure apart forwards would isolate to one row
+                self.mixes = False  # a model that cannot mix would fail every turn's mixed forward
+                log.warning("lane %s: mixed forward failed (%s: %s); prefills and decode steps run apart from now on",
+                            self.name, type(exc).__name__, exc)  # fmt: skip
+                return None
+            self._advance_rows(logits)
+        self._join(finished)
+        return len(tokens)
+
+    def _last_tokens(self) -> torch.Tensor:
+        """(B, 1): each running row's last token, gathered on the device without a sync per row."""
+        return torch.cat([row.all_ids[:, -1:] for row in self.batch.rows])
+
+    def _advance_rows(self, logits: torch.Tensor) -> None:
+        """logits (B, V): each running row takes its token; rows that finished leave the batch."""
         batch = self.batch
-        tokens = torch.cat([row.all_ids[:, -1:] for row in batch.rows])  # (B, 1), on the device without a sync per row
-        with record_function("decode.forward"):
-            logits = batch.step(self.model, tokens)  # (B, V)
         keep = [i for i, row in enumerate(batch.rows) if not _advance(row, logits[i : i + 1])]
         if len(keep) < len(batch):
             with record_function("decode.filter"):
                 batch.filter(keep)
         if batch.idle:
             batch.clear()  # frees the slab while the lane has nothing to do
-        return len(tokens)
 
     def orphans(self) -> list[_Row]:
         """Every request this lane holds, taken out of it, to fail them all when the model thread dies."""
@@ -323,10 +365,8 @@ class Scheduler:
                     return
             for lane in self.lanes.values():
                 try:
-                    lane.admit()
-                    if lane.rows:
-                        batch = lane.step()
-                        if self.on_step:
-                            self.on_step(lane.name, batch, len(lane.waiting))
+                    batch = lane.turn()
+                    if batch and self.on_step:
+                        self.on_step(lane.name, batch, len(lane.waiting))
                 except Exception as exc:  # a failed forward fails that batch, never the server
                     lane.fail(exc)

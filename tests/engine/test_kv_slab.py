@@ -120,8 +120,8 @@ def test_a_short_prompt_is_answered_before_a_long_prompt_finishes_prefill(tiny_b
     assert firsts == ["short", "long"]
 
 
-def _req(ids: list[int]) -> PreparedRequest:
-    return PreparedRequest(input_ids=ids, params=SamplingParams(), max_new_tokens=2)
+def _req(ids: list[int], new_tokens: int = 2) -> PreparedRequest:
+    return PreparedRequest(input_ids=ids, params=SamplingParams(), max_new_tokens=new_tokens)
 
 
 class _Tok:

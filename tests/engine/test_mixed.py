@@ -1,0 +1,109 @@
+"""Mixed forwards (server.engine.mixed): decode rows and prefill chunks in one forward, every logit checked against
+a plain `model(input_ids)` forward of that row's whole sequence (tests/engine/test_kv_slab.py's reference)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from server.engine.attention import use_slab_attention
+from server.engine.batch import Batch
+from server.engine.scheduler import Scheduler
+from server.engine.types import Generation, Token
+from tests.engine.test_kv_slab import _check, _drain_prefill, _prompt, _req, _Tok
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_decode_rows_and_prefill_chunks_in_one_forward_get_plain_forward_logits(
+    arch: str, tiny_base: Path, tiny_gpt2: Path
+) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_base if arch == "llama" else tiny_gpt2).eval()
+    assert use_slab_attention(model)
+    vocab = model.config.vocab_size
+    lengths = [("a", 3), ("b", 9), ("c", 13), ("d", 2)]
+    seqs = {name: _prompt(i, length, vocab) for i, (name, length) in enumerate(lengths)}
+    batch: Batch[str] = Batch(slots=4, budget=8)  # c: chunks of 8 and 5 tokens, d (2) goes between them alone
+    for name in ("a", "b"):
+        batch.add(name, list(seqs[name]))
+    _drain_prefill(model, batch, seqs)
+    mixed = checked = 0
+    for step in range(10):
+        if step == 1:
+            batch.add("c", list(seqs["c"]))
+        if step == 2:
+            batch.add("d", list(seqs["d"]))
+        if step == 6:  # a leaves: b moves into its slot, while nothing is prefilling
+            batch.filter([i for i, row in enumerate(batch.rows) if row != "a"])
+        tokens = torch.tensor([[seqs[row][-1]] for row in batch.rows])  # (B, 1)
+        chunks = batch.next_chunks()
+        if chunks:
+            logits, finished = batch.mixed(model, tokens, chunks)
+            mixed += 1
+        else:
+            logits, finished = batch.step(model, tokens), []
+        for i, row in enumerate(batch.rows):
+            _check(model, seqs, row, logits[i : i + 1])
+            checked += 1
+        for row, first in finished:
+            _check(model, seqs, row, first)
+            batch.join(row)
+    assert mixed == 3 and set(batch.rows) == {"b", "c", "d"}
+    assert checked >= 10 * 2 + 3 * 3
+
+
+def test_a_model_that_drops_attention_kwargs_is_served_apart_with_the_same_tokens(tiny_base: Path) -> None:
+    """If the plan never reaches attention, the lane stops mixing and reruns the turn's forwards apart: every token
+    still equals a plain forward's greedy token."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+    for layer in model.model.layers:
+        real = layer.self_attn.forward
+
+        def dropping(*args: Any, _real: Any = real, **kwargs: Any) -> Any:
+            kwargs.pop("slab_plan", None)
+            return _real(*args, **kwargs)
+
+        layer.self_attn.forward = dropping
+    assert use_slab_attention(model)
+    vocab = model.config.vocab_size
+    prompts = {"long": _prompt(1, 5, vocab), "late": _prompt(2, 6, vocab)}
+    outputs: dict[str, list[int]] = {}
+    done = threading.Event()
+    first_token = threading.Event()
+
+    def emit_for(name: str) -> Any:
+        def emit(item: Token | BaseException, gen: Generation) -> None:
+            assert not isinstance(item, BaseException), item
+            first_token.set()
+            if gen.finish_reason is not None:
+                outputs[name] = [t.id for t in gen.tokens]
+                if len(outputs) == 2:
+                    done.set()
+
+        return emit
+
+    scheduler = Scheduler({"m": model}, _Tok(), set(), max_batch_size=4, max_concurrent_requests=4, prefill_budget=8)
+    lane = scheduler.lanes["m"]
+    try:
+        scheduler.submit(_req(prompts["long"], 12), emit_for("long"))
+        assert first_token.wait(timeout=30)  # "long" decodes when "late" arrives: their forwards would mix
+        scheduler.submit(_req(prompts["late"], 4), emit_for("late"))
+        assert done.wait(timeout=60)
+    finally:
+        scheduler.close()
+    assert lane.mixes is False
+    for name, ids in prompts.items():
+        expected = greedy(model, ids, len(outputs[name]))
+        assert outputs[name] == expected, name
+
+
+@torch.inference_mode()
+def greedy(model: Any, ids: list[int], n: int) -> list[int]:
+    seq = list(ids)
+    for _ in range(n):
+        seq.append(int(model(input_ids=torch.tensor([seq])).logits[0, -1].argmax()))
+    return seq[len(ids) :]
