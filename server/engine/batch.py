@@ -23,6 +23,7 @@ from torch import nn
 
 from server.engine.kv_slab import KVSlab, forward
 from server.engine.mixed import Chunk, mixed_forward
+from server.engine.prefix_cache import PrefixCache
 
 R = TypeVar("R")
 
@@ -64,9 +65,10 @@ class Batch(Generic[R]):
     `rows` is replaced, never changed in place, so a thread reading it sees a whole list.
     """
 
-    def __init__(self, slots: int, budget: int) -> None:
+    def __init__(self, slots: int, budget: int, prefix_tokens: int = 0) -> None:
         self.slab = KVSlab(slots)
         self.budget = budget
+        self.prefixes = PrefixCache(prefix_tokens)  # prompts' K/V kept for the next newcomer sharing a prefix
         self.rows: list[R] = []
         self.prefilling: list[Prefilling[R]] = []
 
@@ -79,11 +81,12 @@ class Batch(Generic[R]):
         return self.slab.slots - len(self.rows) - len(self.prefilling)
 
     def add(self, row: R, ids: list[int]) -> None:
-        """Queue `row` for prefill in a free slot (the caller checks `free`)."""
+        """Queue `row` for prefill in a free slot (the caller checks `free`), after the longest cached prefix."""
         taken = {p.slot for p in self.prefilling}
         slot = next(s for s in range(len(self.rows), self.slab.slots) if s not in taken)
-        self.slab.lengths[slot] = 0
-        self.prefilling = [*self.prefilling, Prefilling(row, ids, slot)]
+        done = self.prefixes.fill(self.slab, slot, ids)  # columns already computed for an earlier prompt
+        self.slab.lengths[slot] = done
+        self.prefilling = [*self.prefilling, Prefilling(row, ids, slot, done)]
 
     def next_chunks(self) -> list[tuple[Prefilling[R], int]]:
         """The next prefill forward: shortest remaining first, as many rows as fit `budget` once padded."""
@@ -119,6 +122,7 @@ class Batch(Generic[R]):
             p.done += count
             self.slab.lengths[p.slot] = p.done
             if p.remaining == 0:
+                self.prefixes.store(self.slab, p.slot, p.ids)
                 finished.append((p.row, logits[i : i + 1]))
         return finished
 

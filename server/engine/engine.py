@@ -82,6 +82,7 @@ class Engine:
         info: EngineInfo,
         limits: LimitsConfig,
         served: Served | None = None,
+        prefix_tokens: int = 0,
     ) -> None:
         self.tokenizer = tokenizer
         self.info = info
@@ -94,7 +95,7 @@ class Engine:
                 use_slab_attention(arm)
             eos = eos_ids(tokenizer, self.model)
             scheduler = Scheduler(arms, tokenizer, eos, limits.max_batch_size, limits.max_concurrent_requests,
-                                  limits.max_batch_prefill_tokens)  # fmt: skip
+                                  limits.max_batch_prefill_tokens, prefix_tokens=prefix_tokens)  # fmt: skip
             served = Served(scheduler, list(arms), eos, next(self.model.parameters()).device.type)
         # Torch arms stay reachable by name (tests and tools read their weights); a served backend has no modules.
         self.arms: dict[str, Any] = arms or dict.fromkeys(served.arms)

@@ -142,11 +142,11 @@ def _advance(row: _Row, logits: torch.Tensor) -> bool:
 class _Lane:
     """One model's running batch. Lanes never share a batch, so an A/B process never mixes arms in a forward."""
 
-    def __init__(self, name: str, model: nn.Module, lock: threading.Condition, slots: int, prefill_budget: int) -> None:
+    def __init__(self, name: str, model: nn.Module, lock: threading.Condition, batch: Batch[_Row]) -> None:
         self.name, self.model, self.lock = name, model, lock
         self.device = next(model.parameters()).device
         self.waiting: deque[_Row] = deque()
-        self.batch: Batch[_Row] = Batch(slots, prefill_budget)
+        self.batch = batch
         self.mixes = wants_bool_mask(model)  # a mixed forward needs the slab's attention (server.engine.mixed)
 
     @property
@@ -298,6 +298,7 @@ class Scheduler:
         max_concurrent_requests: int,
         prefill_budget: int = 64,
         on_step: Callable[[str, int, int], None] | None = None,
+        prefix_tokens: int = 0,
     ) -> None:
         self.max_batch_size = max_batch_size
         self._slots = Slots(max_concurrent_requests)
@@ -306,7 +307,8 @@ class Scheduler:
         self._tokenizer, self._eos_ids = tokenizer, frozenset(eos_ids)
         self._special_ids = frozenset(tokenizer.all_special_ids)
         self.lanes = {
-            name: _Lane(name, model, self._wake, max_batch_size, prefill_budget) for name, model in models.items()
+            name: _Lane(name, model, self._wake, Batch(max_batch_size, prefill_budget, prefix_tokens))
+            for name, model in models.items()
         }
         self._closed = False
         # Why the model thread died, if it did (close() is not a death): /health answers 503 and the CLI exits.
