@@ -312,7 +312,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             config, engine = (
                 (args.vllm_config, "mergeserve vLLM") if stage == "vllm" else (args.torch_config, "mergeserve torch")
             )
-            server = LocalServer(config, "--mode", "ab", "--log-level", "warning", prefix=f"bench-engines-{stage}")
+            cache = ["--prefix-cache-tokens", str(args.prefix_cache_tokens)] if stage == "torch" else []
+            cache = cache if args.prefix_cache_tokens is not None else []
+            server = LocalServer(config, "--mode", "ab", "--log-level", "warning", *cache,
+                                 prefix=f"bench-engines-{stage}")  # fmt: skip
             got = run_stage(server, ab_arms(engine), args, progress)
             infos[engine] = got["info"]
         else:
@@ -344,6 +347,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--boot-timeout", type=float, default=BOOT_TIMEOUT_S)
     p.add_argument("--json", type=Path, help="also write every figure here")
     p.add_argument("--markdown", action="store_true", help="print the report as markdown (default: plain text)")
+    p.add_argument("--prefix-cache-tokens", type=int, default=None,
+                   help="the torch server's engine.prefix_cache_tokens (0: off); the prompts repeat")  # fmt: skip
     args = p.parse_args(argv)
     if args.quick:
         args.reps, args.prompts, args.new_tokens = 1, min(args.prompts, 4), min(args.new_tokens, 16)

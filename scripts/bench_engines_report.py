@@ -85,13 +85,21 @@ def conditions(result: dict[str, Any]) -> list[str]:
         f"Settings: {st['prompts']} chat prompts, greedy, at most {st['new_tokens']} tokens, POST /v1/chat/completions "
         f"streamed; {st['reps']} repetition(s) per row and level after a warm-up; medians. Servers one at a time.",
         "mergeserve's vLLM engine and vLLM's own server run with the same engine arguments and environment "
-        "(server.vllm_engine.settings: eager mode, float32, the same max_model_len, max_num_seqs and KV cache bytes), "
-        "so the comparison is fair; eager mode is slower than vLLM's compiled graphs for both.",
+        "(server.vllm_engine.settings: eager mode, the config's dtype, the same max_model_len, max_num_seqs and KV "
+        "cache bytes), so the comparison is fair; eager mode is slower than vLLM's compiled graphs for both.",
         f"Machine: {env['cpus']} CPUs; 1-min load {env['load_before'][0]:.2f} before, "
         f"{env['load_after'][0]:.2f} after; "
         f"other heavy processes: {len(env['heavy_before'])} before, {len(env['heavy_after'])} after; "
         f"git {env['git']['commit'][:10]} ({len(env['git']['dirty'])} dirty); wall {env['wall_s'] / 60:.1f} min.",
     ]
+    torch_engine = result.get("server_info", {}).get("mergeserve torch", {}).get("engine", {})
+    if "prefix_cache_tokens" in torch_engine:
+        tokens = torch_engine["prefix_cache_tokens"]
+        lines.append(
+            f"Prompt-prefix reuse: the torch server's engine.prefix_cache_tokens is {tokens}"
+            " (the prompts repeat, so with it on every repeat prefills one token); vLLM's automatic prefix caching is"
+            " on by default (its log reports the hit rate)."
+        )
     if st["quick"]:
         lines.append("QUICK smoke run (1 repetition, few prompts and tokens): the figures are not a measurement.")
     for name, row in result["rows"].items():

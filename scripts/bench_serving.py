@@ -293,6 +293,9 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=3, help="timed passes of the raw baseline (after 1 warm-up)")
     parser.add_argument("--levels", default="1,2,4,8", help="comma-separated client counts")
     parser.add_argument("--json", type=Path, help="also write every figure here")
+    parser.add_argument("--prefix-cache-tokens", type=int, default=None,
+                        help="the server's engine.prefix_cache_tokens (0: off; the prompts repeat, so on, every "
+                        "repeat prefills one token, which the raw baseline does not get)")  # fmt: skip
     args = parser.parse_args()
     levels = sorted({int(x) for x in args.levels.split(",")})
     if args.reps < 3 or args.rounds < 1 or args.new_tokens < 2 or min(levels) < 1:
@@ -301,7 +304,8 @@ def main() -> int:
     loadavg = os.getloadavg()[0]
     print("raw baseline...", file=sys.stderr, flush=True)
     raw = raw_baseline(args.config, args.new_tokens, args.reps)
-    server = LocalServer(args.config, "--mode", args.mode, "--log-level", "warning", prefix="bench-serving")
+    cache = [] if args.prefix_cache_tokens is None else ["--prefix-cache-tokens", str(args.prefix_cache_tokens)]
+    server = LocalServer(args.config, "--mode", args.mode, "--log-level", "warning", *cache, prefix="bench-serving")
     url, log_path = server.url, server.log
     try:
         boot_s = server.wait_healthy(BOOT_TIMEOUT_S)

@@ -2,7 +2,9 @@
 
 Method: one server (`--config`, started here on a free loopback port, or `--url`). Prompts are cut to exact token
 counts with TGI's `truncate` (the server keeps the last N tokens), so the lengths do not depend on how a text
-tokenizes: short = 20 tokens, long = 1000. Each round (after --warmup rounds, not counted):
+tokenizes: short = 20 tokens, long = 1000. Every prompt is its own shuffle of common words, so no two share a prefix
+and the server's prompt-prefix reuse (engine.prefix_cache_tokens) has nothing to reuse: this times the scheduler's
+chunked prefill, not a cache hit. Each round (after --warmup rounds, not counted):
   * idle: the short prompt alone, streamed; TTFT = send to first `data:` event (client clock);
   * busy: the long prompt is sent (max_new_tokens 1), and --delay seconds later the short one; the short's TTFT is
     recorded, and whether its first token came before the long one's (it should: the long prompt is prefilled in
@@ -19,6 +21,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import random
 import statistics
 import sys
 import time
@@ -27,13 +30,57 @@ from collections.abc import Iterator
 import httpx
 from local_server import running
 
-FILLER = "The old ship sailed on through the grey morning, and the crew told stories of distant ports. "
+WORDS = (
+    "the",
+    "old",
+    "ship",
+    "sailed",
+    "on",
+    "through",
+    "grey",
+    "morning",
+    "and",
+    "crew",
+    "told",
+    "stories",
+    "of",
+    "distant",
+    "ports",
+    "while",
+    "gulls",
+    "cried",
+    "over",
+    "harbour",
+    "walls",
+    "as",
+    "rain",
+    "fell",
+    "softly",
+    "upon",
+    "wooden",
+    "decks",
+    "where",
+    "sailors",
+    "mended",
+    "ropes",
+    "sang",
+    "songs",
+    "dreamed",
+    "home",
+)
 SHORT, LONG, TARGET = 20, 1000, 2.0
 
 
-async def first_token(client: httpx.AsyncClient, tokens: int, new_tokens: int) -> tuple[float, float]:
+def filler(words: int, rng: random.Random) -> str:
+    """`words` words drawn at random: two such texts part ways within a token or two, so share no prefix to reuse."""
+    return " ".join(rng.choice(WORDS) for _ in range(words)) + "."
+
+
+async def first_token(
+    client: httpx.AsyncClient, tokens: int, new_tokens: int, rng: random.Random
+) -> tuple[float, float]:
     """(send time, TTFT) of a prompt cut to `tokens` tokens, streamed until its end."""
-    body = {"inputs": FILLER * (tokens // 10 + 5),
+    body = {"inputs": filler(tokens + 50, rng),
             "parameters": {"max_new_tokens": new_tokens, "truncate": tokens, "do_sample": False}}  # fmt: skip
     start = time.perf_counter()
     ttft = None
@@ -47,11 +94,11 @@ async def first_token(client: httpx.AsyncClient, tokens: int, new_tokens: int) -
     return start, ttft
 
 
-async def busy_round(client: httpx.AsyncClient, delay: float) -> tuple[float, float, bool]:
+async def busy_round(client: httpx.AsyncClient, delay: float, rng: random.Random) -> tuple[float, float, bool]:
     """(short TTFT, long TTFT, short answered first) with the long prompt sent `delay` s before the short."""
-    long_task = asyncio.create_task(first_token(client, LONG, 1))
+    long_task = asyncio.create_task(first_token(client, LONG, 1, rng))
     await asyncio.sleep(delay)
-    short_start, short_ttft = await first_token(client, SHORT, 8)
+    short_start, short_ttft = await first_token(client, SHORT, 8, rng)
     long_start, long_ttft = await long_task
     return short_ttft, long_ttft, short_start + short_ttft < long_start + long_ttft
 
@@ -61,10 +108,11 @@ async def measure(url: str, rounds: int, warmup: int, delay: float) -> dict[str,
     busy: list[float] = []
     longs: list[float] = []
     first = 0
+    rng = random.Random(0)
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
         for r in range(warmup + rounds):
-            _, t_idle = await first_token(client, SHORT, 8)
-            t_busy, t_long, short_first = await busy_round(client, delay)
+            _, t_idle = await first_token(client, SHORT, 8, rng)
+            t_busy, t_long, short_first = await busy_round(client, delay, rng)
             if r >= warmup:
                 idle.append(t_idle)
                 busy.append(t_busy)

@@ -4,7 +4,9 @@ Method: boot the config in this process (the merge cache makes that a load), the
 requests of --new-tokens tokens at once (the 8 chat prompts of bench_serving.py), once as warm-up and once under
 torch.profiler (CPU). The scheduler labels its phases with `record_function`: `decode.step` (a whole step),
 `decode.forward` (the model forward over the KV slab), `row.sample`, `row.detokenize` (incremental detokenizing and
-stop rules), `row.emit` (handing the token to its reader) and `decode.filter` (rows leaving). Per step:
+stop rules), `row.emit` (handing the token to its reader) and `decode.filter` (rows leaving). A prefill chunk that
+shares a decode step's forward (server.engine.mixed) is inside that step's `decode.forward`; a prefill forward of its
+own (`prefill.forward`, no row decoding yet) is outside every step. Per step:
 forward, sampling, detokenizing, emit, and "bookkeeping" = step - the others (building the token batch, the loop).
 Only steps at the full batch size count for B = 8 would need a steady batch; all steps are averaged here, and the
 steps count is printed. The profiler adds a few microseconds per op, so the small phases read high, not low.

@@ -62,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--dtype", choices=["auto", "checkpoint", "float32", "float16", "bfloat16"],
                        default=env("MERGESERVE_DTYPE"), help="override model.dtype (env MERGESERVE_DTYPE)")  # fmt: skip
+    serve.add_argument("--prefix-cache-tokens", type=int, default=env("MERGESERVE_PREFIX_CACHE_TOKENS"),
+                       help="override engine.prefix_cache_tokens, 0 turns prompt-prefix reuse off "
+                       "(env MERGESERVE_PREFIX_CACHE_TOKENS)")  # fmt: skip
     serve.add_argument(
         "--log-level", default=env("MERGESERVE_LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"]
     )
@@ -89,6 +92,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "mode": args.mode,
         "model.dtype": getattr(args, "dtype", None) if args.command == "serve" else None,  # merge's --dtype is its own
         "cache.dir": str(Path(args.cache_dir).expanduser().resolve()) if args.cache_dir else None,
+        "engine.prefix_cache_tokens": getattr(args, "prefix_cache_tokens", None),
     }
     return {k: v for k, v in pairs.items() if v is not None}
 

@@ -1,4 +1,5 @@
-"""`serve --dtype` overrides model.dtype, so the benchmarks serve one config in several dtypes."""
+"""`serve --dtype` overrides model.dtype, so the benchmarks serve one config in several dtypes; `serve
+--prefix-cache-tokens` overrides engine.prefix_cache_tokens."""
 
 from __future__ import annotations
 
@@ -38,3 +39,18 @@ def test_serve_dtype_from_environment(tmp_path: Path, tiny_config_data: dict[str
     path = _config(tmp_path, tiny_config_data)
     args = _parser().parse_args(["serve", "--config", str(path)])
     assert load_config(path, _overrides(args)).model.dtype == "float16"
+
+
+def test_serve_prefix_cache_flag_and_environment_override_the_engine_setting(
+    tmp_path: Path, tiny_config_data: dict[str, Any], monkeypatch: Any
+) -> None:
+    """`--prefix-cache-tokens 0` turns prompt-prefix reuse off, e.g. to time the scheduler alone."""
+    monkeypatch.delenv("MERGESERVE_PREFIX_CACHE_TOKENS", raising=False)
+    path = _config(tmp_path, tiny_config_data)
+    plain = _parser().parse_args(["serve", "--config", str(path)])
+    assert load_config(path, _overrides(plain)).engine.prefix_cache_tokens is None  # the engine's default, 2048
+    flag = _parser().parse_args(["serve", "--config", str(path), "--prefix-cache-tokens", "0"])
+    assert load_config(path, _overrides(flag)).engine.prefix_cache_tokens == 0
+    monkeypatch.setenv("MERGESERVE_PREFIX_CACHE_TOKENS", "512")
+    env = _parser().parse_args(["serve", "--config", str(path)])
+    assert load_config(path, _overrides(env)).engine.prefix_cache_tokens == 512
