@@ -312,8 +312,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             config, engine = (
                 (args.vllm_config, "mergeserve vLLM") if stage == "vllm" else (args.torch_config, "mergeserve torch")
             )
-            cache = ["--prefix-cache-tokens", str(args.prefix_cache_tokens)] if stage == "torch" else []
-            cache = cache if args.prefix_cache_tokens is not None else []
+            given = stage == "torch" and args.prefix_cache_tokens is not None  # a torch-engine setting only
+            cache = ["--prefix-cache-tokens", str(args.prefix_cache_tokens)] if given else []
             server = LocalServer(config, "--mode", "ab", "--log-level", "warning", *cache,
                                  prefix=f"bench-engines-{stage}")  # fmt: skip
             got = run_stage(server, ab_arms(engine), args, progress)

@@ -47,11 +47,19 @@ def slab_attention(
     if attention_mask is None or attention_mask.dtype != torch.bool:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)  # type: ignore[arg-type]  # fmt: skip
-    grouped = query.shape[1] != key.shape[1]
-    dtype = query.dtype  # the slab may hold float32 K/V for a half-precision model: attend in the slab's dtype
-    out = F.scaled_dot_product_attention(query.to(key.dtype), key, value, attn_mask=attention_mask, scale=scaling,
-                                         enable_gqa=grouped)  # fmt: skip
-    return out.to(dtype).transpose(1, 2).contiguous(), None
+    return slab_sdpa(query, key, value, attention_mask, scaling).transpose(1, 2).contiguous(), None
+
+
+def slab_sdpa(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scale: float | None
+) -> torch.Tensor:
+    """query: (n, H, C, D), key/value: (n, Hkv, S, D), mask: (n, 1, C, S) bool -> (n, H, C, D) in query's dtype.
+
+    Grouped-query heads are shared in place (enable_gqa); the slab may hold float32 K/V for a half-precision model
+    (`kv_dtype`), so the query is cast to the keys' dtype and the output back."""
+    out = F.scaled_dot_product_attention(query.to(key.dtype), key, value, attn_mask=mask, scale=scale,
+                                         enable_gqa=query.shape[1] != key.shape[1])  # fmt: skip
+    return out.to(query.dtype)
 
 
 def _transformers_model(model: nn.Module) -> Any:

@@ -23,13 +23,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache
 
-from server.engine.attention import kv_dtype
+from server.engine.attention import kv_dtype, slab_sdpa
 from server.engine.kernels import small_rows_scope
-from server.engine.kv_slab import KVSlab
+from server.engine.kv_slab import KVSlab, causal_mask
 
 
 class NotMixable(RuntimeError):
@@ -60,9 +59,8 @@ class MixedPlan:
         self.slots = slots
         self.decode_keys = max(lengths, default=-1) + 1  # columns the decode group reads
         self.prefill_keys = max((c.start for c in chunks), default=0) + self.width
-        keys = torch.arange(max(self.decode_keys, self.prefill_keys), device=device)
-        self.decode_mask = (keys[: self.decode_keys] <= decode_cols[:, None])[:, None, None]  # (B, 1, 1, Wd)
-        self.prefill_mask = (keys[: self.prefill_keys] <= prefill_cols[:, :, None])[:, None]  # (P, 1, C, Wp)
+        self.decode_mask = causal_mask(decode_cols[:, None], self.decode_keys, None)  # (B, 1, 1, Wd)
+        self.prefill_mask = causal_mask(prefill_cols, self.prefill_keys, None)  # (P, 1, C, Wp)
         # The positions whose logits are wanted: every decode token, and each chunk's last real token.
         ends = [self.decoding + i * self.width + len(c.ids) - 1 for i, c in enumerate(chunks)]
         self.keep = torch.tensor([*range(self.decoding), *ends], dtype=torch.long, device=device)
@@ -78,24 +76,19 @@ class MixedPlan:
         """query: (1, H, N, D); keys/values: the layer's slab (slots, Hkv, capacity, D) -> (1, N, H, D)."""
         self.attended += 1
         heads, dim = query.shape[1], query.shape[3]
-        q = query[0].to(keys.dtype)  # (H, N, D); a half-precision model may keep float32 K/V (attention.kv_dtype)
-        grouped = heads != keys.shape[1]
         b, p, c = self.decoding, self.prefilling, self.width
         outs = []
         if b:
-            qd = q[:, :b].transpose(0, 1)[:, :, None]  # (B, H, 1, D)
+            qd = query[0, :, :b].transpose(0, 1)[:, :, None]  # (B, H, 1, D)
             kd, vd = keys[:b, :, : self.decode_keys], values[:b, :, : self.decode_keys]
-            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=self.decode_mask, scale=scale,
-                                                enable_gqa=grouped)  # fmt: skip
-            outs.append(od.reshape(b, heads, dim))  # (B, H, 1, D) -> (B, H, D)
+            outs.append(slab_sdpa(qd, kd, vd, self.decode_mask, scale).reshape(b, heads, dim))  # (B, H, D)
         if p:
-            qp = q[:, b:].reshape(heads, p, c, dim).transpose(0, 1)  # (P, H, C, D)
+            qp = query[0, :, b:].reshape(heads, p, c, dim).transpose(0, 1)  # (P, H, C, D)
             kp = keys[:, :, : self.prefill_keys].index_select(0, self.slots)
             vp = values[:, :, : self.prefill_keys].index_select(0, self.slots)
-            op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=self.prefill_mask, scale=scale,
-                                                enable_gqa=grouped)  # fmt: skip
-            outs.append(op.transpose(1, 2).reshape(p * c, heads, dim))  # (P, H, C, D) -> (P x C, H, D)
-        return torch.cat(outs)[None].to(query.dtype)  # (1, N, H, D)
+            op = slab_sdpa(qp, kp, vp, self.prefill_mask, scale)  # (P, H, C, D)
+            outs.append(op.transpose(1, 2).reshape(p * c, heads, dim))  # (P x C, H, D)
+        return torch.cat(outs)[None]  # (1, N, H, D)
 
 
 class MixedView(Cache):

@@ -33,6 +33,13 @@ def _reference(model: Any, ids: list[int]) -> torch.Tensor:
     return model(input_ids=torch.tensor([ids])).logits[0, -1]
 
 
+def _slab_model(path: Path) -> Any:
+    """A checkpoint loaded as the engine serves it: eval mode, attention switched to the slab's."""
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    assert use_slab_attention(model)
+    return model
+
+
 def _check(model: Any, seqs: dict[str, list[int]], row: str, logits: torch.Tensor) -> None:
     expected = _reference(model, seqs[row])  # no mask: transformers' SDPA even after use_slab_attention
     diff = (logits[0] - expected).abs().max().item()

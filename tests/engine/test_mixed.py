@@ -15,15 +15,14 @@ from server.engine.attention import use_slab_attention
 from server.engine.batch import Batch
 from server.engine.scheduler import Scheduler
 from server.engine.types import Generation, Token
-from tests.engine.test_kv_slab import _check, _drain_prefill, _prompt, _req, _Tok
+from tests.engine.test_kv_slab import _check, _drain_prefill, _prompt, _req, _slab_model, _Tok
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_decode_rows_and_prefill_chunks_in_one_forward_get_plain_forward_logits(
     arch: str, tiny_base: Path, tiny_gpt2: Path
 ) -> None:
-    model = AutoModelForCausalLM.from_pretrained(tiny_base if arch == "llama" else tiny_gpt2).eval()
-    assert use_slab_attention(model)
+    model = _slab_model(tiny_base if arch == "llama" else tiny_gpt2)
     vocab = model.config.vocab_size
     lengths = [("a", 3), ("b", 9), ("c", 13), ("d", 2)]
     seqs = {name: _prompt(i, length, vocab) for i, (name, length) in enumerate(lengths)}

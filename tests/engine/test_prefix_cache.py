@@ -8,13 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
-from server.engine.attention import use_slab_attention
 from server.engine.batch import Batch
 from server.engine.kv_slab import KVSlab
 from server.engine.prefix_cache import PrefixCache
-from tests.engine.test_kv_slab import _check, _drain_prefill, _prompt
+from tests.engine.test_kv_slab import _check, _drain_prefill, _prompt, _slab_model
 
 
 def _decode(model: torch.nn.Module, batch: Batch[str], seqs: dict[str, list[int]], steps: int) -> None:
@@ -29,8 +27,7 @@ def _decode(model: torch.nn.Module, batch: Batch[str], seqs: dict[str, list[int]
 def test_a_shared_prefix_is_reused_and_every_logit_matches_a_plain_forward(
     arch: str, tiny_base: Path, tiny_gpt2: Path
 ) -> None:
-    model = AutoModelForCausalLM.from_pretrained(tiny_base if arch == "llama" else tiny_gpt2).eval()
-    assert use_slab_attention(model)
+    model = _slab_model(tiny_base if arch == "llama" else tiny_gpt2)
     vocab = model.config.vocab_size
     system = _prompt(0, 12, vocab)  # the shared head, like a chat template's system prompt
     seqs = {"a": system + _prompt(1, 5, vocab), "b": system + _prompt(2, 9, vocab)}
