@@ -15,6 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from server.boot.phases import PhaseTimer, log
 from server.config.schema import AdapterConfig, Config
+from server.engine.kernels import linear_probe
 from server.errors import ExitCode
 from server.load.adapters import (
     AdapterInfo,
@@ -43,7 +44,7 @@ from server.merge.apply import (
 )
 from server.merge.combine import MixSpec, deltas_on_the_side
 from server.merge.parity import ParityResult, compare_logits, probe_logits, with_float32_reference
-from server.merge.precision import can_upcast, resolve_dtype_setting, upcast
+from server.merge.precision import PLAIN_LINEAR, LinearProbe, can_upcast, resolve_dtype_setting, upcast
 
 
 def _gate(result: ParityResult) -> None:
@@ -121,11 +122,17 @@ class BuiltArms:
     dtype_reason: str
 
 
+def dtype_probe(config: Config) -> LinearProbe:
+    """The kernels `dtype: auto` is timed in: the torch engine's own (prepacked where it packs); vLLM brings its own
+    kernels, which mergeserve cannot run before vLLM starts, so plain `F.linear` stands in for them."""
+    return linear_probe(config.engine.prepack_linear or "auto") if config.engine.kind == "torch" else PLAIN_LINEAR
+
+
 def build_arms(config: Config, timer: PhaseTimer) -> BuiltArms:
     """Load, attach, merge as the mode says, and pass the parity gate (or raise BootError)."""
     names = [a.name for a in config.adapters]
     refuse_quantized_merge(config)
-    dtype_name, dtype_reason = resolve_dtype_setting(config.model.dtype)
+    dtype_name, dtype_reason = resolve_dtype_setting(config.model.dtype, dtype_probe(config))
     model_cfg = config.model.model_copy(update={"dtype": dtype_name})
     with timer.phase("load_base"):
         tokenizer, base = load_base(model_cfg, config.security.allow_pickle)

@@ -25,7 +25,7 @@ import torch
 from peft import PeftConfig
 
 from server import __version__
-from server.boot.arms import BuiltArms, build_arms
+from server.boot.arms import BuiltArms, build_arms, dtype_probe
 from server.boot.phases import PhaseTimer, finish_boot, log
 from server.config.schema import Config
 from server.engine.engine import Engine
@@ -75,7 +75,7 @@ def resolved_dtype(config: Config) -> tuple[Config, str]:
     Resolved once, before the key: the key, the merge and a hit's load then all use one dtype. Keyed as "auto", a
     bf16 machine's entry would be served in bf16 on an AVX2-only replica, where bf16 matmuls run tens of times slower.
     """
-    dtype, reason = resolve_dtype_setting(config.model.dtype)
+    dtype, reason = resolve_dtype_setting(config.model.dtype, dtype_probe(config))
     return config.model_copy(update={"model": config.model.model_copy(update={"dtype": dtype})}), reason
 
 

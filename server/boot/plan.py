@@ -10,8 +10,9 @@ the entry is verified against its manifest as boot does.
 What only the weights show is not checked: shapes against the base, NaN in an adapter, the parity gate. serve can
 still refuse those (exit 2 or 3) after check passed.
 
-`dtype: auto` is measured at boot by timing matmuls (`server.merge.precision.pick_dtype`, up to seconds on a CPU
-without native bf16); check does not measure it, and reports the cache entry for each dtype boot may pick.
+`dtype: auto` is measured at boot by timing the engine's linear kernels (`server.merge.precision.pick_dtype`, up to
+seconds on a CPU without native bf16); check does not measure it, and reports the cache entry for each dtype boot may
+pick.
 """
 
 from __future__ import annotations

@@ -68,7 +68,8 @@ class EngineConfig(BaseModel):
 
     prepack_linear: Literal["auto", "on", "off"] | None = Field(
         default=None,
-        description="torch engine: reorder linear weights once for oneDNN (bf16 on CPU); null/auto: where supported.",
+        description="torch engine: reorder linear weights once for oneDNN (CPU: float32, and bf16 where the CPU has "
+        "native bf16); null/auto: where supported, unless layers are offloaded to disk.",
     )
     prefix_cache_tokens: int | None = Field(
         default=None,

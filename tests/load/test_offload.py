@@ -50,6 +50,8 @@ def test_disk_offloaded_layer_merges_exactly(
         # checkpoint's own safetensors, or from offload_folder once the merge has written a layer back).
         assert offloaded.info.device_map.get("meta", 0) > 0
         assert offloaded.info.parity is not None and offloaded.info.parity.passed
+        # Meta weights have nothing to reorder: the offloaded arm runs unpacked, the in-memory one packed.
+        assert offloaded.info.engine["prepack_linear"] is False and in_memory.info.engine["prepack_linear"] is True
         expected = _logits(in_memory, "merged")
         got = _logits(offloaded, mode)
         assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()

@@ -26,6 +26,7 @@ from server.load.adapters import load_adapters
 from server.merge.apply import lora_layers, merge_and_unload
 from server.merge.kinds import composed_delta, lora_product
 from server.store.export import export_merged
+from tests.as_served import load_as_served
 from tests.conftest import TARGETS, exported_weights, make_added_token_adapter
 
 Writer = Callable[[dict[str, Any]], Path]
@@ -160,7 +161,7 @@ def test_kind_exports_as_served(
         for key, value in written.items():
             assert torch.allclose(value, theirs[key], atol=1e-5, rtol=0), key
     served = boot(config)
-    assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "out")), _logits(served.model))
+    assert torch.equal(_logits(load_as_served(tmp_path / "out", served)), _logits(served.model))
     served.close()
 
 
@@ -185,7 +186,7 @@ def test_mix_of_bias_and_dora_kinds_exports_as_served(
     assert any(k.endswith("c_attn.bias") and not torch.equal(v, _weights_of(base_dir)[k]) for k, v in written.items())
     for key, value in written.items():
         assert torch.equal(value, state[key]), key
-    assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "out")), _logits(served.model))
+    assert torch.equal(_logits(load_as_served(tmp_path / "out", served)), _logits(served.model))
     served.close()
 
 

@@ -33,14 +33,14 @@ def test_auto_dtype_picks_bf16_only_when_clearly_faster(
     fp32_ms: float, bf16_ms: float, chosen: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fake = {"float32": fp32_ms / 1e3, "bfloat16": bf16_ms / 1e3}
-    monkeypatch.setattr(precision, "_matmul_seconds", lambda dtypes, device, shape: {d: fake[d] for d in dtypes})
+    monkeypatch.setattr(precision, "_matmul_seconds", lambda dtypes, device, shape, probe: {d: fake[d] for d in dtypes})
     name, reason = precision.pick_dtype(torch.device("cpu"))
     assert name == chosen
     assert reason.startswith("auto: timed") and f"{fp32_ms:.3f} ms" in reason and f"chose {chosen}" in reason
 
 
 def test_auto_dtype_keeps_float32_when_bf16_decode_steps_are_slower(monkeypatch: pytest.MonkeyPatch) -> None:
-    def fake(dtypes: list[str], device: torch.device, shape: tuple[int, int, int]) -> dict[str, float]:
+    def fake(dtypes: list[str], device: torch.device, shape: tuple[int, int, int], probe: Any) -> dict[str, float]:
         decode = shape[0] == 1
         return {"float32": 1.0 if decode else 10.0, "bfloat16": 1.5 if decode else 2.0}
 
@@ -104,6 +104,7 @@ def test_auto_dtype_through_boot_records_choice_and_reason(
     engine = boot(load_config(write_config(tiny_config_data)))
     assert engine.info.dtype in ("float32", "bfloat16")
     assert engine.info.dtype_reason.startswith("auto: timed") and engine.info.dtype in engine.info.dtype_reason
+    assert "the torch engine's linear kernels (prepack_linear: auto)" in engine.info.dtype_reason
     engine.close()
 
 

@@ -26,7 +26,7 @@ from server.store.checkpoint import sha256_file
 from tests.conftest import make_added_token_adapter
 
 Writer = Callable[[dict[str, Any]], Path]
-HIT_PHASES = ["cache_lookup", "cache_hit", "verify", "warmup"]
+HIT_PHASES = ["cache_lookup", "cache_hit", "verify", "prepack", "warmup"]
 
 
 def _logits(engine: Engine) -> torch.Tensor:
@@ -239,7 +239,7 @@ def test_a_hit_serves_the_adapters_tokenizer_as_the_cold_boot_did(
 def _bf16_timings(faster: bool) -> Callable[..., dict[str, float]]:
     """Matmul timings of a CPU with native bf16 (faster) or an AVX2-only one, where bf16 is emulated and slow."""
     seconds = {"float32": 1e-3, "bfloat16": 0.2e-3 if faster else 30e-3}
-    return lambda dtypes, device, shape: {d: seconds[d] for d in dtypes}
+    return lambda dtypes, device, shape, probe: {d: seconds[d] for d in dtypes}
 
 
 def test_auto_dtype_is_keyed_by_the_dtype_it_resolves_to(

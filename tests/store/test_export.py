@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 from server.boot.boot import boot
 from server.config.load import load_config
 from server.store.export import export_merged
+from tests.as_served import load_as_served
 from tests.conftest import build_adapter, exported_weights
 from tests.live_server import REPO, free_port
 
@@ -59,7 +60,7 @@ def test_export_loads_with_transformers_and_equals_the_served_model(
     assert result.model_bytes == sum(t.numel() * t.element_size() for t in exported_weights(out).values())
 
     served = boot(config)
-    exported = AutoModelForCausalLM.from_pretrained(out)
+    exported = load_as_served(out, served)
     ids = torch.tensor([served.tokenize(TEXT)])
     assert ids[0].tolist() == AutoTokenizer.from_pretrained(out)(TEXT).input_ids and ids.shape[1] > 3
     assert torch.equal(_logits(served.model, ids), _logits(exported, ids))  # exact, float32
@@ -148,7 +149,7 @@ def test_export_of_a_mix_equals_merged_serving(
     for key, value in written.items():
         assert torch.equal(value, state[key]), key
     ids = torch.tensor([served.tokenize(TEXT)])
-    assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "out"), ids), _logits(served.model, ids))
+    assert torch.equal(_logits(load_as_served(tmp_path / "out", served), ids), _logits(served.model, ids))
 
 
 @pytest.fixture
