@@ -3,7 +3,9 @@
 Method:
 - The model is built by scripts/bench_serving.py's `build_merged` (float32 by the demo config); copies are cast to
   bfloat16 and float16. Variant `bf16-nomkldnn` runs the bf16 copy with `torch.backends.mkldnn` disabled, so bf16
-  matmuls take ATen's own cpublas kernels (gemv at one row) instead of oneDNN.
+  matmuls take ATen's own cpublas kernels (gemv at one row) instead of oneDNN. Variants `fp32-packed` and
+  `bf16-packed` run copies whose linear layers the torch engine's boot packed for oneDNN (server.engine.kernels; the
+  engine sends bf16 steps of one or two rows to the gemv of `bf16-nomkldnn` instead).
 - Decode: input (B, 1) against a StaticCache of max_cache_len S+1 whose first S slots hold random keys/values (the
   timing does not depend on their values). Before every step the cache's write counter is reset to S, so every
   timed step writes slot S and attends over the same S+1 keys: the context never grows across reps.
@@ -43,9 +45,13 @@ from transformers import StaticCache
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_serving import QUESTIONS, build_merged
 
+from server.engine.kernels import prepack_linears
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # variant -> (dtype key, mkldnn enabled)
-VARIANTS = {"fp32": ("fp32", True), "bf16": ("bf16", True), "fp16": ("fp16", True), "bf16-nomkldnn": ("bf16", False)}
+PACKED = {"fp32-packed": "fp32", "bf16-packed": "bf16"}  # copies packed as the torch engine packs them
+VARIANTS = {"fp32": ("fp32", True), "bf16": ("bf16", True), "fp16": ("fp16", True), "bf16-nomkldnn": ("bf16", False),
+            **{name: (name, True) for name in PACKED}}  # fmt: skip
 GREEDY_STEPS, TOP_KERNELS = 32, 4
 Step = Callable[[], torch.Tensor]
 
@@ -353,6 +359,9 @@ def main() -> int:
     tokenizer, base, _ = build_merged(args.config)
     base.eval()
     models = {key: base if dtype == torch.float32 else copy.deepcopy(base).to(dtype) for key, dtype in DTYPES.items()}
+    for name, key in PACKED.items():
+        models[name] = copy.deepcopy(models[key])
+        prepack_linears(models[name])
     env = {
         "torch": torch.__version__,
         "transformers": transformers.__version__,

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from server.boot.boot import boot
 from server.config.load import load_config
+from tests.as_served import load_as_served
 from tests.live_server import REPO
 
 pytestmark = pytest.mark.e2e
@@ -42,7 +43,7 @@ def test_export_and_cache_hit_reproduce_the_served_demo(tmp_path: Path) -> None:
     assert "load_base" not in hot.info.boot_seconds and hot.info.cache["reproduced_exactly"] is True
     _assert_standard_config(Path(hot.info.cache["dir"]) / "entries" / hot.info.cache["key"])
 
-    exported = AutoModelForCausalLM.from_pretrained(out)
+    exported = load_as_served(out, cold)
     tokenizer = AutoTokenizer.from_pretrained(out)
     messages = [{"role": "user", "content": "What is the capital of Germany?"}]
     text = cold.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
