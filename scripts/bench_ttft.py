@@ -8,11 +8,14 @@ chunked prefill, not a cache hit. Each round (after --warmup rounds, not counted
   * idle: the short prompt alone, streamed; TTFT = send to first `data:` event (client clock);
   * busy: the long prompt is sent (max_new_tokens 1), and --delay seconds later the short one; the short's TTFT is
     recorded, and whether its first token came before the long one's (it should: the long prompt is prefilled in
-    chunks of limits.max_batch_prefill_tokens, and the short one waits for at most one chunk).
+    chunks of limits.max_batch_prefill_tokens, and the short one waits for at most one chunk). The delay is drawn
+    per round from the range --delay gives (default 0.1:0.6 s, seeded, all within the long prompt's prefill): how
+    long the short one waits is the rest of the chunk in flight when it arrives, so one fixed delay times one point
+    of the chunk and its "median" is that point's; random arrivals time the chunk's whole span, as clients do.
 The two kinds alternate round by round, so drift hits both alike. Reported: medians and p90 of each, the ratio
 busy/idle of the medians (target <= 2), and the long prompt's own TTFT (its whole prefill).
 
-    python scripts/bench_ttft.py [--config configs/demo.yaml] [--rounds 10] [--delay 0.15] [--json out.json]
+    python scripts/bench_ttft.py [--config configs/demo.yaml] [--rounds 10] [--delay 0.1:0.6 | 0.15] [--json out.json]
 """
 
 from __future__ import annotations
@@ -103,16 +106,26 @@ async def busy_round(client: httpx.AsyncClient, delay: float, rng: random.Random
     return short_ttft, long_ttft, short_start + short_ttft < long_start + long_ttft
 
 
-async def measure(url: str, rounds: int, warmup: int, delay: float) -> dict[str, object]:
+def delays(spec: str, count: int) -> list[float]:
+    """`count` delays in seconds: "a:b" uniform in [a, b] (seeded), or one fixed number."""
+    low, _, high = spec.partition(":")
+    if not high:
+        return [float(low)] * count
+    rng = random.Random(1)
+    return [rng.uniform(float(low), float(high)) for _ in range(count)]
+
+
+async def measure(url: str, rounds: int, warmup: int, delay: str) -> dict[str, object]:
     idle: list[float] = []
     busy: list[float] = []
     longs: list[float] = []
     first = 0
     rng = random.Random(0)
+    waits = delays(delay, warmup + rounds)
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
         for r in range(warmup + rounds):
             _, t_idle = await first_token(client, SHORT, 8, rng)
-            t_busy, t_long, short_first = await busy_round(client, delay, rng)
+            t_busy, t_long, short_first = await busy_round(client, waits[r], rng)
             if r >= warmup:
                 idle.append(t_idle)
                 busy.append(t_busy)
@@ -120,7 +133,8 @@ async def measure(url: str, rounds: int, warmup: int, delay: float) -> dict[str,
                 first += short_first
     med_idle, med_busy = statistics.median(idle), statistics.median(busy)
     return {
-        "rounds": rounds, "delay_s": delay, "short_tokens": SHORT, "long_tokens": LONG,
+        "rounds": rounds, "delay_s": delay, "delays_s": [round(w, 3) for w in waits[warmup:]],
+        "short_tokens": SHORT, "long_tokens": LONG, "busy_ttft_ms_each": [round(1000 * t, 1) for t in busy],
         "idle_ttft_ms": {"p50": 1000 * med_idle, "p90": 1000 * _p90(idle)},
         "busy_ttft_ms": {"p50": 1000 * med_busy, "p90": 1000 * _p90(busy)},
         "long_ttft_ms": {"p50": 1000 * statistics.median(longs)},
@@ -147,7 +161,7 @@ def main() -> int:
     parser.add_argument("--url", default=None, help="a running server instead of starting one")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--delay", type=float, default=0.15, help="seconds between the long and the short request")
+    parser.add_argument("--delay", default="0.1:0.6", help="seconds from the long to the short request; a:b: random")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     with server_url(args) as url:
