@@ -1,11 +1,11 @@
 """Precision: which dtype to serve in (`dtype: auto`), and how far the served logits sit from float32.
 
 `pick_dtype` times the serving engine's own linear kernels on decoder-sized shapes in float32 and bfloat16 on the
-serving device and keeps bf16 only if it is clearly faster. Which kernels matters more than the dtype: on this
-project's AVX512-BF16 CPU plain `F.linear` made bf16 look no faster than float32 (it re-lays-out the weight on every
-call), while the torch engine's prepacked oneDNN kernels run a bf16 decode step ~1.9x faster than float32's
-(docs/benchmarks.md, "dtype"); on an AVX2-only CPU bf16 is emulated and tens of times slower; on GPUs it is the fast
-path. bf16 keeps float32's range, so it is safe for any checkpoint.
+serving device and keeps bf16 only if it is clearly faster. What is timed decides the answer: one cache-resident
+weight through plain `F.linear` picked float32 on this project's AVX512-BF16 CPU, where the torch engine's kernels
+run a bf16 decode step 1.9x faster than float32's (docs/benchmarks.md, "dtype"); on an AVX2-only CPU bf16 is
+emulated and tens of times slower; on GPUs it is the fast path. bf16 keeps float32's range, so it is safe for any
+checkpoint.
 
 `float32_reference` measures what the serving dtype costs: the unmerged model's logits computed in float32. The model
 is upcast in place for the probes and cast back; bf16 -> fp32 -> bf16 (and fp16 likewise) is exact, so the served
