@@ -30,6 +30,7 @@ from server.boot.boot import boot
 from server.config.load import load_config
 from server.config.schema import CACHE_DIR_ENV, Config
 from server.engine.engine import Engine
+from server.engine.kernels import prepack_linears
 
 CORPUS = [
     "The capital of France is Paris.",
@@ -137,6 +138,17 @@ def exported_weights(folder: Path) -> dict[str, torch.Tensor]:
         out.update(load_file(str(folder / shard)))
     assert set(out) == set(index["weight_map"])
     return out
+
+
+def load_as_served(folder: Path, served: Engine) -> torch.nn.Module:
+    """An export loaded by transformers and, if `served` packed its arms (server.engine.kernels), packed the same way.
+
+    oneDNN's blocked summation can round the last bit differently from `F.linear`'s, so equal weights give equal
+    logits only through equal kernels: tests comparing an export with the served model bit for bit load it here."""
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    if served.info.engine.get("prepack_linear"):
+        assert prepack_linears(model) > 0
+    return model
 
 
 @pytest.fixture(scope="module", autouse=True)

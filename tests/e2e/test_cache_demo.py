@@ -16,7 +16,7 @@ from transformers import AutoTokenizer
 
 from server.boot.boot import boot
 from server.config.load import load_config
-from tests.as_served import load_as_served
+from tests.conftest import load_as_served
 from tests.live_server import REPO
 
 pytestmark = pytest.mark.e2e

@@ -26,8 +26,7 @@ from server.load.adapters import load_adapters
 from server.merge.apply import lora_layers, merge_and_unload
 from server.merge.kinds import composed_delta, lora_product
 from server.store.export import export_merged
-from tests.as_served import load_as_served
-from tests.conftest import TARGETS, exported_weights, make_added_token_adapter
+from tests.conftest import TARGETS, exported_weights, load_as_served, make_added_token_adapter
 
 Writer = Callable[[dict[str, Any]], Path]
 IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 11, 300, 64]])

@@ -26,8 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 from server.boot.boot import boot
 from server.config.load import load_config
 from server.store.export import export_merged
-from tests.as_served import load_as_served
-from tests.conftest import build_adapter, exported_weights
+from tests.conftest import build_adapter, exported_weights, load_as_served
 from tests.live_server import REPO, free_port
 
 Writer = Callable[[dict[str, Any]], Path]
