@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from server.load.adapters import has_meta_weights
 from server.merge.precision import Linear, LinearProbe
 
 log = logging.getLogger("mergeserve.kernels")
@@ -99,7 +100,7 @@ def should_prepack(arms: dict[str, nn.Module], setting: PrepackSetting) -> bool:
     per forward, so there is nothing to reorder at boot (and a packed copy would pin the layer in memory)."""
     param = next(next(iter(arms.values())).parameters())
     supported = _prepack_supported(param.dtype, param.device)
-    offloaded = any(p.device.type == "meta" for arm in arms.values() for p in arm.parameters())
+    offloaded = any(has_meta_weights(arm) for arm in arms.values())
     if setting == "on" and (offloaded or not supported):
         why = "layers are offloaded to disk" if offloaded else f"{param.dtype} on {param.device.type} has no kernel"
         log.warning("engine.prepack_linear: on, but %s; not packing", why)
