@@ -117,6 +117,24 @@ def image_exists(name: str) -> bool:
     return subprocess.run(["buildah", "inspect", "--type", "image", name], capture_output=True).returncode == 0
 
 
+def image_id(name: str) -> str | None:
+    proc = subprocess.run(["buildah", "inspect", "--type", "image", "--format", "{{.FromImageID}}", name],
+                          capture_output=True, text=True)  # fmt: skip
+    if proc.returncode != 0:  # no image of that name yet
+        return None
+    return proc.stdout.strip() or None
+
+
+def drop_replaced(old: str | None, tag: str) -> None:
+    """The tag's previous image, once the new build has taken the tag: untagged, it would only hold ~1.5 GB of disk
+    per rebuild (buildah keeps it as a dangling image). Its layers the new image shares stay; one still used by a
+    container or another tag is kept (buildah refuses, and that is fine)."""
+    if old is None or old == image_id(tag):
+        return
+    proc = subprocess.run(["buildah", "rmi", old], capture_output=True, text=True)
+    say(f"previous {tag} ({old[:12]}) " + ("removed" if proc.returncode == 0 else "kept: still in use"))
+
+
 def import_base(tarball: Path, name: str) -> None:
     """The tarball as an image: a scratch container, the tree added (tar is unpacked), PATH set, committed."""
     container = run("buildah", "from", "scratch", quiet=True).strip()
@@ -226,8 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         say(f"base image present: {base}")
     extra = torch_args(args.wheels) + cert_args() + [a for item in args.build_arg for a in ("--build-arg", item)]
+    previous = image_id(args.tag)
     with step(f"buildah bud {args.tag} on {base}"):
         build(args.tag, base, extra, layers=not args.no_layers)
+    drop_replaced(previous, args.tag)
     say(f"{args.tag} built in {time.monotonic() - start:.1f} s")
     return 0
 
