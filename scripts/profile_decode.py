@@ -12,6 +12,12 @@ Only steps at the full batch size count for B = 8 would need a steady batch; all
 steps count is printed. The profiler adds a few microseconds per op, so the small phases read high, not low.
 The top aten/oneDNN ops inside the forward are listed too (self CPU time).
 
+Then, without the profiler (which inflates every small op), the floor the linear layers set: per B, a served
+decode forward over the KV slab (B rows, 64 cached tokens each, 20 steps) against the same linear layers alone (each
+called once on B random rows, in the served kernels), interleaved, median of 5 repetitions after one warm-up. Their
+difference is what everything else in the forward costs: norms, rotary, attention, the slab writes, elementwise ops
+and Python, i.e. what fusing the non-linear part of a layer could save at most.
+
     python scripts/profile_decode.py [--config configs/demo.yaml] [--dtype float32] [--batches 1,8]
         [--new-tokens 48] [--out docs/profile/run.md]
 """
@@ -19,8 +25,10 @@ The top aten/oneDNN ops inside the forward are listed too (self CPU time).
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import threading
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -32,6 +40,8 @@ from torch.profiler import ProfilerActivity, profile
 from server.boot.boot import boot
 from server.config.load import load_config
 from server.engine.engine import Engine
+from server.engine.kernels import small_rows_scope
+from server.engine.kv_slab import KVSlab, forward
 from server.engine.sampling import SamplingParams
 from server.engine.types import PreparedRequest
 
@@ -64,6 +74,60 @@ def breakdown(prof: Any) -> tuple[dict[str, float], int, list[tuple[str, float]]
     aten = [a for a in prof.key_averages() if a.key.startswith(("aten::", "mkldnn::", "mkl::"))]
     ops = sorted(((a.key, a.self_cpu_time_total / 1000 / max(steps, 1)) for a in aten), key=lambda kv: -kv[1])
     return per_step, steps, ops[:8]
+
+
+def linear_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The outermost modules with `in_features` (a PEFT LoRA wrapper, not also its base layer): what a forward runs."""
+    found: list[tuple[str, torch.nn.Module]] = []
+    for name, module in model.named_modules():
+        if hasattr(module, "in_features") and not any(name.startswith(f"{outer}.") for outer, _ in found):
+            found.append((name, module))
+    return [module for _, module in found]
+
+
+@torch.inference_mode()
+def floor(model: torch.nn.Module, batch: int, steps: int = 20, reps: int = 5) -> tuple[float, float]:
+    """-> (ms per served decode forward, ms per pass of the linear layers alone), medians, unprofiled."""
+    layers = linear_layers(model)
+    dtype = next(model.parameters()).dtype
+    inputs = [torch.randn(batch, 1, layer.in_features, dtype=dtype) for layer in layers]  # type: ignore[arg-type]
+    times: dict[str, list[float]] = {"forward": [], "linears": []}
+    for rep in range(reps + 1):  # the first is warm-up
+        slab = KVSlab(batch)
+        forward(model, slab, torch.arange(batch), torch.randint(100, 1000, (batch, 64)), [0] * batch, [63] * batch)
+        slab.lengths = [64] * batch
+        tokens = torch.randint(100, 1000, (batch, 1))
+        with small_rows_scope(model, batch):
+            start = time.perf_counter()
+            for _ in range(steps):
+                logits = forward(model, slab, slice(0, batch), tokens, slab.lengths, [0] * batch)
+                slab.lengths = [n + 1 for n in slab.lengths]
+                tokens = logits.argmax(-1, keepdim=True)
+            middle = time.perf_counter()
+            for _ in range(steps):
+                for layer, x in zip(layers, inputs, strict=True):
+                    layer(x)
+            end = time.perf_counter()
+        if rep:
+            times["forward"].append((middle - start) / steps * 1000)
+            times["linears"].append((end - middle) / steps * 1000)
+    return statistics.median(times["forward"]), statistics.median(times["linears"])
+
+
+def floor_markdown(floors: dict[int, tuple[float, float]]) -> str:
+    batches = sorted(floors)
+    head = "| unprofiled, 64 cached tokens (ms, median of 5) | " + " | ".join(f"batch {b}" for b in batches) + " |"
+    lines = ["", head, "|---|" + "---:|" * len(batches)]
+    forwards, linears = [floors[b][0] for b in batches], [floors[b][1] for b in batches]
+    rest = [f - x for f, x in zip(forwards, linears, strict=True)]
+    rows = {
+        "decode forward over the slab": forwards,
+        "its linear layers alone": linears,
+        "the rest: norms, rotary, attention, slab, elementwise, Python": rest,
+    }
+    for label, values in rows.items():
+        lines.append(f"| {label} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def markdown(results: dict[int, tuple[dict[str, float], int, list[tuple[str, float]]]], title: str) -> str:
@@ -110,8 +174,11 @@ def main() -> int:
             results[batch] = breakdown(prof)
     finally:
         engine.close()
+    # After close: a live model thread idles beside this one, and the floor timed ~1.5x slower with it (one run).
+    model = next(iter(engine.arms.values()))
+    floors = {batch: floor(model, batch) for batch in results}
     title = f"{args.config}, {engine.info.dtype}, {torch.get_num_threads()} threads, {args.new_tokens} new tokens"
-    text = markdown(results, title)
+    text = markdown(results, title) + floor_markdown(floors)
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
