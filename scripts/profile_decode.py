@@ -12,11 +12,12 @@ Only steps at the full batch size count for B = 8 would need a steady batch; all
 steps count is printed. The profiler adds a few microseconds per op, so the small phases read high, not low.
 The top aten/oneDNN ops inside the forward are listed too (self CPU time).
 
-Then, without the profiler (which inflates every small op), the floor the linear layers set: per B, a served
-decode forward over the KV slab (B rows, 64 cached tokens each, 20 steps) against the same linear layers alone (each
-called once on B random rows, in the served kernels), interleaved, median of 5 repetitions after one warm-up. Their
-difference is what everything else in the forward costs: norms, rotary, attention, the slab writes, elementwise ops
-and Python, i.e. what fusing the non-linear part of a layer could save at most.
+Then, without the profiler (which inflates every small op), per B: a decode forward over the KV slab as the engine
+runs it (B rows, 64 cached tokens each, 20 steps; the direct decoder stack of server.engine.decoder), the same
+through transformers' forward, and the same linear layers alone (each called once on B random rows, in the served
+kernels), interleaved, median of 9 repetitions after one warm-up. Served minus linears is what everything else in the
+forward costs: norms, rotary, attention, the slab writes, elementwise ops and Python, i.e. what fusing the non-linear
+part of a layer could save at most.
 
     python scripts/profile_decode.py [--config configs/demo.yaml] [--dtype float32] [--batches 1,8]
         [--new-tokens 48] [--out docs/profile/run.md]
@@ -39,6 +40,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from server.boot.boot import boot
 from server.config.load import load_config
+from server.engine.decoder import direct_stack
 from server.engine.engine import Engine
 from server.engine.kernels import small_rows_scope
 from server.engine.kv_slab import KVSlab, forward
@@ -85,48 +87,63 @@ def linear_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [module for _, module in found]
 
 
+def _decode_ms(model: torch.nn.Module, batch: int, steps: int, stack: Any | None) -> float:
+    """ms per decode forward over a slab of `batch` rows with 64 cached tokens each (`stack`: as kv_slab.forward)."""
+    slab = KVSlab(batch)
+    prompt = torch.randint(100, 1000, (batch, 64), generator=torch.Generator().manual_seed(batch))
+    forward(model, slab, torch.arange(batch), prompt, [0] * batch, [63] * batch, stack)
+    slab.lengths = [64] * batch
+    tokens = prompt[:, -1:]
+    start = time.perf_counter()
+    for _ in range(steps):
+        logits = forward(model, slab, slice(0, batch), tokens, slab.lengths, [0] * batch, stack)
+        slab.lengths = [n + 1 for n in slab.lengths]
+        tokens = logits.argmax(-1, keepdim=True)
+    return (time.perf_counter() - start) / steps * 1000
+
+
 @torch.inference_mode()
-def floor(model: torch.nn.Module, batch: int, steps: int = 20, reps: int = 5) -> tuple[float, float]:
-    """-> (ms per served decode forward, ms per pass of the linear layers alone), medians, unprofiled."""
+def floor(model: torch.nn.Module, batch: int, steps: int = 20, reps: int = 9) -> dict[str, float]:
+    """Medians, unprofiled, interleaved per repetition (the first is warm-up), ms: the decode forward as served
+    (the direct stack where the model allows it), through transformers' forward, and its linear layers alone; and
+    the median of the per-repetition ratio served / transformers."""
     layers = linear_layers(model)
     dtype = next(model.parameters()).dtype
     inputs = [torch.randn(batch, 1, layer.in_features, dtype=dtype) for layer in layers]  # type: ignore[arg-type]
-    times: dict[str, list[float]] = {"forward": [], "linears": []}
-    for rep in range(reps + 1):  # the first is warm-up
-        slab = KVSlab(batch)
-        forward(model, slab, torch.arange(batch), torch.randint(100, 1000, (batch, 64)), [0] * batch, [63] * batch)
-        slab.lengths = [64] * batch
-        tokens = torch.randint(100, 1000, (batch, 1))
+    stack = direct_stack(model)
+    times: dict[str, list[float]] = {"served": [], "transformers": [], "linears": []}
+    for rep in range(reps + 1):
         with small_rows_scope(model, batch):
+            served, wrapped = _decode_ms(model, batch, steps, stack), _decode_ms(model, batch, steps, None)
             start = time.perf_counter()
-            for _ in range(steps):
-                logits = forward(model, slab, slice(0, batch), tokens, slab.lengths, [0] * batch)
-                slab.lengths = [n + 1 for n in slab.lengths]
-                tokens = logits.argmax(-1, keepdim=True)
-            middle = time.perf_counter()
             for _ in range(steps):
                 for layer, x in zip(layers, inputs, strict=True):
                     layer(x)
-            end = time.perf_counter()
-        if rep:
-            times["forward"].append((middle - start) / steps * 1000)
-            times["linears"].append((end - middle) / steps * 1000)
-    return statistics.median(times["forward"]), statistics.median(times["linears"])
+            linears = (time.perf_counter() - start) / steps * 1000
+        for name, value in (("served", served), ("transformers", wrapped), ("linears", linears)):
+            times[name] += [value] if rep else []
+    result = {name: statistics.median(values) for name, values in times.items()}
+    ratios = [a / b for a, b in zip(times["served"], times["transformers"], strict=True)]
+    return {**result, "ratio": statistics.median(ratios), "direct": float(stack is not None)}
 
 
-def floor_markdown(floors: dict[int, tuple[float, float]]) -> str:
+def floor_markdown(floors: dict[int, dict[str, float]]) -> str:
     batches = sorted(floors)
-    head = "| unprofiled, 64 cached tokens (ms, median of 5) | " + " | ".join(f"batch {b}" for b in batches) + " |"
+    head = "| unprofiled, 64 cached tokens (ms, median of 9) | " + " | ".join(f"batch {b}" for b in batches) + " |"
     lines = ["", head, "|---|" + "---:|" * len(batches)]
-    forwards, linears = [floors[b][0] for b in batches], [floors[b][1] for b in batches]
-    rest = [f - x for f, x in zip(forwards, linears, strict=True)]
+    direct = all(floors[b]["direct"] for b in batches)
     rows = {
-        "decode forward over the slab": forwards,
-        "its linear layers alone": linears,
-        "the rest: norms, rotary, attention, slab, elementwise, Python": rest,
+        f"decode forward as served ({'direct stack' if direct else 'transformers'})": "served",
+        "the same through transformers' forward": "transformers",
+        "as served / through transformers (median of ratios)": "ratio",
+        "its linear layers alone": "linears",
     }
-    for label, values in rows.items():
-        lines.append(f"| {label} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
+    for label, key in rows.items():
+        digits = 3 if key == "ratio" else 2
+        lines.append(f"| {label} | " + " | ".join(f"{floors[b][key]:.{digits}f}" for b in batches) + " |")
+    rest = [floors[b]["served"] - floors[b]["linears"] for b in batches]
+    lines.append("| the rest: norms, rotary, attention, slab, elementwise, Python | "
+                 + " | ".join(f"{r:.2f}" for r in rest) + " |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

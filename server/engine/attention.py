@@ -62,7 +62,7 @@ def slab_sdpa(
     return out.to(query.dtype)
 
 
-def _transformers_model(model: nn.Module) -> Any:
+def transformers_model(model: nn.Module) -> Any:
     get_base_model = getattr(model, "get_base_model", None)  # PEFT wraps the transformers model
     return get_base_model() if callable(get_base_model) else model
 
@@ -70,7 +70,7 @@ def _transformers_model(model: nn.Module) -> Any:
 def use_slab_attention(model: nn.Module) -> bool:
     """Switch a served transformers model from "sdpa" to `slab_attention` (registered once per process; registering
     again replaces the entry with the same function). Models on eager or other kernels are left as they are."""
-    inner = _transformers_model(model)
+    inner = transformers_model(model)
     config = getattr(inner, "config", None)
     if getattr(config, "_attn_implementation", None) not in ("sdpa", SLAB_ATTENTION):
         return False
@@ -81,7 +81,7 @@ def use_slab_attention(model: nn.Module) -> bool:
 
 
 def wants_bool_mask(model: nn.Module) -> bool:
-    inner = _transformers_model(model)
+    inner = transformers_model(model)
     return getattr(getattr(inner, "config", None), "_attn_implementation", None) == SLAB_ATTENTION
 
 

@@ -16,11 +16,12 @@ depend on what else is in the batch, up to float rounding in the attention sums.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import torch
 from torch import nn
 
+from server.engine.decoder import direct_stack
 from server.engine.kv_slab import KVSlab, forward
 from server.engine.mixed import Chunk, mixed_forward
 from server.engine.prefix_cache import PrefixCache
@@ -42,7 +43,9 @@ class Prefilling(Generic[R]):
         return len(self.ids) - self.done
 
 
-def prefill_rows(model: nn.Module, slab: KVSlab, chunks: list[tuple[Prefilling[R], int]]) -> torch.Tensor:
+def prefill_rows(
+    model: nn.Module, slab: KVSlab, chunks: list[tuple[Prefilling[R], int]], stack: Any | None = None
+) -> torch.Tensor:
     """One forward over (row, token count) chunks, right-padded to the widest -> logits (n, V) at each chunk's end."""
     width = max(count for _, count in chunks)
     pad = 0  # any id will do: padded queries write junk past the row's length and are never read
@@ -50,13 +53,13 @@ def prefill_rows(model: nn.Module, slab: KVSlab, chunks: list[tuple[Prefilling[R
     device = next(model.parameters()).device
     slots = torch.tensor([p.slot for p, _ in chunks], device=device)
     return forward(model, slab, slots, torch.tensor(ids, device=device), [p.done for p, _ in chunks],
-                   [count - 1 for _, count in chunks])  # fmt: skip
+                   [count - 1 for _, count in chunks], stack)  # fmt: skip
 
 
-def decode_rows(model: nn.Module, slab: KVSlab, tokens: torch.Tensor) -> torch.Tensor:
+def decode_rows(model: nn.Module, slab: KVSlab, tokens: torch.Tensor, stack: Any | None = None) -> torch.Tensor:
     """tokens: (B, 1), the last sampled token of the rows in slots 0..B-1 -> logits (B, V)."""
     batch = tokens.shape[0]
-    return forward(model, slab, slice(0, batch), tokens, slab.lengths[:batch], [0] * batch)
+    return forward(model, slab, slice(0, batch), tokens, slab.lengths[:batch], [0] * batch, stack)
 
 
 class Batch(Generic[R]):
@@ -71,6 +74,13 @@ class Batch(Generic[R]):
         self.prefixes = PrefixCache(prefix_tokens)  # prompts' K/V kept for the next newcomer sharing a prefix
         self.rows: list[R] = []
         self.prefilling: list[Prefilling[R]] = []
+        self._stack: tuple[nn.Module, Any | None] | None = None  # (model, its direct_stack)
+
+    def direct(self, model: nn.Module) -> Any | None:
+        """`server.engine.decoder.direct_stack(model)`, worked out once per model (it walks every layer)."""
+        if self._stack is None or self._stack[0] is not model:
+            self._stack = (model, direct_stack(model))
+        return self._stack[1]
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -101,7 +111,7 @@ class Batch(Generic[R]):
 
     def prefill(self, model: nn.Module, chunks: list[tuple[Prefilling[R], int]]) -> list[tuple[R, torch.Tensor]]:
         """Run the chunks; -> (row, logits (1, V)) for each row whose prompt is now fully cached."""
-        return self._cached(chunks, prefill_rows(model, self.slab, chunks))
+        return self._cached(chunks, prefill_rows(model, self.slab, chunks, self.direct(model)))
 
     def mixed(
         self, model: nn.Module, tokens: torch.Tensor, chunks: list[tuple[Prefilling[R], int]]
@@ -110,7 +120,7 @@ class Batch(Generic[R]):
         (the running rows' logits (B, V), (row, logits (1, V)) for each row whose prompt is now fully cached)."""
         batch = len(self.rows)
         parts = [Chunk(p.slot, p.ids[p.done : p.done + count], p.done) for p, count in chunks]
-        logits = mixed_forward(model, self.slab, tokens, self.slab.lengths[:batch], parts)  # (B + P, V)
+        logits = mixed_forward(model, self.slab, tokens, self.slab.lengths[:batch], parts, self.direct(model))
         for i in range(batch):
             self.slab.lengths[i] += 1
         return logits[:batch], self._cached(chunks, logits[batch:])
@@ -145,7 +155,7 @@ class Batch(Generic[R]):
 
     def step(self, model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
         """tokens: (B, 1), each running row's last sampled token, in row order -> logits (B, V)."""
-        logits = decode_rows(model, self.slab, tokens)
+        logits = decode_rows(model, self.slab, tokens, self.direct(model))
         for i in range(len(self.rows)):
             self.slab.lengths[i] += 1
         return logits

@@ -14,11 +14,14 @@ values per layer (the demo in float32 at 8 x 2048: 25 MB a layer, 755 MB for its
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from transformers.cache_utils import Cache
 
-from server.engine.attention import kv_dtype, wants_bool_mask
+from server.engine.attention import kv_dtype, slab_sdpa, wants_bool_mask
+from server.engine.decoder import run_stack
 from server.engine.kernels import small_rows_scope
 from server.load.adapters import BootError
 
@@ -162,23 +165,39 @@ def causal_mask(columns: torch.Tensor, width: int, dtype: torch.dtype | None) ->
 
 @torch.inference_mode()
 def forward(
-    model: nn.Module, slab: KVSlab, rows: slice | torch.Tensor, ids: torch.Tensor, starts: list[int], last: list[int]
+    model: nn.Module,
+    slab: KVSlab,
+    rows: slice | torch.Tensor,
+    ids: torch.Tensor,
+    starts: list[int],
+    last: list[int],
+    stack: Any | None = None,
 ) -> torch.Tensor:
     """ids: (n, C), row i's tokens for columns starts[i] .. starts[i] + C - 1 (right-padded: only its first
-    last[i] + 1 are real) -> logits (n, V) at each row's query last[i]. The caller updates the slab's lengths."""
+    last[i] + 1 are real) -> logits (n, V) at each row's query last[i]. The caller updates the slab's lengths.
+
+    `stack`: `server.engine.decoder.direct_stack(model)` to run the layers directly (slab attention only), or None
+    for transformers' forward."""
     device = ids.device
     columns = torch.tensor(starts, device=device)[:, None] + torch.arange(ids.shape[1], device=device)  # (n, C)
     width = max(starts) + ids.shape[1]
     slab.reserve(width)
-    mask = causal_mask(columns, width, None if wants_bool_mask(model) else next(model.parameters()).dtype)
+    boolean = wants_bool_mask(model)
+    mask = causal_mask(columns, width, None if boolean else next(model.parameters()).dtype)
     keep = sorted(set(last))
     # Only the queries whose next token is wanted reach the vocabulary projection: for a prefill chunk that is one
     # position per row, not C (at C = 128 and a 49k vocabulary, 25 MB of logits per row otherwise).
     keep_arg: int | torch.Tensor = 1 if keep == [ids.shape[1] - 1] else torch.tensor(keep, device=device)
     view = SlabView(slab, rows, columns, width, kv_dtype(model))
+
+    def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+        return slab_sdpa(query, keys, values, mask, scale).transpose(1, 2)  # (n, C, H, D), as slab_attention's
+
     with small_rows_scope(model, ids.numel()):
-        out = model(input_ids=ids, attention_mask=mask, position_ids=columns, past_key_values=view, use_cache=True,
-                    logits_to_keep=keep_arg)  # fmt: skip
-    logits = out.logits  # (n, K, V), K = len(keep)
+        if stack is not None and boolean:  # eager attention reads the additive mask: transformers' forward
+            logits = run_stack(stack, ids, columns, view, attend, keep_arg)  # (n, K, V), K = len(keep)
+        else:
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=columns, past_key_values=view,
+                           use_cache=True, logits_to_keep=keep_arg).logits  # fmt: skip
     pick = torch.tensor([keep.index(q) for q in last], device=logits.device)
     return logits[torch.arange(len(last), device=logits.device), pick]  # (n, V)

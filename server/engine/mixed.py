@@ -21,12 +21,14 @@ position), so its logits match those up to float rounding; tests check served to
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from transformers.cache_utils import Cache
 
 from server.engine.attention import kv_dtype, slab_sdpa
+from server.engine.decoder import run_stack
 from server.engine.kernels import small_rows_scope
 from server.engine.kv_slab import KVSlab, causal_mask
 
@@ -119,10 +121,16 @@ class MixedView(Cache):
 
 @torch.inference_mode()
 def mixed_forward(
-    model: nn.Module, slab: KVSlab, tokens: torch.Tensor, lengths: list[int], chunks: list[Chunk]
+    model: nn.Module,
+    slab: KVSlab,
+    tokens: torch.Tensor,
+    lengths: list[int],
+    chunks: list[Chunk],
+    stack: Any | None = None,
 ) -> torch.Tensor:
     """tokens: (B, 1), the next token of the rows in slots 0..B-1 (at columns `lengths`), and the prefill `chunks`
-    -> logits (B + P, V): the B decode rows', then each chunk's at its last token. The caller updates the lengths."""
+    -> logits (B + P, V): the B decode rows', then each chunk's at its last token. The caller updates the lengths.
+    `stack` as for `server.engine.kv_slab.forward`."""
     device = tokens.device
     plan = MixedPlan(lengths, chunks, device)
     slab.reserve(plan.capacity)
@@ -132,8 +140,13 @@ def mixed_forward(
     # transformers passes a 4-D mask to attention untouched; attention reads the plan's masks instead.
     unused_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)
     with small_rows_scope(model, ids.shape[1]):
-        out = model(input_ids=ids, attention_mask=unused_mask, position_ids=plan.columns[None], past_key_values=view,
-                    use_cache=True, logits_to_keep=plan.keep, slab_plan=plan)  # fmt: skip
+        if stack is not None:
+            logits = run_stack(stack, ids, plan.columns[None], view, plan.attend, plan.keep)
+        else:
+            columns = plan.columns[None]
+            out = model(input_ids=ids, attention_mask=unused_mask, position_ids=columns, past_key_values=view,
+                        use_cache=True, logits_to_keep=plan.keep, slab_plan=plan)  # fmt: skip
+            logits = out.logits
     if view.updated == 0 or plan.attended != view.updated:
         raise NotMixable(f"{view.updated} layers wrote K/V but {plan.attended} attended through the plan")
-    return out.logits[0]  # (B + P, V)
+    return logits[0]  # (B + P, V)
