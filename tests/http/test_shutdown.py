@@ -62,14 +62,16 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(
         assert server.proc is not None
         results: list[Any] = []
         first_token, uploading = threading.Event(), threading.Event()
-        threads = [
-            threading.Thread(target=_slow_upload, args=(server.url, results, uploading)),
-            threading.Thread(target=_stream, args=(server.url, results, first_token)),
-        ]
+        threads = [threading.Thread(target=_stream, args=(server.url, results, first_token))]
         threads += [threading.Thread(target=_generate, args=(server.url, results)) for _ in range(IN_FLIGHT - 2)]
         for t in threads:
             t.start()
-        assert first_token.wait(60) and uploading.wait(60)
+        # The upload starts once generation is under way, so its pause runs after the signal however long the
+        # queue ahead of the stream took (a loaded CI machine once needed over UPLOAD_PAUSE for it).
+        assert first_token.wait(60)
+        threads.append(threading.Thread(target=_slow_upload, args=(server.url, results, uploading)))
+        threads[-1].start()
+        assert uploading.wait(60)
         time.sleep(0.3)  # the slow upload's headers have reached the app
         signalled = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
