@@ -15,6 +15,7 @@ offloaded to disk) move or load weights there. Anything else runs `model(...)` a
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -41,7 +42,7 @@ def direct_stack(model: nn.Module) -> Any | None:
     layers = getattr(base, "layers", None)
     if layer_class is None or layers is None or not hasattr(lm, "lm_head"):
         return None
-    if any(type(layer).__name__ != layer_class for layer in layers):
+    if any(type(layer).__name__ != layer_class for layer in layers) or _family_rotary(layers[0]) is None:
         return None
     skipped = [model, getattr(model, "base_model", model), lm, base]  # modules whose forward is not called here
     skipped += [m for layer in layers for m in (layer, layer.self_attn, layer.mlp)]
@@ -55,23 +56,22 @@ def _hooked(module: nn.Module) -> bool:
     return patched or bool(module._forward_hooks) or bool(module._forward_pre_hooks)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (n, H, C, D), cos/sin: (n, 1, C, D) -> x rotated as transformers' `apply_rotary_pos_emb` (half split)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return (x * cos) + (rotated * sin)
+def _family_rotary(layer: nn.Module) -> Any:
+    """The family's own `apply_rotary_pos_emb` (its modeling module's), so the rotation is transformers' arithmetic."""
+    return getattr(sys.modules[type(layer).__module__], "apply_rotary_pos_emb", None)
 
 
 def _attention(
-    attn: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Cache, attend: Attend
+    attn: Any, x: torch.Tensor, rotary: Any, cos: torch.Tensor, sin: torch.Tensor, cache: Cache, attend: Attend
 ) -> torch.Tensor:
-    """x: (n, C, d) normed hidden states; cos/sin: (n, 1, C, D) -> the attention block's output (n, C, d)."""
+    """x: (n, C, d) normed hidden states; cos/sin: (n, C, D) -> the attention block's output (n, C, d)."""
     shape = (*x.shape[:-1], -1, attn.head_dim)
     query = attn.q_proj(x).view(shape).transpose(1, 2)  # (n, H, C, D)
     key = attn.k_proj(x).view(shape).transpose(1, 2)  # (n, Hkv, C, D)
     value = attn.v_proj(x).view(shape).transpose(1, 2)
-    keys, values = cache.update(_rotate(key, cos, sin), value, attn.layer_idx)
-    out = attend(_rotate(query, cos, sin), keys, values, attn.scaling)  # (n, C, H, D)
+    query, key = rotary(query, key, cos, sin)
+    keys, values = cache.update(key, value, attn.layer_idx)
+    out = attend(query, keys, values, attn.scaling)  # (n, C, H, D)
     return cast(torch.Tensor, attn.o_proj(out.reshape(*x.shape[:-1], -1)))
 
 
@@ -86,11 +86,12 @@ def run_stack(
     indices (transformers' `logits_to_keep`); `cache.update` writes each layer's K/V and returns what `attend` reads.
     """
     base = lm.model
+    rotary = _family_rotary(base.layers[0])
     hidden = base.embed_tokens(ids)  # (n, C, d)
     cos, sin = base.rotary_emb(hidden, positions)  # (n, C, D) each, in the hidden states' dtype
-    cos, sin = cos[:, None], sin[:, None]  # (n, 1, C, D): one rotation for every head
     for layer in base.layers[: lm.config.num_hidden_layers]:
-        hidden = hidden + _attention(layer.self_attn, layer.input_layernorm(hidden), cos, sin, cache, attend)
+        normed = layer.input_layernorm(hidden)
+        hidden = hidden + _attention(layer.self_attn, normed, rotary, cos, sin, cache, attend)
         hidden = hidden + _mlp(layer.mlp, layer.post_attention_layernorm(hidden))
     kept = hidden[:, -keep:] if isinstance(keep, int) else hidden[:, keep]  # (n, K, d): the norm is per position
     return cast(torch.Tensor, lm.lm_head(base.norm(kept)))
