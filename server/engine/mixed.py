@@ -139,14 +139,13 @@ def mixed_forward(
     view = MixedView(slab, plan, kv_dtype(model))
     # transformers passes a 4-D mask to attention untouched; attention reads the plan's masks instead.
     unused_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)
+    columns = plan.columns[None]  # (1, N): the flattened tokens' positions
     with small_rows_scope(model, ids.shape[1]):
         if stack is not None:
-            logits = run_stack(stack, ids, plan.columns[None], view, plan.attend, plan.keep)
+            logits = run_stack(stack, ids, columns, view, plan.attend, plan.keep)
         else:
-            columns = plan.columns[None]
-            out = model(input_ids=ids, attention_mask=unused_mask, position_ids=columns, past_key_values=view,
-                        use_cache=True, logits_to_keep=plan.keep, slab_plan=plan)  # fmt: skip
-            logits = out.logits
+            logits = model(input_ids=ids, attention_mask=unused_mask, position_ids=columns, past_key_values=view,
+                           use_cache=True, logits_to_keep=plan.keep, slab_plan=plan).logits  # fmt: skip
     if view.updated == 0 or plan.attended != view.updated:
         raise NotMixable(f"{view.updated} layers wrote K/V but {plan.attended} attended through the plan")
     return logits[0]  # (B + P, V)
