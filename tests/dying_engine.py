@@ -24,10 +24,10 @@ def main() -> int:
     closed = asyncio.new_event_loop()
     closed.close()
 
-    def decode(model: Any, slab: Any, tokens: torch.Tensor, stack: Any = None) -> torch.Tensor:
+    def decode(model: Any, slab: Any, tokens: torch.Tensor, stack: Any = None, fused: Any = None) -> torch.Tensor:
         if max(slab.lengths[: tokens.shape[0]]) > POISON_LENGTH:
             raise RuntimeError("injected fault: decode step")
-        return real_decode(model, slab, tokens, stack)
+        return real_decode(model, slab, tokens, stack, fused)
 
     def fail(lane: Any, exc: BaseException) -> None:
         for row in lane.rows:

@@ -18,6 +18,7 @@ from server.config.schema import Config
 from server.engine.engine import Engine, EngineInfo
 from server.engine.kernels import prepack_arms, should_prepack
 from server.engine.prefix_cache import DEFAULT_PREFIX_CACHE_TOKENS
+from server.engine.slab_ops import load_slab_ops
 from server.load.adapters import (
     AdapterInfo,
 )
@@ -86,7 +87,11 @@ def finish_boot(
     prefix_tokens = config.engine.prefix_cache_tokens
     prefix_tokens = DEFAULT_PREFIX_CACHE_TOKENS if prefix_tokens is None else prefix_tokens
     info.engine["prefix_cache_tokens"] = prefix_tokens
-    engine = Engine(arms, tokenizer, info, config.limits, prefix_tokens=prefix_tokens)
+    fused = config.engine.fused_kernels or "auto"
+    with timer.phase("kernels"):
+        ops = load_slab_ops(fused, next(model.parameters()).device)
+    info.engine["fused_kernels"] = ops is not None
+    engine = Engine(arms, tokenizer, info, config.limits, prefix_tokens=prefix_tokens, slab_ops=ops)
     with timer.phase("warmup"):
         engine.warmup()
     return engine

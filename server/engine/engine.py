@@ -83,6 +83,7 @@ class Engine:
         limits: LimitsConfig,
         served: Served | None = None,
         prefix_tokens: int = 0,
+        slab_ops: Any | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.info = info
@@ -95,7 +96,8 @@ class Engine:
                 use_slab_attention(arm)
             eos = eos_ids(tokenizer, self.model)
             scheduler = Scheduler(arms, tokenizer, eos, limits.max_batch_size, limits.max_concurrent_requests,
-                                  limits.max_batch_prefill_tokens, prefix_tokens=prefix_tokens)  # fmt: skip
+                                  limits.max_batch_prefill_tokens, prefix_tokens=prefix_tokens,
+                                  slab_ops=slab_ops)  # fmt: skip
             served = Served(scheduler, list(arms), eos, next(self.model.parameters()).device.type)
         # Torch arms stay reachable by name (tests and tools read their weights); a served backend has no modules.
         self.arms: dict[str, Any] = arms or dict.fromkeys(served.arms)

@@ -22,6 +22,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -299,6 +300,7 @@ class Scheduler:
         prefill_budget: int = 64,
         on_step: Callable[[str, int, int], None] | None = None,
         prefix_tokens: int = 0,
+        slab_ops: Any | None = None,
     ) -> None:
         self.max_batch_size = max_batch_size
         self._slots = Slots(max_concurrent_requests)
@@ -307,7 +309,7 @@ class Scheduler:
         self._tokenizer, self._eos_ids = tokenizer, frozenset(eos_ids)
         self._special_ids = frozenset(tokenizer.all_special_ids)
         self.lanes = {
-            name: _Lane(name, model, self._wake, Batch(max_batch_size, prefill_budget, prefix_tokens))
+            name: _Lane(name, model, self._wake, Batch(max_batch_size, prefill_budget, prefix_tokens, slab_ops))
             for name, model in models.items()
         }
         self._closed = False

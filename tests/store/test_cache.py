@@ -26,7 +26,7 @@ from server.store.checkpoint import sha256_file
 from tests.conftest import make_added_token_adapter
 
 Writer = Callable[[dict[str, Any]], Path]
-HIT_PHASES = ["cache_lookup", "cache_hit", "verify", "prepack", "warmup"]
+HIT_PHASES = ["cache_lookup", "cache_hit", "verify", "prepack", "kernels", "warmup"]
 
 
 def _logits(engine: Engine) -> torch.Tensor:
