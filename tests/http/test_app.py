@@ -16,7 +16,17 @@ from server.config.schema import Config
 from server.engine.engine import Engine
 from server.http.app import attach_engine, create_app
 
-MISS_PHASES = ("cache_lookup", "load_base", "load_adapters", "merge", "verify", "cache_store", "prepack", "kernels", "warmup")
+MISS_PHASES = (
+    "cache_lookup",
+    "load_base",
+    "load_adapters",
+    "merge",
+    "verify",
+    "cache_store",
+    "prepack",
+    "kernels",
+    "warmup",
+)
 
 
 @pytest.fixture(scope="module")
