@@ -48,9 +48,19 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     MERGESERVE_CONFIG=/app/configs/demo.yaml \
     MERGESERVE_PORT=8080 \
     MERGESERVE_LOG_LEVEL=info \
-    MERGESERVE_CACHE_DIR=/cache
+    MERGESERVE_CACHE_DIR=/cache \
+    MERGESERVE_KERNEL_CACHE=/cache/kernels
 
 WORKDIR /app
+
+# g++ compiles the torch engine's fused decode kernels for the CPU the container runs on, at its first boot (~30 s;
+# kept in /cache/kernels). Without it the engine decodes eagerly, slower (server/engine/slab_ops.py).
+# hadolint ignore=DL3008 # -- the base image's own g++ release: the kernels need any C++17 compiler, not one version
+RUN if ! command -v g++ >/dev/null; then \
+      apt-get update \
+      && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends g++ \
+      && rm -rf /var/lib/apt/lists/*; \
+    fi
 
 # Dependencies in their own layers, before the code: editing server/ does not reinstall torch.
 RUN python3 -m venv /opt/venv \

@@ -13,8 +13,9 @@ steps count is printed. The profiler adds a few microseconds per op, so the smal
 The top aten/oneDNN ops inside the forward are listed too (self CPU time).
 
 Then, without the profiler (which inflates every small op), per B: a decode forward over the KV slab as the engine
-runs it (B rows, 64 cached tokens each, 20 steps; the direct decoder stack of server.engine.decoder), the same
-through transformers' forward, and the same linear layers alone (each called once on B random rows, in the served
+runs it (B rows, 64 cached tokens each, 20 steps; the fused kernels of server.engine.fused_decode where they load),
+the same through the eager direct decoder stack of server.engine.decoder, through transformers' forward, and the same
+linear layers alone (each called once on B random rows, in the served
 kernels), interleaved, median of 9 repetitions after one warm-up. Served minus linears is what everything else in the
 forward costs: norms, rotary, attention, the slab writes, elementwise ops and Python, i.e. what fusing the non-linear
 part of a layer could save at most.
@@ -40,11 +41,14 @@ from torch.profiler import ProfilerActivity, profile
 
 from server.boot.boot import boot
 from server.config.load import load_config
+from server.engine.batch import decode_rows
 from server.engine.decoder import direct_stack
 from server.engine.engine import Engine
+from server.engine.fused_decode import fusable
 from server.engine.kernels import small_rows_scope
 from server.engine.kv_slab import KVSlab, forward
 from server.engine.sampling import SamplingParams
+from server.engine.slab_ops import load_slab_ops
 from server.engine.types import PreparedRequest
 
 PHASES = ("decode.forward", "row.sample", "row.detokenize", "row.emit", "decode.filter")
@@ -63,7 +67,8 @@ def run_batch(engine: Engine, prompts: list[str], batch: int, new_tokens: int) -
 
 
 def breakdown(prof: Any) -> tuple[dict[str, float], int, list[tuple[str, float]]]:
-    """Per-step milliseconds of each phase, the step count, and the top aten ops (ms per step, self CPU)."""
+    """Per-step milliseconds of each phase, the step count, and the top aten, oneDNN and fused-kernel ops (ms per
+    step, self CPU)."""
     totals: dict[str, float] = defaultdict(float)
     steps = 0
     for event in prof.events():
@@ -73,7 +78,7 @@ def breakdown(prof: Any) -> tuple[dict[str, float], int, list[tuple[str, float]]
             totals[event.name] += event.cpu_time_total / 1000  # us -> ms
     per_step = {name: totals[name] / max(steps, 1) for name in ("decode.step", *PHASES)}
     per_step["bookkeeping"] = per_step["decode.step"] - sum(per_step[p] for p in PHASES)
-    aten = [a for a in prof.key_averages() if a.key.startswith(("aten::", "mkldnn::", "mkl::"))]
+    aten = [a for a in prof.key_averages() if a.key.startswith(("aten::", "mkldnn::", "mkl::", "mergeserve::"))]
     ops = sorted(((a.key, a.self_cpu_time_total / 1000 / max(steps, 1)) for a in aten), key=lambda kv: -kv[1])
     return per_step, steps, ops[:8]
 
@@ -87,8 +92,9 @@ def linear_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [module for _, module in found]
 
 
-def _decode_ms(model: torch.nn.Module, batch: int, steps: int, stack: Any | None) -> float:
-    """ms per decode forward over a slab of `batch` rows with 64 cached tokens each (`stack`: as kv_slab.forward)."""
+def _decode_ms(model: torch.nn.Module, batch: int, steps: int, stack: Any | None, fused: Any | None = None) -> float:
+    """ms per decode forward over a slab of `batch` rows with 64 cached tokens each (`stack`, `fused`: as
+    batch.decode_rows)."""
     slab = KVSlab(batch)
     prompt = torch.randint(100, 1000, (batch, 64), generator=torch.Generator().manual_seed(batch))
     forward(model, slab, torch.arange(batch), prompt, [0] * batch, [63] * batch, stack)
@@ -96,7 +102,7 @@ def _decode_ms(model: torch.nn.Module, batch: int, steps: int, stack: Any | None
     tokens = prompt[:, -1:]
     start = time.perf_counter()
     for _ in range(steps):
-        logits = forward(model, slab, slice(0, batch), tokens, slab.lengths, [0] * batch, stack)
+        logits = decode_rows(model, slab, tokens, stack, fused)
         slab.lengths = [n + 1 for n in slab.lengths]
         tokens = logits.argmax(-1, keepdim=True)
     return (time.perf_counter() - start) / steps * 1000
@@ -105,41 +111,47 @@ def _decode_ms(model: torch.nn.Module, batch: int, steps: int, stack: Any | None
 @torch.inference_mode()
 def floor(model: torch.nn.Module, batch: int, steps: int = 20, reps: int = 9) -> dict[str, float]:
     """Medians, unprofiled, interleaved per repetition (the first is warm-up), ms: the decode forward as served
-    (the direct stack where the model allows it), through transformers' forward, and its linear layers alone; and
-    the median of the per-repetition ratio served / transformers."""
+    (fused kernels, else the direct stack where the model allows it), the eager direct stack, transformers' forward,
+    and its linear layers alone; and the medians of the per-repetition ratios served / eager direct and direct /
+    transformers."""
     layers = linear_layers(model)
     dtype = next(model.parameters()).dtype
     inputs = [torch.randn(batch, 1, layer.in_features, dtype=dtype) for layer in layers]  # type: ignore[arg-type]
     stack = direct_stack(model)
-    times: dict[str, list[float]] = {"served": [], "transformers": [], "linears": []}
+    ops = load_slab_ops("auto", next(model.parameters()).device) if stack is not None and fusable(stack) else None
+    times: dict[str, list[float]] = {"served": [], "direct": [], "transformers": [], "linears": []}
     for rep in range(reps + 1):
         with small_rows_scope(model, batch):
-            served, wrapped = _decode_ms(model, batch, steps, stack), _decode_ms(model, batch, steps, None)
+            served = _decode_ms(model, batch, steps, stack, ops)
+            direct, wrapped = _decode_ms(model, batch, steps, stack), _decode_ms(model, batch, steps, None)
             start = time.perf_counter()
             for _ in range(steps):
                 for layer, x in zip(layers, inputs, strict=True):
                     layer(x)
             linears = (time.perf_counter() - start) / steps * 1000
-        for name, value in (("served", served), ("transformers", wrapped), ("linears", linears)):
+        for name, value in (("served", served), ("direct", direct), ("transformers", wrapped), ("linears", linears)):
             times[name] += [value] if rep else []
     result = {name: statistics.median(values) for name, values in times.items()}
-    ratios = [a / b for a, b in zip(times["served"], times["transformers"], strict=True)]
-    return {**result, "ratio": statistics.median(ratios), "direct": float(stack is not None)}
+    fused = [a / b for a, b in zip(times["served"], times["direct"], strict=True)]
+    direct_ratio = [a / b for a, b in zip(times["direct"], times["transformers"], strict=True)]
+    how = "fused kernels" if ops is not None else "direct stack" if stack is not None else "transformers"
+    return {**result, "fused_ratio": statistics.median(fused), "ratio": statistics.median(direct_ratio), "how": how}
 
 
-def floor_markdown(floors: dict[int, dict[str, float]]) -> str:
+def floor_markdown(floors: dict[int, dict[str, Any]]) -> str:
     batches = sorted(floors)
     head = "| unprofiled, 64 cached tokens (ms, median of 9) | " + " | ".join(f"batch {b}" for b in batches) + " |"
     lines = ["", head, "|---|" + "---:|" * len(batches)]
-    direct = all(floors[b]["direct"] for b in batches)
     rows = {
-        f"decode forward as served ({'direct stack' if direct else 'transformers'})": "served",
+        f"decode forward as served ({floors[batches[0]]['how']})": "served",
+        "the same through the eager direct stack": "direct",
+        "as served / eager direct stack (median of ratios)": "fused_ratio",
         "the same through transformers' forward": "transformers",
-        "as served / through transformers (median of ratios)": "ratio",
+        "eager direct stack / transformers (median of ratios)": "ratio",
         "its linear layers alone": "linears",
     }
     for label, key in rows.items():
-        digits = 3 if key == "ratio" else 2
+        digits = 3 if key.endswith("ratio") else 2
         lines.append(f"| {label} | " + " | ".join(f"{floors[b][key]:.{digits}f}" for b in batches) + " |")
     rest = [floors[b]["served"] - floors[b]["linears"] for b in batches]
     lines.append("| the rest: norms, rotary, attention, slab, elementwise, Python | "

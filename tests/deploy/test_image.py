@@ -146,6 +146,13 @@ def test_the_images_own_healthcheck_passes(box: Container) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_the_fused_decode_kernels_were_built_in_the_container(box: Container) -> None:
+    """The image carries g++, so the engine compiled its fused kernels for this CPU at boot instead of falling back."""
+    info = httpx.get(f"{box.url}/info", timeout=30, trust_env=False).json()
+    assert info["engine"]["fused_kernels"] is True, box.log.read_text()[-4000:]
+    assert "kernels" in info["boot_seconds"]
+
+
 def test_generate_answers_like_peft_merge_of_the_demo(
     box: Container, reference: tuple[PreTrainedModel, PreTrainedTokenizerBase]
 ) -> None:

@@ -146,8 +146,12 @@ def test_info_describes_the_merge(
     assert info["parity"]["passed"] and info["parity"]["top1_agreement"] == 1.0
     assert info["parity"]["max_abs_diff"] <= info["parity"]["tolerance"]
     merged_only = {"cache_lookup", "merge", "cache_store"} if mode == "merged" else set()
-    assert set(info["boot_seconds"]) == {"load_base", "load_adapters", "verify", "prepack", "kernels", "warmup"} | merged_only
+    assert (
+        set(info["boot_seconds"])
+        == {"load_base", "load_adapters", "verify", "prepack", "kernels", "warmup"} | merged_only
+    )
     assert info["engine"]["prepack_linear"] is True  # float32 linears packed for oneDNN (server.engine.kernels)
+    assert info["engine"]["fused_kernels"] is True  # decode steps through server.engine.fused_decode
     assert info["cache"]["status"] == ("miss" if mode == "merged" else "not used in unmerged mode")
 
 

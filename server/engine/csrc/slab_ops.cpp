@@ -15,9 +15,33 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
+
+// exp(x) for float32 in branch-free arithmetic that the compiler vectorizes (std::exp is a scalar libm call per
+// element: ~10 ns, which made SiLU over 8 x 1536 values and each softmax the slowest part of these kernels).
+// Cephes' expf: x = n ln2 + r with |r| <= ln2/2 (ln2 split in two constants so n ln2 is exact), exp(r) by a degree-6
+// polynomial, 2^n built in the exponent bits. Relative error ~2e-7, under 2 ulp; inputs are clamped to the range
+// where 2^n is a normal float, so exp(-inf) of a masked score is 2^-126 * p, not NaN.
+inline float exp_approx(float x) {
+  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
 
 template <typename T>
 inline float f32(T x) {
@@ -151,8 +175,9 @@ void attend_head(const float* q, const float* keys, const float* values, int64_t
     top = std::max(top, scores[c]);
   }
   float total = 0.f;
+#pragma omp simd reduction(+ : total)
   for (int64_t c = 0; c < length; ++c) {
-    scores[c] = std::exp(scores[c] - top);
+    scores[c] = exp_approx(scores[c] - top);
     total += scores[c];
   }
   std::fill(out, out + dim, 0.f);
@@ -199,8 +224,15 @@ template <typename T>
 void silu_mul_values(const T* gate, const T* up, T* out, int64_t count) {
   for (int64_t i = 0; i < count; ++i) {
     const float g = f32(gate[i]);
-    out[i] = static_cast<T>(rounded<T>(g / (1.f + std::exp(-g))) * f32(up[i]));
+    out[i] = static_cast<T>(rounded<T>(g / (1.f + exp_approx(-g))) * f32(up[i]));
   }
+}
+
+// float32 on its own, out of line and with unaliased pointers: GCC vectorizes this loop, and not the template's
+// copy inlined into the dispatch lambda (8 x 1536 values: ~65 us scalar).
+__attribute__((noinline)) void silu_mul_float(const float* __restrict gate, const float* __restrict up,
+                                              float* __restrict out, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) out[i] = gate[i] / (1.f + exp_approx(-gate[i])) * up[i];
 }
 
 // SiLU(gate) * up, each rounded to the dtype as transformers' two ops round.
@@ -208,6 +240,10 @@ at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up) {
   TORCH_CHECK(gate.sizes() == up.sizes() && gate.scalar_type() == up.scalar_type(), "gate/up shape or dtype");
   at::Tensor g = gate.contiguous(), u = up.contiguous();
   at::Tensor out = at::empty_like(g);
+  if (g.scalar_type() == at::kFloat) {
+    silu_mul_float(g.data_ptr<float>(), u.data_ptr<float>(), out.data_ptr<float>(), g.numel());
+    return out;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "silu_mul", [&] {
     silu_mul_values<scalar_t>(g.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), g.numel());
   });
