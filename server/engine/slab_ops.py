@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import platform
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -29,6 +30,7 @@ SOURCE = Path(__file__).with_name("csrc") / "slab_ops.cpp"
 # -fopenmp: at::parallel_for's OpenMP pragma, else it runs serially. -fno-trapping-math lets GCC vectorize the exp
 # loops (it changes no rounding: only the assumption that a float op may trap, which nothing here catches).
 _FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp"]
+_STALE_LOCK_SECONDS = 600
 
 
 def _cpu_flags() -> str:
@@ -61,6 +63,17 @@ def _ninja_on_path() -> Iterator[None]:
         os.environ["PATH"] = saved
 
 
+def _drop_stale_lock(lock: Path) -> None:
+    """torch's builder holds `lock` while it compiles and waits, without end, for another process's to go. A process
+    killed mid-build (a container stopped during its first boot) leaves it behind on the cache volume, and every
+    later boot would hang: one older than any build takes (~30 s here) is removed."""
+    with contextlib.suppress(FileNotFoundError):
+        age = time.time() - lock.stat().st_mtime
+        if age > _STALE_LOCK_SECONDS:
+            log.warning("removing a kernel build lock left %.0f s ago by a process that died: %s", age, lock)
+            lock.unlink()
+
+
 def _build() -> Any:
     if hasattr(torch.ops.mergeserve, "slab_attend"):  # loaded by an earlier boot in this process (tests, tools):
         return torch.ops.mergeserve  # a second load would register the op namespace twice, which aborts
@@ -68,6 +81,7 @@ def _build() -> Any:
 
     folder = build_dir()
     folder.mkdir(parents=True, exist_ok=True)
+    _drop_stale_lock(folder / "lock")
     with _ninja_on_path():
         cpp_extension.load(name="mergeserve_slab_ops", sources=[str(SOURCE)], extra_cflags=_FLAGS,
                            extra_ldflags=["-fopenmp"], build_directory=str(folder), is_python_module=False)  # fmt: skip

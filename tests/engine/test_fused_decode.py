@@ -179,3 +179,16 @@ except BootError as exc:
         assert "install g++" in done.stdout
     else:
         assert "fused decode kernels unavailable" in done.stderr
+
+
+def test_a_build_lock_left_by_a_dead_process_is_removed_and_a_live_one_kept(tmp_path: Path) -> None:
+    """torch's builder waits forever on a leftover lock: one older than any build is dropped, a fresh one is not."""
+    stale, live = tmp_path / "stale", tmp_path / "live"
+    stale.touch()
+    live.touch()
+    old = stale.stat().st_mtime - slab_ops._STALE_LOCK_SECONDS - 60
+    os.utime(stale, (old, old))
+    slab_ops._drop_stale_lock(stale)
+    slab_ops._drop_stale_lock(live)
+    slab_ops._drop_stale_lock(tmp_path / "absent")
+    assert not stale.exists() and live.exists()
