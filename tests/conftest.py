@@ -39,6 +39,9 @@ CORPUS = [
     "Arr matey, hoist the sails and find the treasure!",
 ] * 20
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# The boot phases of a torch-engine boot that misses the merge cache, in order (server.boot.phases).
+MISS_PHASES = ("cache_lookup", "load_base", "load_adapters", "merge", "verify", "cache_store", "prepack", "kernels",
+               "warmup")  # fmt: skip
 
 
 def build_tokenizer(out: Path) -> PreTrainedTokenizerFast:

@@ -15,18 +15,7 @@ from server.config.load import load_config
 from server.config.schema import Config
 from server.engine.engine import Engine
 from server.http.app import attach_engine, create_app
-
-MISS_PHASES = (
-    "cache_lookup",
-    "load_base",
-    "load_adapters",
-    "merge",
-    "verify",
-    "cache_store",
-    "prepack",
-    "kernels",
-    "warmup",
-)
+from tests.conftest import MISS_PHASES
 
 
 @pytest.fixture(scope="module")
