@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 
-from server.engine.decoder import FAMILIES
 from server.engine.kernels import small_rows_scope
 from server.engine.kv_slab import KVSlab
 
@@ -30,11 +29,9 @@ _SILU = {"SiLU", "SiLUActivation"}  # torch's, and transformers' `ACT2FN["silu"]
 
 
 def fusable(lm: Any) -> bool:
-    """Whether the layers of this direct-stack model are what the kernels compute: RMSNorm with a weight (and no
-    offset), SiLU-gated MLP, attention without q/k norms. The families in `decoder.FAMILIES` are; checked anyway
-    because configs can swap the activation (`hidden_act`)."""
-    if lm.config.model_type not in FAMILIES:
-        return False
+    """Whether the layers of `lm`, a model `decoder.direct_stack` accepted (so of a family in `decoder.FAMILIES`:
+    attention without q/k norms), are what the kernels compute: RMSNorm with a weight (and no offset), SiLU-gated
+    MLP. Checked because configs can swap the activation (`hidden_act`)."""
     norms = [lm.model.norm] + [n for layer in lm.model.layers for n in (layer.input_layernorm,
                                                                          layer.post_attention_layernorm)]  # fmt: skip
     if not all(type(n).__name__.endswith("RMSNorm") and hasattr(n, "variance_epsilon") for n in norms):
