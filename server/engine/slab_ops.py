@@ -27,6 +27,8 @@ log = logging.getLogger("mergeserve.kernels")
 
 FusedSetting = Literal["auto", "on", "off"]
 SOURCE = Path(__file__).with_name("csrc") / "slab_ops.cpp"
+_NAME = "mergeserve_slab_ops"
+_FINISHED = "finished"  # the library's size in bytes, written once the builder has returned
 # -fopenmp: at::parallel_for's OpenMP pragma, else it runs serially. -fno-trapping-math lets GCC vectorize the exp
 # loops (it changes no rounding: only the assumption that a float op may trap, which nothing here catches).
 _FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp"]
@@ -74,17 +76,36 @@ def _drop_stale_lock(lock: Path) -> None:
             lock.unlink()
 
 
+def _load_finished_build(folder: Path) -> bool:
+    """Load the library an earlier boot built here, without the builder. The builder would rebuild it for another
+    install of the same source and torch (its ninja file names the source's and torch's paths): a checkout and a venv
+    sharing the cache would each recompile, ~25 s, every time the other had booted. Only a library whose build
+    finished counts (its size is recorded after the builder returns): dlopen of one cut short mid-link is a SIGBUS,
+    not an error, so a build killed part-way is left to the builder, which redoes it."""
+    library, record = folder / f"{_NAME}.so", folder / _FINISHED
+    try:
+        finished = int(record.read_text()) == library.stat().st_size
+    except (OSError, ValueError):
+        return False
+    if finished:
+        torch.ops.load_library(str(library))
+    return finished
+
+
 def _build() -> Any:
     if hasattr(torch.ops.mergeserve, "slab_attend"):  # loaded by an earlier boot in this process (tests, tools):
         return torch.ops.mergeserve  # a second load would register the op namespace twice, which aborts
+    folder = build_dir()
+    if _load_finished_build(folder):
+        return torch.ops.mergeserve
     from torch.utils import cpp_extension  # imports setuptools: only when building
 
-    folder = build_dir()
     folder.mkdir(parents=True, exist_ok=True)
     _drop_stale_lock(folder / "lock")
     with _ninja_on_path():
-        cpp_extension.load(name="mergeserve_slab_ops", sources=[str(SOURCE)], extra_cflags=_FLAGS,
+        cpp_extension.load(name=_NAME, sources=[str(SOURCE)], extra_cflags=_FLAGS,
                            extra_ldflags=["-fopenmp"], build_directory=str(folder), is_python_module=False)  # fmt: skip
+    (folder / _FINISHED).write_text(str((folder / f"{_NAME}.so").stat().st_size))
     return torch.ops.mergeserve
 
 

@@ -160,9 +160,8 @@ def test_settings_off_and_off_the_cpu() -> None:
         slab_ops.load_slab_ops("on", torch.device("meta"))
 
 
-@pytest.mark.parametrize(("setting", "outcome"), [("auto", "eager"), ("on", "refused")])
-def test_a_machine_without_a_compiler(setting: str, outcome: str, tmp_path: Path) -> None:
-    """A fresh process (this one has the kernels loaded) with no compiler: auto decodes eagerly, on refuses."""
+def _load_in_fresh_process(setting: str, cache: Path) -> subprocess.CompletedProcess[str]:
+    """load_slab_ops in a fresh process (this one has the kernels loaded) whose compiler does not exist."""
     code = f"""
 import torch
 from server.engine.slab_ops import load_slab_ops
@@ -172,13 +171,37 @@ try:
 except BootError as exc:
     print("refused", exc)
 """
-    env = {**os.environ, "MERGESERVE_KERNEL_CACHE": str(tmp_path), "CXX": str(tmp_path / "no-such-compiler")}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "MERGESERVE_KERNEL_CACHE": str(cache), "CXX": str(cache / "no-such-compiler")}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize(("setting", "outcome"), [("auto", "eager"), ("on", "refused")])
+def test_a_machine_without_a_compiler(setting: str, outcome: str, tmp_path: Path) -> None:
+    """No compiler: auto decodes eagerly, on refuses."""
+    done = _load_in_fresh_process(setting, tmp_path)
     assert done.stdout.split()[0] == outcome, done.stdout + done.stderr
     if outcome == "refused":
         assert "install g++" in done.stdout
     else:
         assert "fused decode kernels unavailable" in done.stderr
+
+
+def test_a_finished_build_loads_without_the_builder_and_a_cut_short_one_is_rebuilt(ops: Any, tmp_path: Path) -> None:
+    """The library another install built (same source, torch and CPU) loads as it is, with no compiler at hand; one
+    cut short mid-link (its recorded size differs) goes back to the builder: here no compiler, so auto is eager."""
+    folder = tmp_path / slab_ops.build_dir().name
+    folder.mkdir()
+    built = (slab_ops.build_dir() / "mergeserve_slab_ops.so").read_bytes()
+    library = folder / "mergeserve_slab_ops.so"
+    library.write_bytes(built)
+    done = _load_in_fresh_process("on", tmp_path)
+    assert done.stdout.split()[0] == "refused", done.stdout + done.stderr  # not recorded as finished: builder
+    (folder / "finished").write_text(str(len(built)))
+    done = _load_in_fresh_process("on", tmp_path)
+    assert done.stdout.split() == ["fused"], done.stdout + done.stderr
+    library.write_bytes(built[:4096])
+    done = _load_in_fresh_process("auto", tmp_path)
+    assert done.stdout.split() == ["eager"], done.stdout + done.stderr
 
 
 def test_a_build_lock_left_by_a_dead_process_is_removed_and_a_live_one_kept(tmp_path: Path) -> None:

@@ -9,8 +9,13 @@
 // dtype, RMSNorm and attention compute in float32 (the slab holds float32 K/V), rotary embedding computes in float32
 // and rounds once (transformers rounds each of its three ops in half precision; identical in float32).
 
-#include <ATen/ATen.h>
+// The few ATen headers used, not <ATen/ATen.h>: it is ~100k more lines to parse, ~3 s of each first-boot build.
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <algorithm>
