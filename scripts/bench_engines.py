@@ -262,7 +262,7 @@ def reference_args(config_path: str, info: dict[str, Any]) -> tuple[dict[str, li
     passes per arm, and the environment it sets."""
     from server.boot.cached import resolved_dtype
     from server.boot.phases import PhaseTimer
-    from server.boot.vllm import base_checkpoint
+    from server.boot.stored_base import vllm_base
     from server.config.load import load_config
     from server.store.cache import MergeCache
     from server.vllm_engine.settings import ArmPlan, engine_args, environment, memory_shares
@@ -272,7 +272,7 @@ def reference_args(config_path: str, info: dict[str, Any]) -> tuple[dict[str, li
         raise SystemExit(f"bench_engines: {config_path}: the LoRA reference needs one adapter of weight 1")
     adapter = config.adapters[0]
     merged_dir = Path(info["cache"]["dir"]) / "entries" / info["cache"]["key"]
-    base_dir = base_checkpoint(config, MergeCache(Path(info["cache"]["dir"])), PhaseTimer(None))
+    base_dir = vllm_base(config, MergeCache(Path(info["cache"]["dir"])), PhaseTimer(None))
     rank = int(json.loads((adapter.path / "adapter_config.json").read_text())["r"])
     shares = memory_shares(config, ["merged", "unmerged"] if config.mode == "ab" else [config.mode])
     plans = {"merged": ArmPlan("merged", merged_dir, memory_share=shares.get("merged", 1.0)),

