@@ -102,6 +102,8 @@ def _build() -> Any:
 
     folder.mkdir(parents=True, exist_ok=True)
     _drop_stale_lock(folder / "lock")
+    # The old record goes first: a library being relinked passes through every size, the recorded one included.
+    (folder / _FINISHED).unlink(missing_ok=True)
     with _ninja_on_path():
         cpp_extension.load(name=_NAME, sources=[str(SOURCE)], extra_cflags=_FLAGS,
                            extra_ldflags=["-fopenmp"], build_directory=str(folder), is_python_module=False)  # fmt: skip
