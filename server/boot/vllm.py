@@ -166,7 +166,7 @@ def boot_vllm(config: Config, timer: PhaseTimer) -> Engine:
     infos = [adapter_info(a, PeftConfig.from_pretrained(str(a.local))) for a in config.adapters]
     loop, metrics = LoopThread(), VllmMetrics()
     with timer.phase("vllm_start"):
-        arms = start_arms(config, plans, config.model.dtype, loop, metrics)
+        arms = start_arms(config, plans, config.model.dtype, metrics)
     with timer.phase("vllm_gate"):
         results = _gate(loop, arms, ckpt, config.model.dtype)
     eos = eos_ids(ckpt.tokenizer, _generation_config(ckpt.merged_dir))

@@ -8,11 +8,14 @@ unmerged arm is vLLM's LoRA path with our concatenated adapter; both must serve 
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
+from prometheus_client import REGISTRY
 from transformers import PreTrainedModel
 
 from server.boot.boot import boot
@@ -105,6 +108,25 @@ def test_stop_sequence_and_length_follow_tgi(ab_engine: Engine, reference: PreTr
     assert short.finish_reason == "length" and [t.id for t in short.tokens] == expected[:3]
 
 
+def test_each_arm_counts_its_own_tokens_in_a_registry_of_its_own(ab_engine: Engine) -> None:
+    """The arms' engines start together, each with its own Prometheus registry: both arms' counters are exposed,
+    each counts only its own tokens, and prometheus_client's global registry (which each engine start clears of
+    `vllm:` collectors) holds none of them."""
+
+    def tokens_by_arm() -> dict[str, float]:
+        family = next(f for f in ab_engine.collector.collect() if f.name == "vllm:generation_tokens")
+        return {s.labels["model_name"]: s.value for s in family.samples if s.name.endswith("_total")}
+
+    before = tokens_by_arm()
+    gen = ab_engine.generate(PreparedRequest(ab_engine.tokenize(PROMPTS[0]), SamplingParams(), 5), "unmerged")
+    deadline = time.monotonic() + 10  # vLLM records the step's stats just after handing its outputs over
+    while (after := tokens_by_arm()) == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert set(after) == {"merged", "unmerged"} and len(gen.tokens) > 0
+    assert (after["merged"] - before["merged"], after["unmerged"] - before["unmerged"]) == (0, len(gen.tokens))
+    assert not [f.name for f in REGISTRY.collect() if f.name.startswith("vllm:")]
+
+
 def test_cancel_frees_the_slot_and_overload_is_refused(ab_engine: Engine) -> None:
     """max_concurrent_requests is 6: the seventh is refused; cancelling gives the slots back at once."""
     ids = ab_engine.tokenize(PROMPTS[3])
@@ -145,6 +167,7 @@ def test_tensor_parallel_2_serves_the_same_greedy_tokens(
         vllm_config(vllm_model, tmp_path, mode="merged", engine={"tensor_parallel_size": 2}, cache={"dir": str(cache)})
     )
     tp2 = boot(config)
+    engines = [weakref.ref(arm.engine) for arm in tp2.scheduler.arms.values()]  # type: ignore[attr-defined]
     try:
         assert tp2.info.cache["status"] == "hit"  # the very checkpoint the TP=1 merged arm serves
         for prompt in PROMPTS:
@@ -155,6 +178,9 @@ def test_tensor_parallel_2_serves_the_same_greedy_tokens(
             assert_served_like_reference(reference, ids, _served(sharded), TOL)
     finally:
         tp2.close()
+    del tp2
+    gc.collect()
+    assert [ref() for ref in engines] == [None]  # nothing of ours keeps a closed engine (and its processes' state)
 
 
 def test_the_gate_refuses_a_model_that_is_not_the_reference(ab_engine: Engine, vllm_model: dict[str, Path]) -> None:
