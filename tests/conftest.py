@@ -23,6 +23,8 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
 
@@ -31,6 +33,9 @@ from server.config.load import load_config
 from server.config.schema import CACHE_DIR_ENV, Config
 from server.engine.engine import Engine
 from server.engine.kernels import prepack_linears
+from tests.demo_base import build_demo_base
+from tests.live_server import REPO
+from tests.reference import demo_reference
 
 CORPUS = [
     "The capital of France is Paris.",
@@ -169,6 +174,19 @@ def merge_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path = tmp_path / "merge-cache"
     monkeypatch.setenv(CACHE_DIR_ENV, str(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def demo_base_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo base's dequantized copy, built once for the modules that seed their cache with it (tests.demo_base)."""
+    return build_demo_base(tmp_path_factory.mktemp("demo-base-cache"))
+
+
+@pytest.fixture(scope="session")
+def pirate_reference() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The demo with the pirate adapter, merged by PEFT (tests.reference.demo_reference), built once per session:
+    the modules checking served demo tokens share it instead of dequantizing the GGUF ~30 s each. Only read."""
+    return demo_reference(REPO / "configs" / "adapters" / "pirate")
 
 
 @pytest.fixture(scope="session")

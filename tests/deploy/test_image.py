@@ -25,7 +25,7 @@ import pytest
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tests.live_server import REPO
-from tests.reference import assert_served_like_reference, demo_reference
+from tests.reference import assert_served_like_reference
 
 pytestmark = pytest.mark.e2e
 TAG = "localhost/mergeserve:cpu-test"
@@ -125,11 +125,6 @@ def box(image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Contai
         running.stop()
 
 
-@pytest.fixture(scope="module")
-def reference() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    return demo_reference(REPO / "configs" / "adapters" / "pirate")
-
-
 def test_server_runs_as_the_non_root_user(box: Container) -> None:
     status = box.podman("exec", box.name, "cat", "/proc/1/status")  # pid 1 is the entrypoint, mergeserve
     uids = next(line.split()[1:] for line in status.splitlines() if line.startswith("Uid:"))
@@ -154,9 +149,9 @@ def test_the_fused_decode_kernels_were_built_in_the_container(box: Container) ->
 
 
 def test_generate_answers_like_peft_merge_of_the_demo(
-    box: Container, reference: tuple[PreTrainedModel, PreTrainedTokenizerBase]
+    box: Container, pirate_reference: tuple[PreTrainedModel, PreTrainedTokenizerBase]
 ) -> None:
-    model, tokenizer = reference
+    model, tokenizer = pirate_reference
     prompt = str(tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False,
                                                add_generation_prompt=True))  # fmt: skip
     body = {"inputs": prompt, "parameters": {"max_new_tokens": MAX_NEW, "details": True}}

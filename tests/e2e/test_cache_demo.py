@@ -17,13 +17,15 @@ from transformers import AutoTokenizer
 from server.boot.boot import boot
 from server.config.load import load_config
 from tests.conftest import load_as_served
+from tests.demo_base import seed_cache
 from tests.live_server import REPO
 
 pytestmark = pytest.mark.e2e
 DEMO = REPO / "configs" / "demo.yaml"
 
 
-def test_export_and_cache_hit_reproduce_the_served_demo(tmp_path: Path) -> None:
+def test_export_and_cache_hit_reproduce_the_served_demo(tmp_path: Path, demo_base_copy: Path) -> None:
+    seed_cache(demo_base_copy)  # the export and the cold boot merge onto the base copy (tests/demo_base.py)
     out = tmp_path / "pirate-merged"
     proc = subprocess.run(
         [sys.executable, "-m", "server", "merge", "--config", str(DEMO), "--out", str(out)],

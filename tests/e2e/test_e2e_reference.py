@@ -9,14 +9,16 @@ its argmax. The reference is transformers' GGUF load + PEFT `merge_and_unload`, 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from tests.demo_base import seed_cache
 from tests.live_server import REPO, LiveServer
-from tests.reference import assert_served_like_reference, demo_reference, reference_logprobs
+from tests.reference import assert_served_like_reference, reference_logprobs
 
 pytestmark = pytest.mark.e2e
 SHIP = "Tell me a long story about ship number 3."
@@ -34,14 +36,16 @@ TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def server() -> Any:
+def server(demo_base_copy: Path) -> Any:
+    seed_cache(demo_base_copy)  # served from the base copy; its first build is test_e2e_demo's (tests/demo_base.py)
     with LiveServer(REPO / "configs" / "demo-ab.yaml") as live:
         yield live
 
 
-@pytest.fixture(scope="module")
-def reference() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    return demo_reference(REPO / "configs" / "adapters" / "pirate")
+def test_the_arms_read_the_base_copy_already_in_the_cache(server: LiveServer, demo_base_copy: Path) -> None:
+    info = httpx.get(f"{server.url}/info").json()
+    assert Path(info["cache"]["base_entry"]).name == demo_base_copy.name
+    assert "base_store" not in info["boot_seconds"] and info["boot_seconds"]["load_base"] < 20  # ~25 s from the GGUF
 
 
 def _chat(tokenizer: PreTrainedTokenizerBase, question: str) -> str:
@@ -78,17 +82,17 @@ def _print_side_by_side(
 
 
 @pytest.mark.parametrize("arm", ["merged", "unmerged"])
-def test_ship_prompt_alone(server: LiveServer, reference: Any, arm: str) -> None:
-    prompt = _chat(reference[1], SHIP)
-    _check(reference, prompt, _generate(server, prompt, arm))
+def test_ship_prompt_alone(server: LiveServer, pirate_reference: Any, arm: str) -> None:
+    prompt = _chat(pirate_reference[1], SHIP)
+    _check(pirate_reference, prompt, _generate(server, prompt, arm))
 
 
 @pytest.mark.parametrize("arm", ["merged", "unmerged"])
-def test_ship_prompt_in_a_batch_of_eight(server: LiveServer, reference: Any, arm: str) -> None:
-    prompts = [_chat(reference[1], q) for q in [SHIP, *OTHERS]]
+def test_ship_prompt_in_a_batch_of_eight(server: LiveServer, pirate_reference: Any, arm: str) -> None:
+    prompts = [_chat(pirate_reference[1], q) for q in [SHIP, *OTHERS]]
     with ThreadPoolExecutor(len(prompts)) as pool:
         answers = list(pool.map(lambda p: _generate(server, p, arm), prompts))
     lengths = {a["details"]["generated_tokens"] for a in answers}
     assert len(lengths) > 1  # rows left the batch at different steps, so later steps ran on a trimmed batch
     for prompt, answer in zip(prompts, answers, strict=True):
-        _check(reference, prompt, answer)
+        _check(pirate_reference, prompt, answer)

@@ -4,6 +4,7 @@ passes its gate, reports the mix in /info, and answers in a voice that carries b
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -13,6 +14,7 @@ from server.config.load import load_config
 from server.engine.sampling import SamplingParams
 from server.engine.types import PreparedRequest
 from server.http.app import create_app
+from tests.demo_base import seed_cache
 from tests.live_server import REPO
 
 pytestmark = pytest.mark.e2e
@@ -20,7 +22,8 @@ BARD = re.compile(r"\b(thee|thou|thy|hath|doth|morrow|verily|forsooth|methinks|h
 PIRATE = re.compile(r"\b(arr+|matey|ahoy|ye|be|savvy|aye|me hearty)\b", re.IGNORECASE)
 
 
-def test_two_adapter_demo_mixes_both_voices() -> None:
+def test_two_adapter_demo_mixes_both_voices(demo_base_copy: Path) -> None:
+    seed_cache(demo_base_copy)  # the merge reads the base copy (tests/demo_base.py)
     config = load_config(REPO / "configs" / "demo-two-adapters.yaml")
     engine = boot(config)
     try:

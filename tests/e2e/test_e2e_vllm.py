@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import re
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
 from text_generation import Client
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
+from tests.demo_base import seed_cache
 from tests.live_server import REPO, LiveServer
-from tests.reference import assert_served_like_reference, demo_reference
+from tests.reference import assert_served_like_reference
 
 pytestmark = pytest.mark.e2e
 QUESTIONS = ["Where is the treasure buried?", "Hi", "Name three colours.", "What is the capital of Germany?"]
@@ -27,14 +29,10 @@ TOL = 1e-3
 
 
 @pytest.fixture(scope="module")
-def server() -> Any:
+def server(demo_base_copy: Path) -> Any:
+    seed_cache(demo_base_copy)  # the base copy the unmerged arm loads; its first build is test_e2e_demo's
     with LiveServer(REPO / "configs" / "demo-vllm.yaml", boot_timeout=900) as live:
         yield live
-
-
-@pytest.fixture(scope="module")
-def reference() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    return demo_reference(REPO / "configs" / "adapters" / "pirate")
 
 
 def _chat(tokenizer: PreTrainedTokenizerBase, question: str) -> str:
@@ -54,8 +52,8 @@ def test_info_names_the_engine_and_its_gate(server: LiveServer) -> None:
 
 
 @pytest.mark.parametrize("arm", ["merged", "unmerged"])
-def test_generate_in_a_batch_matches_the_reference(server: LiveServer, reference: Any, arm: str) -> None:
-    model, tokenizer = reference
+def test_generate_in_a_batch_matches_the_reference(server: LiveServer, pirate_reference: Any, arm: str) -> None:
+    model, tokenizer = pirate_reference
     prompts = [_chat(tokenizer, q) for q in QUESTIONS]
     with ThreadPoolExecutor(len(prompts)) as pool:
         answers = list(pool.map(lambda p: _generate(server, p, arm), prompts))
@@ -65,8 +63,8 @@ def test_generate_in_a_batch_matches_the_reference(server: LiveServer, reference
         assert_served_like_reference(model, list(tokenizer(prompt).input_ids), tokens, tol=TOL)
 
 
-def test_stream_equals_the_whole_answer(server: LiveServer, reference: Any) -> None:
-    prompt = _chat(reference[1], QUESTIONS[0])
+def test_stream_equals_the_whole_answer(server: LiveServer, pirate_reference: Any) -> None:
+    prompt = _chat(pirate_reference[1], QUESTIONS[0])
     client = Client(server.url, timeout=600, headers={"x-merge-mode": "unmerged"})
     streamed = [r.token for r in client.generate_stream(prompt, max_new_tokens=MAX_NEW)]
     whole = _generate(server, prompt, "unmerged").json()
@@ -74,8 +72,8 @@ def test_stream_equals_the_whole_answer(server: LiveServer, reference: Any) -> N
     assert "".join(t.text for t in streamed if not t.special) == whole["generated_text"]
 
 
-def test_openai_chat_matches_the_reference(server: LiveServer, reference: Any) -> None:
-    model, tokenizer = reference
+def test_openai_chat_matches_the_reference(server: LiveServer, pirate_reference: Any) -> None:
+    model, tokenizer = pirate_reference
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", default_headers={"x-merge-mode": "merged"})
     messages: Any = [{"role": "user", "content": QUESTIONS[0]}]
     model_id = client.models.list().data[0].id
@@ -90,8 +88,8 @@ def test_openai_chat_matches_the_reference(server: LiveServer, reference: Any) -
     assert_served_like_reference(model, prompt_ids, served, tol=TOL)
 
 
-def test_refusals_and_metrics(server: LiveServer, reference: Any) -> None:
-    prompt = _chat(reference[1], QUESTIONS[1])
+def test_refusals_and_metrics(server: LiveServer, pirate_reference: Any) -> None:
+    prompt = _chat(pirate_reference[1], QUESTIONS[1])
     refused = _generate(server, prompt, "merged", do_sample=True, typical_p=0.5)
     assert refused.status_code == 422 and refused.json()["error_type"] == "validation"
     assert "typical_p" in refused.json()["error"]
