@@ -24,6 +24,9 @@ if [ ${#apt_needed[@]} -gt 0 ]; then
     exit 1
   fi
 fi
+# mypy's cache lives outside the checkout, so a fresh clone on a machine that ran the suite before re-checks only
+# what changed (~2 min -> ~10 s on 2 cores); mypy revalidates every entry by content hash and version.
+export MYPY_CACHE_DIR=${MYPY_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/mergeserve/mypy}
 ruff check server tests scripts
 ruff format --check server tests scripts
 mypy
