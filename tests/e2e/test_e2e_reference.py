@@ -37,7 +37,7 @@ TOL = 1e-4
 
 @pytest.fixture(scope="module")
 def server(demo_base_copy: Path) -> Any:
-    seed_cache(demo_base_copy)  # served from the base copy; its first build is test_e2e_demo's (tests/demo_base.py)
+    seed_cache(demo_base_copy)  # served from the base copy; test_e2e_demo tests its first build (tests/demo_base.py)
     with LiveServer(REPO / "configs" / "demo-ab.yaml") as live:
         yield live
 
@@ -45,7 +45,7 @@ def server(demo_base_copy: Path) -> Any:
 def test_the_arms_read_the_base_copy_already_in_the_cache(server: LiveServer, demo_base_copy: Path) -> None:
     info = httpx.get(f"{server.url}/info").json()
     assert Path(info["cache"]["base_entry"]).name == demo_base_copy.name
-    assert "base_store" not in info["boot_seconds"] and info["boot_seconds"]["load_base"] < 20  # ~25 s from the GGUF
+    assert "base_store" not in info["boot_seconds"]  # read, not dequantized from the GGUF and stored again
 
 
 def _chat(tokenizer: PreTrainedTokenizerBase, question: str) -> str:

@@ -30,7 +30,7 @@ TOL = 1e-3
 
 @pytest.fixture(scope="module")
 def server(demo_base_copy: Path) -> Any:
-    seed_cache(demo_base_copy)  # the base copy the unmerged arm loads; its first build is test_e2e_demo's
+    seed_cache(demo_base_copy)  # the base copy the unmerged arm loads; test_e2e_demo tests its first build
     with LiveServer(REPO / "configs" / "demo-vllm.yaml", boot_timeout=900) as live:
         yield live
 
