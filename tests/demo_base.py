@@ -34,15 +34,13 @@ def build_demo_base(root: Path) -> Path:
     return entry
 
 
-def seed_cache(entry: Path, cache_dir: Path | None = None) -> Path:
-    """Hard-link `entry` into `cache_dir` (default: the merge cache the environment names now, as a server started
-    from here would use). Entries are never written in place (a damaged one is moved away whole), so the links
-    cannot change the session's copy; a folder on another file system gets a copy instead."""
-    root = cache_dir or Path(os.environ[CACHE_DIR_ENV])
-    target = root / "entries" / entry.name
+def seed_cache(entry: Path) -> None:
+    """Hard-link `entry` into the merge cache the environment names now, the one a server started from here uses.
+    Entries are never written in place (a damaged one is moved away whole), so the links cannot change the
+    session's copy; a folder on another file system gets a copy instead."""
+    target = Path(os.environ[CACHE_DIR_ENV]) / "entries" / entry.name
     try:
         shutil.copytree(entry, target, copy_function=os.link)
     except OSError:
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(entry, target)
-    return target
