@@ -326,6 +326,7 @@ class Scheduler:
 
     def submit(self, request: PreparedRequest, emit: Emit, lane: str | None = None) -> Handle:
         """Queue a request; `emit` is called from the scheduler thread with each token, or with an exception."""
+        request.check_submittable()
         target = self.lanes[lane] if lane is not None else next(iter(self.lanes.values()))
         with self._wake:
             if self.death is not None:
