@@ -88,7 +88,7 @@ class _Row:
     gen: Generation = field(init=False)
 
     def __post_init__(self) -> None:
-        self.chooser = TokenChooser(self.request.params, self.request.top_logprobs)
+        self.chooser = TokenChooser(self.request.params, self.request.top_logprobs, len(self.request.input_ids))
         self.all_ids = torch.tensor([self.request.input_ids], dtype=torch.long, device=self.device)
         self.gen = Generation(seed=self.chooser.seed, prompt_tokens=len(self.request.input_ids))
 
