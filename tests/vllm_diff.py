@@ -28,6 +28,7 @@ VLLM_ONLY = frozenset({"stop_reason", "token_ids", "prompt_logprobs", "prompt_to
                        "service_tier", "system_fingerprint", "kv_transfer_params", "ec_transfer_params", "metrics",
                        "refusal", "annotations", "audio", "function_call", "reasoning", "prompt_tokens_details",
                        "completion_tokens_details", "tool_calls", "prompt_text", "reasoning_content"})  # fmt: skip
+PENALTIES = frozenset({"frequency_penalty", "presence_penalty", "repetition_penalty"})
 DOC_SECTION = "## Differences from vLLM's OpenAI server"
 
 
@@ -210,7 +211,6 @@ def _signature(case: Case, chunks: list[dict[str, Any]]) -> list[str]:
 
 
 def _greedy(case: Case, ref: dict[str, Any], ours: dict[str, Any]) -> list[Difference]:
-    key = case.feature
     diffs: list[tuple[str, str]] = []
     if len(ref["choices"]) != len(ours["choices"]):
         diffs.append(("choices", f"vLLM {len(ref['choices'])} choices, mergeserve {len(ours['choices'])}"))
@@ -223,7 +223,16 @@ def _greedy(case: Case, ref: dict[str, Any], ours: dict[str, Any]) -> list[Diffe
             diffs.append(("logprobs", problem))
     if ref["usage"] != ours["usage"] and _usage_core(ref["usage"]) != _usage_core(ours["usage"]):
         diffs.append(("usage", f"vLLM {_usage_core(ref['usage'])}, mergeserve {_usage_core(ours['usage'])}"))
-    return [Difference(key if key != "plain" else aspect, f"{aspect}: {d}") for aspect, d in diffs]
+    return [Difference(_greedy_key(case, aspect, d), f"{aspect}: {d}") for aspect, d in diffs]
+
+
+def _greedy_key(case: Case, aspect: str, detail: str) -> str:
+    """The feature, except for causes known by their aspect: which logprobs are reported."""
+    if aspect == "logprobs" and case.body.get("logprobs") == 0 and "top_logprobs" in detail:
+        return "logprobs-0"
+    if aspect == "logprobs" and case.feature in PENALTIES:
+        return "penalized-logprobs"
+    return case.feature if case.feature != "plain" else aspect
 
 
 def _usage_core(usage: dict[str, Any] | None) -> tuple[Any, ...] | None:

@@ -171,6 +171,13 @@ def _check(servers: tuple[str, str], case: Case) -> None:
 @example(case=Case("completions", {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 8,
                                    "temperature": 0, "stop": [" Paris"]}, "stop"))  # fmt: skip
 @example(case=Case("completions", {"model": MODEL, "prompt": "", "max_tokens": 2, "temperature": 0}, "empty-prompt"))
+@example(case=Case("completions", {"model": MODEL, "prompt": "1, 2, 3, 4,", "max_tokens": 4, "temperature": 0,
+                                   "repetition_penalty": 2.0, "logprobs": 1}, "repetition_penalty"))  # fmt: skip
+@example(case=Case("completions", {"model": MODEL, "prompt": "def fibonacci(n):", "max_tokens": 4, "temperature": 0,
+                                   "logprobs": 0}))  # fmt: skip
+@example(case=Case("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}],
+                                        "max_tokens": 4, "temperature": 0, "stream": True, "stop": ["me", " "]},
+                   "stop_list"))  # fmt: skip
 def test_same_answers_as_vllm(servers: tuple[str, str], case: Case) -> None:
     _check(servers, case)
 
