@@ -65,6 +65,7 @@ class Recorder:
     """Every difference seen in a run, and how many requests were sent."""
 
     requests: int = 0
+    boots: str = ""  # how long the servers took to boot, for the report
     seen: dict[str, list[tuple[Case, str]]] = field(default_factory=dict)
 
     def add(self, case: Case, diffs: list[Difference]) -> None:

@@ -62,6 +62,7 @@ def _wait_for_entry(cache: Path, server: LiveServer, timeout: float = 300) -> Pa
 def servers(demo_base_copy: Path, _module_merge_cache: Path) -> Iterator[tuple[str, str]]:
     """(vLLM's URL, mergeserve's URL), both serving the demo's merged weights in float32."""
     seed_cache(demo_base_copy)
+    start = time.monotonic()
     ours = LiveServer(REPO / "configs" / "demo.yaml", boot_timeout=600)
     with ExitStack() as stack, ThreadPoolExecutor(1) as pool:
         booting = pool.submit(ours.__enter__)
@@ -70,13 +71,17 @@ def servers(demo_base_copy: Path, _module_merge_cache: Path) -> Iterator[tuple[s
         args = ["--model", str(entry), "--served-model-name", MODEL, "--dtype", "float32", "--max-model-len", "2048",
                 "--enforce-eager", "--max-num-seqs", "8", "--kv-cache-memory-bytes", str(1 << 30),
                 "--distributed-executor-backend", "uni"]  # fmt: skip
+        entry_s = time.monotonic() - start
         ref = VllmServer(args, VLLM_ENV, prefix="conformance-vllm")
         stack.callback(stop_all, ref)
         booting.result()
+        ours_s = time.monotonic() - start
         try:
             ref.wait_healthy(600)
         except (RuntimeError, TimeoutError) as exc:
             raise RuntimeError(f"{exc}\n{ref.read_log()[-3000:]}") from None
+        RECORD.boots = (f"mergeserve healthy after {ours_s:.0f} s (entry stored after {entry_s:.0f} s), "
+                        f"vLLM after {time.monotonic() - start:.0f} s")  # fmt: skip
         yield ref.url, ours.url
 
 
@@ -184,7 +189,7 @@ def test_same_answers_as_vllm(servers: tuple[str, str], case: Case) -> None:
 
 def test_report() -> None:
     """Prints what was seen (pytest -s shows it); a documented key never seen is a warning: fixed, or not reached."""
-    print(f"\nvLLM conformance: {RECORD.requests} requests sent")
+    print(f"\nvLLM conformance: {RECORD.requests} requests sent; {RECORD.boots}")
     for key, seen in sorted(RECORD.seen.items()):
         case, detail = seen[0]
         print(f"  `{key}` x{len(seen)}: {case.route} {case.body} -> {detail}")
