@@ -183,6 +183,18 @@ def _check(servers: tuple[str, str], case: Case) -> None:
 @example(case=Case("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}],
                                         "max_tokens": 4, "temperature": 0, "stream": True, "stop": ["me", " "]},
                    "stop_list"))  # fmt: skip
+@example(case=Case("completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 4, "temperature": 0, "top_k": 2,
+                                   "top_p": 0.05, "seed": 3, "stream": True, "stream_options": {"include_usage": True}},
+                   "top_k"))  # fmt: skip
+@example(case=Case("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "Name colours."}],
+                                        "max_tokens": 8, "temperature": 0, "frequency_penalty": 1.0, "stream": True,
+                                        "stream_options": {"include_usage": True}}, "frequency_penalty"))  # fmt: skip
+@example(case=Case("completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 3, "temperature": 0, "echo": True,
+                                   "stream": True}, "echo"))  # fmt: skip
+@example(case=Case("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}],
+                                        "temperature": -0.5}, "invalid-temperature"))  # fmt: skip
+@example(case=Case("completions", {"model": MODEL, "prompt": "Hi", "temperature": 0, "max_tokens": 5000},
+                   "invalid-max_tokens_over_context"))  # fmt: skip
 def test_same_answers_as_vllm(servers: tuple[str, str], case: Case) -> None:
     _check(servers, case)
 
