@@ -17,7 +17,7 @@ from server.config.load import load_config
 from server.engine.detokenizer import TextStream
 from server.engine.engine import Engine
 from server.engine.sampling import SamplingParams
-from server.engine.scheduler import Overloaded
+from server.engine.scheduler import Overloaded, Scheduler
 from server.engine.types import Generation, PreparedRequest, Token
 
 PROMPTS = ["Once upon a time", "The capital of France is", "Arr matey", "def fibonacci(n):", "pirate", "Paris"]
@@ -179,3 +179,53 @@ def test_a_slow_reader_still_gets_every_token(engine: Engine) -> None:
     assert n > 1 and len(seen) == n  # before snapshots, a late reader saw the final state at once and stopped
     assert [g.finish_reason is None for g in seen] == [True] * (n - 1) + [False]
     assert [len(g.text) for g in seen] == sorted(len(g.text) for g in seen)
+
+
+def test_a_long_prompt_is_prefilled_within_a_bounded_number_of_turns_under_a_stream_of_short_ones(
+    engine: Engine,
+) -> None:
+    """Issue 26, item 5: a 200-token prompt with a 64-token prefill budget needs 4 chunk forwards. While short
+    prompts keep arriving (each answered short prompt is replaced by a new one at once, as closed-loop clients do),
+    first-come-first-served prefill gives the long prompt its chunks in turn; shortest-first would always pick the
+    short ones and starve it until the stream stops. Turns are counted, not seconds."""
+    budget, long_length, stream = 64, 200, 60
+    bound = 2 * -(-long_length // budget)  # twice the forwards its prompt needs
+    vocab = engine.tokenizer.vocab_size
+    scheduler = Scheduler({"m": engine.model}, engine.tokenizer, engine.eos_ids, max_batch_size=4,
+                          max_concurrent_requests=8, prefill_budget=budget)  # fmt: skip
+    lane = scheduler.lanes["m"]
+    turns, sent, first_token_turn = 0, 0, list[int]()
+    done = threading.Event()
+    real_turn = lane.turn
+
+    def turn() -> int:
+        nonlocal turns
+        turns += 1
+        return real_turn()
+
+    def send_short() -> None:
+        nonlocal sent
+        sent += 1
+        prompt = [2 + (sent * 7 + i) % (vocab - 2) for i in range(8)]
+        scheduler.submit(PreparedRequest(prompt, SamplingParams(), max_new_tokens=1), short_done)
+
+    def short_done(item: Token | BaseException, gen: Generation) -> None:
+        if gen.finish_reason is not None and sent < stream:  # on the model thread: it arrives before the next turn
+            send_short()
+
+    def long_done(item: Token | BaseException, gen: Generation) -> None:
+        first_token_turn.append(turns if isinstance(item, Token) else -1)
+        done.set()
+
+    lane.turn = turn  # type: ignore[method-assign]
+    long_prompt = [2 + (i * 13) % (vocab - 2) for i in range(long_length)]
+    try:
+        with lane.lock:  # the long prompt arrives behind three short ones, all admitted at the first turn
+            for _ in range(3):
+                send_short()
+            scheduler.submit(PreparedRequest(long_prompt, SamplingParams(), max_new_tokens=1), long_done)
+        assert done.wait(timeout=60)
+    finally:
+        scheduler.close()
+    assert first_token_turn[0] > 0, "the long request failed"
+    assert first_token_turn[0] <= bound, f"the long prompt waited {first_token_turn[0]} turns (bound {bound})"
