@@ -5,9 +5,10 @@ prefilled hold slots from B up. A row that leaves gives its slot to the last run
 columns), and a row whose prompt is done takes slot B, so neither ever re-pads or concatenates anyone's cache.
 
 Prefill is chunked and batched: each call of `prefill` runs one forward of at most `budget` tokens (rows x padded
-chunk width), shortest remaining prompt first. Newcomers that arrive together share a forward, and a long prompt goes
-in chunks of `budget` tokens between decode steps, so a short request waits for one chunk, never for the long
-prompt's whole prefill.
+chunk width), shortest remaining prompt first, but a row left out of STARVED forwards in a row goes first, so a steady
+stream of short prompts cannot starve a long one. Newcomers that arrive together share a forward, and a long prompt
+goes in chunks of `budget` tokens between decode steps, so a short request waits for a few chunks at most, never for
+the long prompt's whole prefill. Every chunk has at least one token: its logits are read at its last one.
 
 Numerics: a row's queries see exactly its own columns (kv_slab's mask), with its own positions, so its logits do not
 depend on what else is in the batch, up to float rounding in the attention sums.
@@ -28,6 +29,9 @@ from server.engine.mixed import Chunk, mixed_forward
 from server.engine.prefix_cache import PrefixCache
 
 R = TypeVar("R")
+# Prefill forwards a row may be left out of before it goes first (Batch.next_chunks): each one it waits costs at most
+# one chunk of `budget` tokens (~0.1-0.2 s on 2 cores at the default budget), so a starved prompt waits ~1 s at worst.
+STARVED = 4
 
 
 @dataclass(eq=False)
@@ -38,6 +42,7 @@ class Prefilling(Generic[R]):
     ids: list[int]
     slot: int
     done: int = 0
+    passed: int = 0  # prefill forwards in a row that left this row out (see Batch.next_chunks)
 
     @property
     def remaining(self) -> int:
@@ -107,6 +112,8 @@ class Batch(Generic[R]):
 
     def add(self, row: R, ids: list[int]) -> None:
         """Queue `row` for prefill in a free slot (the caller checks `free`), after the longest cached prefix."""
+        if not ids:  # its chunk would have no last token, and its logits index would be the row before it
+            raise ValueError("a prefilling row needs at least one token")
         taken = {p.slot for p in self.prefilling}
         slot = next(s for s in range(len(self.rows), self.slab.slots) if s not in taken)
         done = self.prefixes.fill(self.slab, slot, ids)  # columns already computed for an earlier prompt
@@ -114,14 +121,25 @@ class Batch(Generic[R]):
         self.prefilling = [*self.prefilling, Prefilling(row, ids, slot, done)]
 
     def next_chunks(self) -> list[tuple[Prefilling[R], int]]:
-        """The next prefill forward: shortest remaining first, as many rows as fit `budget` once padded."""
+        """The next prefill forward: as many rows as fit `budget` once padded, shortest remaining first, except that
+        a row left out of `STARVED` forwards in a row goes first (oldest first among those).
+
+        Shortest-first keeps a short newcomer's wait to one chunk of a long prompt; alone it would starve a long
+        prompt under a steady stream of short ones. With the age rule a row gets a chunk within STARVED + slots
+        forwards whatever arrives, and a short newcomer still waits at most STARVED chunks of a long one.
+        """
+        stale = [p for p in self.prefilling if p.passed >= STARVED]  # in admission order: oldest first
+        fresh = sorted((p for p in self.prefilling if p.passed < STARVED), key=lambda p: p.remaining)
         chunks: list[tuple[Prefilling[R], int]] = []
-        for p in sorted(self.prefilling, key=lambda p: p.remaining):
+        for p in [*stale, *fresh]:
             count = min(p.remaining, self.budget)
             width = max([count, *(c for _, c in chunks)])
             if chunks and width * (len(chunks) + 1) > self.budget:
                 break
             chunks.append((p, count))
+        chosen = {id(p) for p, _ in chunks}
+        for p in self.prefilling:
+            p.passed = 0 if id(p) in chosen else p.passed + 1
         return chunks
 
     def prefill(self, model: nn.Module, chunks: list[tuple[Prefilling[R], int]]) -> list[tuple[R, torch.Tensor]]:

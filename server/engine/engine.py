@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from server.config.schema import LimitsConfig
 from server.engine.attention import use_slab_attention
-from server.engine.kv_slab import refuse_sliding_window
+from server.engine.kv_slab import refuse_length_dependent_rope, refuse_sliding_window
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import Scheduler
 from server.engine.stopping import eos_ids
@@ -92,6 +92,7 @@ class Engine:
         if served is None:
             self.model = next(iter(arms.values()))
             refuse_sliding_window(self.model, limits.max_total_tokens)
+            refuse_length_dependent_rope(self.model, limits.max_total_tokens)
             for arm in arms.values():
                 use_slab_attention(arm)
             eos = eos_ids(tokenizer, self.model)

@@ -44,6 +44,38 @@ def refuse_sliding_window(model: nn.Module, max_total_tokens: int) -> None:
         )
 
 
+def _length_dependent_rope(model: nn.Module) -> tuple[str, int] | None:
+    """(rope type, positions up to which its frequencies stay fixed) of the first rotary embedding whose frequencies
+    depend on the forward's length, or None. transformers recomputes `dynamic` frequencies once a forward's largest
+    position passes the cached length (max_position_embeddings at first), and switches `longrope` to its long factors
+    past original_max_position_embeddings."""
+    for module in model.modules():
+        kinds = getattr(module, "rope_type", None)
+        for kind in kinds.values() if isinstance(kinds, dict) else [kinds]:
+            if not isinstance(kind, str) or not ("dynamic" in kind or kind == "longrope"):
+                continue
+            params = getattr(getattr(module, "config", None), "rope_parameters", None) or {}
+            fixed = params.get("original_max_position_embeddings") if kind == "longrope" else None
+            return kind, int(fixed or getattr(module, "original_max_seq_len", 0))
+    return None
+
+
+def refuse_length_dependent_rope(model: nn.Module, max_total_tokens: int) -> None:
+    """A batched or chunked forward holds many requests' positions at once, so a rotary embedding whose frequencies
+    follow the forward's largest position would rotate each request by another one's length: refuse unless no
+    request can pass the length where they change."""
+    found = _length_dependent_rope(model)
+    if found is not None and found[1] < max_total_tokens:
+        kind, fixed = found
+        raise BootError(
+            f"the model's rotary embedding (rope_type {kind}) changes its frequencies with the length of the forward "
+            f"past {fixed} positions, and the torch engine batches requests of different lengths in one forward; "
+            f"with limits.max_total_tokens {max_total_tokens} a request could get another's frequencies",
+            f"set limits.max_total_tokens to {fixed} or less",
+            "limits.max_total_tokens",
+        )
+
+
 class KVSlab:
     """Per-layer K/V storage for `slots` rows and each row's length (the columns it has cached)."""
 

@@ -50,6 +50,8 @@ class MixedPlan:
     """Where each of the forward's N tokens lives in the slab, and the masks attention needs per group."""
 
     def __init__(self, lengths: list[int], chunks: list[Chunk], device: torch.device) -> None:
+        if any(not c.ids for c in chunks):  # `keep` would point at the token before: another row's logits
+            raise ValueError("a prefill chunk needs at least one token")
         self.decoding, self.prefilling = len(lengths), len(chunks)
         self.width = max((len(c.ids) for c in chunks), default=0)  # C: every chunk is padded to it
         decode_cols = torch.tensor(lengths, dtype=torch.long, device=device)  # (B,): each row's next column

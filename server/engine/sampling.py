@@ -34,7 +34,10 @@ class SamplingParams:
     top_p: float | None = None
     typical_p: float | None = None
     repetition_penalty: float | None = None
-    frequency_penalty: float | None = None
+    frequency_penalty: float | None = None  # TGI's: penalty x count / length, over prompt and output
+    # OpenAI's penalties (the /v1 routes): over the generated tokens only, frequency x count + presence x (count > 0).
+    output_frequency_penalty: float | None = None
+    presence_penalty: float | None = None
     seed: int | None = None
 
     @property
@@ -63,12 +66,29 @@ class FrequencyPenaltyLogitsProcessor(LogitsProcessor):
         return scores - self.penalty * freq / input_ids.shape[1]  # type: ignore[return-value]
 
 
-def _processors(params: SamplingParams) -> LogitsProcessorList:
+class OutputPenaltiesLogitsProcessor(LogitsProcessor):
+    """OpenAI's frequency and presence penalties, as OpenAI documents them and vLLM applies them: counted over the
+    generated tokens alone (the first `prompt_tokens` of input_ids are the prompt)."""
+
+    def __init__(self, frequency: float, presence: float, prompt_tokens: int) -> None:
+        self.frequency, self.presence, self.prompt_tokens = frequency, presence, prompt_tokens
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        # input_ids: (B, T + N), scores: (B, V)
+        generated = input_ids[:, self.prompt_tokens :]  # (B, N)
+        counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
+        return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)  # type: ignore[return-value]
+
+
+def _processors(params: SamplingParams, prompt_tokens: int) -> LogitsProcessorList:
     procs = LogitsProcessorList()
     if params.repetition_penalty is not None and params.repetition_penalty != 1.0:
         procs.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
     if params.frequency_penalty:
         procs.append(FrequencyPenaltyLogitsProcessor(params.frequency_penalty))
+    if params.output_frequency_penalty or params.presence_penalty:
+        frequency, presence = params.output_frequency_penalty or 0.0, params.presence_penalty or 0.0
+        procs.append(OutputPenaltiesLogitsProcessor(frequency, presence, prompt_tokens))
     if not params.sampling:
         return procs
     if params.temperature is not None and params.temperature != 1.0:
@@ -85,10 +105,11 @@ def _processors(params: SamplingParams) -> LogitsProcessorList:
 class TokenChooser:
     """Picks the next token for one request and reports its log-probability under the processed distribution."""
 
-    def __init__(self, params: SamplingParams, top_logprobs: int = 0) -> None:
+    def __init__(self, params: SamplingParams, top_logprobs: int = 0, prompt_tokens: int = 0) -> None:
+        """prompt_tokens: how many of the ids `choose` is given are the prompt (the output penalties skip them)."""
         self.params = params
         self.top_logprobs = top_logprobs  # alternatives reported per step; 0 skips the top-k entirely
-        self.processors = _processors(params)
+        self.processors = _processors(params, prompt_tokens)
         self.seed: int | None = None
         self.generator: torch.Generator | None = None
         if params.sampling:

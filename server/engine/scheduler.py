@@ -88,7 +88,7 @@ class _Row:
     gen: Generation = field(init=False)
 
     def __post_init__(self) -> None:
-        self.chooser = TokenChooser(self.request.params, self.request.top_logprobs)
+        self.chooser = TokenChooser(self.request.params, self.request.top_logprobs, len(self.request.input_ids))
         self.all_ids = torch.tensor([self.request.input_ids], dtype=torch.long, device=self.device)
         self.gen = Generation(seed=self.chooser.seed, prompt_tokens=len(self.request.input_ids))
 
@@ -326,6 +326,7 @@ class Scheduler:
 
     def submit(self, request: PreparedRequest, emit: Emit, lane: str | None = None) -> Handle:
         """Queue a request; `emit` is called from the scheduler thread with each token, or with an exception."""
+        request.check_submittable()
         target = self.lanes[lane] if lane is not None else next(iter(self.lanes.values()))
         with self._wake:
             if self.death is not None:

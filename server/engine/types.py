@@ -23,6 +23,13 @@ class PreparedRequest:
     stop: list[str] = field(default_factory=list)
     top_logprobs: int = 0  # best alternatives reported with each token (OpenAI's top_logprobs); 0: none
 
+    def check_submittable(self) -> None:
+        """Both engines' gate: a prompt of no tokens has no position to predict from, and in a batched forward the
+        row's logits would be read at another request's position (validation refuses it first; this is the backstop
+        for callers that build requests themselves)."""
+        if not self.input_ids:
+            raise ValueError("a request needs at least one prompt token; its input_ids are empty")
+
 
 @dataclass(frozen=True)
 class Token:

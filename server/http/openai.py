@@ -1,15 +1,19 @@
 """OpenAI-compatible routes (/v1/models, /v1/completions, /v1/chat/completions), following vLLM's conventions.
 
-Each request is mapped onto TGI's parameters and goes through the same validation and engine path as /generate.
-OpenAI samples by default and treats temperature 0 as greedy.
+Each request is mapped onto TGI's parameters and goes through the same validation and engine path as /generate;
+where OpenAI's rules differ from TGI's they are OpenAI's here (docs/reference/api.md lists them side by side):
+- OpenAI samples by default, and temperature 0 is greedy whatever top_p and top_k say;
+- frequency_penalty and presence_penalty count the generated tokens (TGI's frequency_penalty divides by the length);
+- the returned text ends where a stop string begins (server.http.openai_text); TGI's keeps the stop string.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from contextlib import AsyncExitStack
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -18,6 +22,7 @@ from starlette.concurrency import run_in_threadpool
 
 from server.config.schema import Config
 from server.engine.engine import Engine
+from server.engine.sampling import SamplingParams
 from server.engine.types import Generation
 from server.http.errors import ServedError
 from server.http.openai_logprobs import CompletionLogprobs, chat_logprobs, token_decoder
@@ -29,6 +34,7 @@ from server.http.openai_protocol import (
     CommonRequest,
     CompletionRequest,
 )
+from server.http.openai_text import StopText
 from server.http.serving import (
     TokenStream,
     Tracker,
@@ -50,16 +56,31 @@ def _usage(gen: Generation) -> dict[str, int]:
     return {"prompt_tokens": gen.prompt_tokens, "completion_tokens": n, "total_tokens": gen.prompt_tokens + n}
 
 
+def _stops(body: CommonRequest) -> list[str]:
+    return [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+
+
 def _parameters(body: CommonRequest, max_tokens: int | None) -> Parameters:
+    """TGI's parameters for `body`. A greedy request (temperature 0) drops top_p, top_k and the seed: TGI would
+    sample whenever a warper is set, OpenAI and vLLM never sample at temperature 0."""
     greedy = body.temperature == 0
+    top_k = body.top_k if body.top_k is not None and body.top_k > 0 else None  # vLLM: -1 and 0 disable it
     return Parameters(
         max_new_tokens=max_tokens,
         do_sample=not greedy,
         temperature=None if greedy or body.temperature in (None, 1.0) else body.temperature,
-        top_p=None if body.top_p in (None, 1.0) else body.top_p,
-        seed=body.seed,
-        stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
-        frequency_penalty=body.frequency_penalty,
+        top_p=None if greedy or body.top_p in (None, 1.0) else body.top_p,
+        top_k=None if greedy else top_k,
+        repetition_penalty=body.repetition_penalty,
+        seed=None if greedy else body.seed,
+        stop=_stops(body),
+    )
+
+
+def _penalties(body: CommonRequest) -> Callable[[SamplingParams], SamplingParams]:
+    """OpenAI's penalties, which TGI's parameters do not carry (TGI's frequency_penalty has another meaning)."""
+    return lambda params: replace(
+        params, output_frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty
     )
 
 
@@ -92,7 +113,7 @@ async def _begin(
         raise ServedError(404, f"The model `{body.model}` does not exist.", "not_found", openai_type="NotFoundError",
                           param="model")  # fmt: skip
     chat = isinstance(body, ChatRequest)
-    return await start(request, prompt, _parameters(body, max_tokens), owner, chat, top or 0)
+    return await start(request, prompt, _parameters(body, max_tokens), owner, chat, top or 0, _penalties(body))
 
 
 @router.post("/completions", response_model=None, responses=STREAMED)
@@ -113,9 +134,11 @@ async def complete(request: Request, body: CompletionRequest) -> Response:
         rid, prefix = f"cmpl-{uuid.uuid4().hex}", prompts[0] if body.echo else ""
         logprobs = CompletionLogprobs(token_decoder(_engine.tokenizer), body.logprobs)
         base = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": body.model}
+        text = StopText(_stops(body))
         if not body.stream:
             gen = await run_to_end(stream, tracker)
-            choice = {"index": 0, "text": prefix + gen.text, "logprobs": logprobs.of(gen.tokens),
+            answer = text.final(gen.text, gen.finish_reason)
+            choice = {"index": 0, "text": prefix + answer, "logprobs": logprobs.of(gen.tokens),
                       "finish_reason": FINISH[gen.finish_reason or "length"]}  # fmt: skip
             payload = {**base, "choices": [choice], "usage": _usage(gen)}
             return JSONResponse(payload, headers={"x-merge-mode": tracker.mode})
@@ -125,10 +148,10 @@ async def complete(request: Request, body: CompletionRequest) -> Response:
                 yield {**base, "choices": [{"index": 0, "text": prefix, "logprobs": None, "finish_reason": None}]}
             async for token, gen in tracked(stream, tracker):
                 reason = FINISH[gen.finish_reason] if gen.finish_reason else None
-                text = "" if token.special else token.text
+                delta = text.delta(gen.text, gen.finish_reason)
                 lp = logprobs.of([token])
-                yield {**base, "choices": [{"index": 0, "text": text, "logprobs": lp, "finish_reason": reason}]}
-                if reason and (body.stream_options or {}).get("include_usage"):
+                yield {**base, "choices": [{"index": 0, "text": delta, "logprobs": lp, "finish_reason": reason}]}
+                if reason and body.stream_options and body.stream_options.include_usage:
                     yield {**base, "choices": [], "usage": _usage(gen)}
 
         return events(request.url.path, chunks(), owner.pop_all(), {"x-merge-mode": tracker.mode}, done="[DONE]")
@@ -156,9 +179,11 @@ async def chat(request: Request, body: ChatRequest) -> Response:
         engine, tracker, stream = await _begin(request, body, prompt, max_tokens, body.top_logprobs, owner)
         base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
         decode = token_decoder(engine.tokenizer)
+        text = StopText(_stops(body))
         if not body.stream:
             gen = await run_to_end(stream, tracker)
-            choice = {"index": 0, "message": {"role": "assistant", "content": gen.text},
+            content = text.final(gen.text, gen.finish_reason)
+            choice = {"index": 0, "message": {"role": "assistant", "content": content},
                       "logprobs": chat_logprobs(decode, body.logprobs, gen.tokens),
                       "finish_reason": FINISH[gen.finish_reason or "length"]}  # fmt: skip
             payload = {**base, "object": "chat.completion", "choices": [choice], "usage": _usage(gen)}
@@ -171,11 +196,12 @@ async def chat(request: Request, body: ChatRequest) -> Response:
             yield {**chunk, "choices": [opening]}
             async for token, gen in tracked(stream, tracker):
                 reason = FINISH[gen.finish_reason] if gen.finish_reason else None
-                delta = {"content": token.text} if token.text and not token.special else {}
+                piece = text.delta(gen.text, gen.finish_reason)
+                delta = {"content": piece} if piece else {}
                 lp = chat_logprobs(decode, body.logprobs, [token])
                 choice = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": reason}
                 yield {**chunk, "choices": [choice]}
-                if reason and (body.stream_options or {}).get("include_usage"):
+                if reason and body.stream_options and body.stream_options.include_usage:
                     yield {**chunk, "choices": [], "usage": _usage(gen)}
 
         return events(request.url.path, chunks(), owner.pop_all(), {"x-merge-mode": tracker.mode}, done="[DONE]")

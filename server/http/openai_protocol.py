@@ -1,23 +1,32 @@
 """Wire types of the OpenAI-compatible routes: requests, error objects, and the statuses each route declares.
 
-Requests are strict, as TGI's are (`0` is not a boolean), and refuse what is not served (n > 1) by schema.
+Requests are strict, as TGI's are (`0` is not a boolean), and refuse what is not served (n > 1) by schema. Unknown
+fields are refused with a 400 that names them, never dropped: a parameter the client believes in and the server
+ignores is a wrong answer nobody notices (vLLM's server logs such fields and goes on). Fields OpenAI defines but this
+server does not implement are accepted only at their neutral value.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # TGI's finish reasons as OpenAI names them.
 FINISH = {"eos_token": "stop", "stop_sequence": "stop", "length": "length"}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    include_usage: bool = False
 
 
 class CommonRequest(BaseModel):
     """What completions and chat completions share."""
 
     # NaN compares false with every bound, so it would pass range checks; strict: `0` is not a boolean.
-    model_config = ConfigDict(allow_inf_nan=False, strict=True)
+    model_config = ConfigDict(allow_inf_nan=False, strict=True, extra="forbid")
 
     model: str
     max_tokens: int | None = None
@@ -27,9 +36,22 @@ class CommonRequest(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     n: int = Field(default=1, ge=1, le=1, description="Only one choice per request is served.")
-    frequency_penalty: float | None = None
-    stream_options: dict[str, Any] | None = None
-    user: str | None = None
+    # OpenAI's penalties (vLLM's too): over the generated tokens, logit -= frequency x count + presence x (count > 0).
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    # vLLM's extensions, as vLLM defines them: top_k -1 or 0 disables it; repetition_penalty over prompt and output.
+    top_k: int | None = Field(default=None, ge=-1)
+    repetition_penalty: float | None = Field(default=None, gt=0)
+    stream_options: StreamOptions | None = None
+    user: str | None = None  # an end-user id for the provider's abuse monitoring: nothing to apply to the answer
+    logit_bias: dict[str, float] | None = Field(default=None, description="Only empty: biases are not applied.")
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value:
+            raise ValueError("`logit_bias` is not supported by this server; leave it empty")
+        return value
 
 
 class CompletionRequest(CommonRequest):
@@ -42,7 +64,7 @@ class CompletionRequest(CommonRequest):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(strict=True)
+    model_config = ConfigDict(strict=True, extra="forbid")
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str
@@ -53,6 +75,14 @@ class ChatRequest(CommonRequest):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20, description="Needs `logprobs: true`.")
+    response_format: dict[str, str] | None = Field(default=None, description='Only {"type": "text"}.')
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is not None and value != {"type": "text"}:
+            raise ValueError('`response_format` other than {"type": "text"} is not supported by this server')
+        return value
 
 
 class OpenAIErrorBody(BaseModel):

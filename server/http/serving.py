@@ -24,6 +24,7 @@ from starlette.types import Receive, Scope, Send
 
 from server.config.schema import ABConfig, Config
 from server.engine.engine import Engine
+from server.engine.sampling import SamplingParams
 from server.engine.scheduler import Overloaded
 from server.engine.types import Generation, PreparedRequest, Token
 from server.http.errors import RequestTimeout, ServedError, error_event, generation_failure, invalid_input
@@ -313,10 +314,12 @@ async def start(
     owner: AsyncExitStack,
     chat: bool = False,
     top_logprobs: int = 0,
+    sampling: Callable[[SamplingParams], SamplingParams] | None = None,
 ) -> tuple[Engine, Tracker, TokenStream]:
     """Validate, submit and open the request's tracker and token stream on `owner`, which closes both however the
-    request ends (a ServedError on the way out is recorded by the tracker). `top_logprobs`: alternatives per token,
-    an OpenAI option that TGI's parameters do not carry (TGI's `top_n_tokens` stays refused)."""
+    request ends (a ServedError on the way out is recorded by the tracker). `top_logprobs` and `sampling` (a change
+    of the validated `SamplingParams`): OpenAI options that TGI's parameters do not carry (TGI's `top_n_tokens` stays
+    refused)."""
     engine, config = current_engine(request), request.app.state.config
     tracker = owner.enter_context(Tracker(request.app.state.metrics, current_arm(request)))
     # A chat template already holds its special tokens; adding BOS again would change the prompt.
@@ -328,7 +331,8 @@ async def start(
         prepared = await run_in_threadpool(validate, *args)  # tokenizing a 1 MiB body takes seconds
     except InputValidationError as exc:
         raise invalid_input(str(exc)) from None
-    prepared = replace(prepared, top_logprobs=top_logprobs)
+    params = sampling(prepared.params) if sampling is not None else prepared.params
+    prepared = replace(prepared, top_logprobs=top_logprobs, params=params)
     if (problem := engine.unsupported(prepared)) is not None:
         raise invalid_input(problem)
     tracker.validated = time.perf_counter()

@@ -92,6 +92,12 @@ def validate(
                 f"`truncate` must be strictly positive and less than {limits.max_input_tokens}. Given: {p.truncate}"
             )
         ids = ids[-p.truncate :]
+    if not ids:
+        # A prompt of zero tokens has no last position to predict from: batched, its logits would be read at some
+        # other request's position (a leak of that request's next-token distribution), so it is refused here.
+        raise InputValidationError(
+            "`inputs` tokenizes to no tokens (the tokenizer drops every character given); send at least one token"
+        )
     if len(ids) > limits.max_input_tokens:
         raise InputValidationError(f"`inputs` must have less than {limits.max_input_tokens} tokens. Given: {len(ids)}")
     room = limits.max_total_tokens - len(ids)

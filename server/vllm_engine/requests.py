@@ -10,8 +10,9 @@ TGI's semantics, kept on vLLM:
 
 What vLLM cannot do the TGI way is refused with a 422 before submission, never approximated:
 - typical_p (vLLM has no typical sampling);
-- frequency_penalty: TGI subtracts penalty x count / length over prompt and output, vLLM penalty x count over the
-  output alone, so the same value gives other tokens.
+- TGI's frequency_penalty: TGI subtracts penalty x count / length over prompt and output, vLLM penalty x count over
+  the output alone, so the same value gives other tokens. The /v1 routes' OpenAI penalties are vLLM's own and pass
+  through.
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ def sampling_kwargs(request: PreparedRequest, eos_ids: frozenset[int]) -> tuple[
         "ignore_eos": True,
         "stop_token_ids": sorted(eos_ids),
         "repetition_penalty": p.repetition_penalty or 1.0,
+        # OpenAI's penalties (the /v1 routes) are vLLM's own definition: output tokens, count and presence.
+        "frequency_penalty": p.output_frequency_penalty or 0.0,
+        "presence_penalty": p.presence_penalty or 0.0,
     }
     if not p.sampling:
         return kwargs | {"temperature": 0.0}, None

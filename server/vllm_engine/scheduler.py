@@ -101,6 +101,7 @@ class VllmScheduler:
         return self._slots.used, 0
 
     def submit(self, request: PreparedRequest, emit: Emit, lane: str | None = None) -> Handle:
+        request.check_submittable()
         arm = lane or next(iter(self.arms))
         if self.death is not None:
             raise EngineDead(f"vLLM engine died: {self.death}")

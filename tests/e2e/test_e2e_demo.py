@@ -236,3 +236,41 @@ def test_client_disconnect_frees_the_request(merged: tuple[LiveServer, dict[str,
         (("adapter", "pirate"), ("finish_reason", "cancelled"), ("mode", "merged"))
     )
     assert cancelled == 1.0
+
+
+def test_a_prompt_of_no_tokens_is_refused_on_every_route_while_another_decodes(
+    merged: tuple[LiveServer, dict[str, Any]],
+) -> None:
+    """The demo tokenizer drops U+0004 and U+0006 and adds no BOS, so these prompts have no tokens. Batched beside a
+    decoding request, such a prompt was answered with that request's next token (a leak of another user's
+    distribution); every route must refuse it, and the request it would have read from must go on unharmed."""
+    server = merged[0]
+    long = {"inputs": "Tell me a very long story about ships.", "parameters": {"max_new_tokens": 120}}
+    answer: dict[str, httpx.Response] = {}
+    worker = threading.Thread(
+        target=lambda: answer.update(long=httpx.post(f"{server.url}/generate", json=long, timeout=300))
+    )
+    worker.start()
+    while worker.is_alive() and not metric(server, "mergeserve_requests_in_flight").get(
+        (("adapter", "pirate"), ("mode", "merged"))
+    ):
+        threading.Event().wait(0.05)
+    tgi = {"inputs": "\u0006\u0004", "parameters": {"max_new_tokens": 4, "details": True}}
+    probes = {
+        "/generate": tgi,
+        "/generate_stream": tgi,
+        "/": {**tgi, "stream": True},
+        "/v1/completions": {"model": MODEL_ID, "prompt": "\u0004", "logprobs": 5, "max_tokens": 4},
+    }
+    refused = {path: httpx.post(f"{server.url}{path}", json=body, timeout=60) for path, body in probes.items()}
+    assert worker.is_alive()  # every probe ran while the long request was decoding
+    for path, r in refused.items():
+        error = r.json()["error"]
+        message = error["message"] if path.startswith("/v1") else error
+        assert r.status_code == (400 if path.startswith("/v1") else 422), (path, r.text)
+        assert "tokenizes to no tokens" in message, (path, r.text)
+    # A chat prompt is the rendered template, which has tokens even when the message has none.
+    chat = {"model": MODEL_ID, "messages": [{"role": "user", "content": "\u0004"}], "max_tokens": 2}
+    assert httpx.post(f"{server.url}/v1/chat/completions", json=chat, timeout=60).status_code == 200
+    worker.join()
+    assert answer["long"].status_code == 200

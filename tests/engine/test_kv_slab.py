@@ -158,6 +158,39 @@ def test_a_sliding_window_model_is_refused_unless_requests_fit_the_window() -> N
     refuse_sliding_window(model, max_total_tokens=64)  # no request can outgrow the window: served as it is
 
 
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {"rope_type": "dynamic", "factor": 2.0},
+        {
+            "rope_type": "longrope",
+            "short_factor": [1.0] * 4,
+            "long_factor": [2.0] * 4,
+            "original_max_position_embeddings": 64,
+        },
+    ],
+)
+def test_a_length_dependent_rope_is_refused_unless_requests_stay_where_it_is_fixed(rope: dict[str, Any]) -> None:
+    """transformers changes these frequencies with the forward's largest position; a batched forward would give
+    every request in it the longest one's: refused at boot, naming the key and the length that fits."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from server.engine.kv_slab import refuse_length_dependent_rope
+    from server.load.adapters import BootError
+
+    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                         rope_parameters={"rope_theta": 10000.0, **rope})  # fmt: skip
+    model = LlamaForCausalLM(config)
+    with pytest.raises(BootError) as refused:
+        refuse_length_dependent_rope(model, max_total_tokens=96)
+    line = refused.value.line()
+    assert "limits.max_total_tokens" in line and rope["rope_type"] in line and "to 64 or less" in line
+    refuse_length_dependent_rope(model, max_total_tokens=64)  # every position stays where the frequencies are fixed
+    plain = LlamaForCausalLM(LlamaConfig(**{**config.to_dict(), "rope_parameters": {"rope_theta": 10000.0}}))
+    refuse_length_dependent_rope(plain, max_total_tokens=4096)  # static frequencies: served at any length
+
+
 @pytest.mark.parametrize("queries", [1, 3])
 @pytest.mark.parametrize(
     ("dtype", "kv"), [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32), (torch.float32, torch.float32)]

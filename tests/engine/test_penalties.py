@@ -73,8 +73,8 @@ def test_penalty_processors_get_ids_on_the_logits_device(tokenizer: Any, monkeyp
     seen: list[tuple[torch.device, torch.device]] = []
 
     class Spied(TokenChooser):
-        def __init__(self, params: SamplingParams, top_logprobs: int = 0) -> None:
-            super().__init__(params, top_logprobs)
+        def __init__(self, params: SamplingParams, top_logprobs: int = 0, prompt_tokens: int = 0) -> None:
+            super().__init__(params, top_logprobs, prompt_tokens)
             real = self.processors
             assert len(real) == 2  # both penalties are in play
 
@@ -132,3 +132,25 @@ def test_frequency_penalty_matches_tgis_formula(scheduler: Scheduler, model: Lla
     plain = [t.id for t in _run(scheduler, PreparedRequest(ids, SamplingParams(), max_new_tokens=n)).tokens]
     assert ours == ref[len(ids) :]
     assert ours != plain
+
+
+@pytest.mark.parametrize(("frequency", "presence"), [(1.5, 0.0), (0.0, 1.5), (0.7, 0.9)])
+def test_openai_penalties_match_openais_formula(
+    scheduler: Scheduler, model: LlamaForCausalLM, tokenizer: Any, frequency: float, presence: float
+) -> None:
+    """OpenAI (and vLLM): scores - frequency x count - presence x (count > 0), counted over the generated tokens
+    only; the prompt's tokens are not penalised, unlike TGI's frequency_penalty."""
+    ids, n = tokenizer(PROMPT).input_ids, 12
+    out: list[int] = []
+    with torch.inference_mode():
+        for _ in range(n):
+            logits = model(torch.tensor([ids + out])).logits[0, -1].float()
+            counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=logits.shape[0]).float()
+            out.append(int((logits - frequency * counts - presence * (counts > 0).float()).argmax()))
+            if out[-1] == EOS:
+                break
+    params = SamplingParams(output_frequency_penalty=frequency, presence_penalty=presence)
+    ours = [t.id for t in _run(scheduler, PreparedRequest(input_ids=ids, params=params, max_new_tokens=n)).tokens]
+    plain = [t.id for t in _run(scheduler, PreparedRequest(ids, SamplingParams(), max_new_tokens=n)).tokens]
+    assert ours == out
+    assert ours != plain  # the penalty changed the answer, so the comparison above tested it
