@@ -47,8 +47,16 @@ PROBES = "mergeserve-probes.safetensors"
 SHARD_BYTES = 200 * 10**6
 
 
+def _stamp(st: os.stat_result) -> list[int]:
+    """What a remembered digest is checked against. Size and mtime alone can be forged: `cp -p`, `touch -r` and
+    reproducible builds give a changed file its old mtime, and a retrained adapter keeps its size. ctime cannot be set
+    by a user (every write or utime call moves it to now), and device + inode tell a replaced file apart."""
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
 class FileHashes:
-    """sha256 of input files, remembered by (size, mtime_ns) in a small JSON index inside the cache folder."""
+    """sha256 of input files, remembered by their `_stamp` in a small JSON index inside the cache folder; any
+    difference, or an entry from before the stamp had ctime and inode, means hashing the file again."""
 
     def __init__(self, root: Path) -> None:
         self.path = root / "file-hashes.json"
@@ -59,12 +67,12 @@ class FileHashes:
         self.changed = False
 
     def digest(self, path: Path) -> str:
-        st = path.stat()
+        stamp = _stamp(path.stat())
         seen = self.known.get(str(path))
-        if seen and seen[0] == st.st_size and seen[1] == st.st_mtime_ns:
-            return str(seen[2])
+        if seen and seen[:-1] == stamp:
+            return str(seen[-1])
         digest = sha256_file(path)
-        self.known[str(path)] = [st.st_size, st.st_mtime_ns, digest]
+        self.known[str(path)] = [*stamp, digest]
         self.changed = True
         return digest
 

@@ -32,7 +32,8 @@ class GateResult:
 
     @property
     def passed(self) -> bool:
-        return self.max_abs_diff <= self.tolerance
+        # No compared position (one-token probes on a tokenizer without BOS, say) checks nothing: not a pass.
+        return self.positions > 0 and self.max_abs_diff <= self.tolerance
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self) | {"passed": self.passed}
@@ -58,6 +59,14 @@ def compare(arm: str, pairs: list[tuple[list[float], list[float]]], dtype: str) 
 def check(results: list[GateResult]) -> None:
     """Raise (exit 3) unless every arm passed."""
     for result in results:
+        if result.positions == 0:
+            raise MergeserveError(
+                f"the vLLM gate compared no position for arm '{result.arm}': every probe is one token long, so "
+                "nothing was checked; refusing to serve",
+                "give parity.probes of several tokens each",
+                "parity.probes",
+                ExitCode.CHECK_FAILED,
+            )
         if not result.passed:
             raise MergeserveError(
                 f"vLLM serves arm '{result.arm}' off our reference: probe logprobs differ by up to "

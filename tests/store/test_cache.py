@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -169,6 +170,22 @@ def test_key_follows_content_and_unchanged_files_are_not_rehashed(
     assert cache.key(load_config(write_config(tiny_config_data)))[0] != key  # same name, other weights
     assert any(p.name == "adapter_model.safetensors" for p in hashed)
     assert FileHashes(merge_cache).known  # the sidecar index was saved
+
+
+def test_a_changed_file_with_its_old_size_and_mtime_is_hashed_again(tmp_path: Path) -> None:
+    """A retrained adapter of the same shapes, delivered with the old mtime (`cp -p`, `touch -r`, reproducible
+    builds), must not be taken for the old one: that was a cache hit on the old merge, whose stored probes then
+    passed the gate too."""
+    weights = tmp_path / "adapter_model.safetensors"
+    save_file({"lora_B": torch.ones(4, 2)}, str(weights))
+    before = weights.stat()
+    first = FileHashes(tmp_path)
+    old = first.digest(weights)
+    first.save()  # remembered for the next boot
+    save_file({"lora_B": -torch.ones(4, 2)}, str(weights))  # negated in place: same size
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))  # and the old mtime restored
+    assert weights.stat().st_size == before.st_size and weights.stat().st_mtime_ns == before.st_mtime_ns
+    assert FileHashes(tmp_path).digest(weights) == sha256_file(weights) != old
 
 
 def test_cache_dir_from_config_env_or_home(

@@ -229,6 +229,19 @@ def test_the_gate_refuses_a_model_that_is_not_the_reference(ab_engine: Engine, v
     assert refused.value.exit_code == ExitCode.CHECK_FAILED and "refusing to serve" in refused.value.line()
 
 
+def test_a_gate_that_compared_no_position_refuses() -> None:
+    """One-token probes give no prompt logprob to compare: max(..., default=0.0) used to pass that as a perfect
+    match. A gate that checked nothing must not report the engine good."""
+    from server.errors import ExitCode, MergeserveError
+    from server.vllm_engine import gate
+
+    result = gate.compare("merged", [([], [])], "float32")
+    assert result.positions == 0 and not result.passed
+    with pytest.raises(MergeserveError) as refused:
+        gate.check([result])
+    assert refused.value.exit_code == ExitCode.CHECK_FAILED and "parity.probes" in refused.value.line()
+
+
 def test_an_adapter_vllm_cannot_apply_is_refused_before_loading(vllm_model: dict[str, Path], tmp_path: Path) -> None:
     from server.errors import ExitCode
     from server.load.adapters import BootError
