@@ -1,7 +1,8 @@
 """scripts/make_scale_model.py: its `tiny` output loads in transformers and PEFT, is seeded, and mergeserve serves it.
 
-The command line runs in a subprocess while the same seed runs in-process beside it (its interpreter start-up and
-the GGUF tokenizer conversion overlap): equal files from two processes also rule out hash-ordered output.
+Seed 0 runs in-process first (the GGUF tokenizer conversion is paid once); then the command line runs seed 0 again
+in a subprocess with that saved tokenizer while seed 1 runs in-process beside it: equal files from two processes also
+rule out hash-ordered output.
 """
 
 from __future__ import annotations
@@ -39,15 +40,16 @@ def cli_args(out: Path, seed: int, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """cli: seed 0 by the command line; again: seed 0 in-process; other: seed 1 in-process, with the tokenizer
-    again saved (the GGUF conversion is already run twice)."""
+    """again: seed 0 in-process, tokenizer from the GGUF; cli: seed 0 by the command line; other: seed 1 in-process
+    (both with the tokenizer `again` saved)."""
     root = tmp_path_factory.mktemp("scale")
     out = {name: root / name for name in ("cli", "again", "other")}
-    command = [sys.executable, str(REPO / "scripts" / "make_scale_model.py"), *cli_args(out["cli"], 0)]
+    assert make_scale_model.main(cli_args(out["again"], 0)) == 0
+    saved = ("--tokenizer", str(out["again"] / "base"))
+    command = [sys.executable, str(REPO / "scripts" / "make_scale_model.py"), *cli_args(out["cli"], 0, *saved)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as proc:
-        assert make_scale_model.main(cli_args(out["again"], 0)) == 0
-        assert make_scale_model.main(cli_args(out["other"], 1, "--tokenizer", str(out["again"] / "base"))) == 0
+        assert make_scale_model.main(cli_args(out["other"], 1, *saved)) == 0
         stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-2000:]
     assert "peak RSS" in stdout
