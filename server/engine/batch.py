@@ -29,8 +29,10 @@ from server.engine.mixed import Chunk, mixed_forward
 from server.engine.prefix_cache import PrefixCache
 
 R = TypeVar("R")
-# Prefill forwards a row may be left out of before it goes first (Batch.next_chunks): each one it waits costs at most
-# one chunk of `budget` tokens (~0.1-0.2 s on 2 cores at the default budget), so a starved prompt waits ~1 s at worst.
+# Prefill forwards a row may be left out of before it goes first (Batch.next_chunks): each forward it waits costs at
+# most one chunk of `budget` tokens (~0.1-0.2 s on 2 cores at the default budget), so under a steady stream of short
+# prompts a long one gets a chunk every STARVED + 1 forwards (~1 s): its prefill takes up to 5x longer than alone,
+# and short newcomers still wait behind one of its chunks at most.
 STARVED = 4
 
 

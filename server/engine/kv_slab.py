@@ -55,7 +55,7 @@ def _length_dependent_rope(model: nn.Module) -> tuple[str, int] | None:
             if not isinstance(kind, str) or not ("dynamic" in kind or kind == "longrope"):
                 continue
             params = getattr(getattr(module, "config", None), "rope_parameters", None) or {}
-            fixed = params.get("original_max_position_embeddings") if kind == "longrope" else None
+            fixed: Any = params.get("original_max_position_embeddings") if kind == "longrope" else None
             return kind, int(fixed or getattr(module, "original_max_seq_len", 0))
     return None
 

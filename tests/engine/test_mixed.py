@@ -13,8 +13,9 @@ from transformers import AutoModelForCausalLM
 
 from server.engine.attention import use_slab_attention
 from server.engine.batch import Batch
+from server.engine.sampling import SamplingParams
 from server.engine.scheduler import Scheduler
-from server.engine.types import Generation, Token
+from server.engine.types import Generation, PreparedRequest, Token
 from tests.engine.test_kv_slab import _check, _drain_prefill, _prompt, _req, _slab_model, _Tok
 
 
@@ -106,3 +107,37 @@ def greedy(model: Any, ids: list[int], n: int) -> list[int]:
     for _ in range(n):
         seq.append(int(model(input_ids=torch.tensor([seq])).logits[0, -1].argmax()))
     return seq[len(ids) :]
+
+
+def test_an_empty_prompt_arriving_mid_decode_is_refused_not_given_another_requests_row(tiny_base: Path) -> None:
+    """Issue 26: a zero-token prompt has no position of its own, so in a mixed forward its chunk's logit index is the
+    previous position: the last decode row, another user's next-token distribution. The scheduler must refuse it
+    when it is submitted, here at the moment the running request's forward would mix with it."""
+    model = _slab_model(tiny_base)
+    scheduler = Scheduler({"m": model}, _Tok(), set(), max_batch_size=4, max_concurrent_requests=4, prefill_budget=8)
+    running: list[Token] = []
+    joined: list[Token | BaseException] = []
+    refusals: list[ValueError] = []
+    done = threading.Event()
+
+    def emit(item: Token | BaseException, gen: Generation) -> None:
+        assert isinstance(item, Token), item
+        running.append(item)
+        if len(running) == 2:  # on the model thread: the empty prompt is admitted at the next turn, a mixed one
+            try:
+                scheduler.submit(
+                    PreparedRequest([], SamplingParams(), 1, top_logprobs=3), lambda i, _: joined.append(i)
+                )
+            except ValueError as exc:
+                refusals.append(exc)
+        if gen.finish_reason is not None:
+            done.set()
+
+    try:
+        scheduler.submit(PreparedRequest(_prompt(1, 5, model.config.vocab_size), SamplingParams(), 6,
+                                         top_logprobs=3), emit)  # fmt: skip
+        assert done.wait(timeout=30)
+    finally:
+        scheduler.close()
+    leaked = [j for j in joined if isinstance(j, Token) and j.top == running[2].top]
+    assert refusals and not joined, f"accepted; served {joined}; the running request's 3rd row: {bool(leaked)}"

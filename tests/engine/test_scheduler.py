@@ -17,7 +17,7 @@ from server.config.load import load_config
 from server.engine.detokenizer import TextStream
 from server.engine.engine import Engine
 from server.engine.sampling import SamplingParams
-from server.engine.scheduler import Overloaded
+from server.engine.scheduler import Overloaded, Scheduler
 from server.engine.types import Generation, PreparedRequest, Token
 
 PROMPTS = ["Once upon a time", "The capital of France is", "Arr matey", "def fibonacci(n):", "pirate", "Paris"]
@@ -179,3 +179,62 @@ def test_a_slow_reader_still_gets_every_token(engine: Engine) -> None:
     assert n > 1 and len(seen) == n  # before snapshots, a late reader saw the final state at once and stopped
     assert [g.finish_reason is None for g in seen] == [True] * (n - 1) + [False]
     assert [len(g.text) for g in seen] == sorted(len(g.text) for g in seen)
+
+
+def _long_prompt_under_a_stream(engine: Engine, stream: int) -> tuple[int, int]:
+    """Serve a 200-token prompt (64-token prefill budget: 4 chunk forwards) among `stream` 8-token prompts that
+    arrive as fast as they are answered (each answered one is replaced at once, as closed-loop clients do) ->
+    (the scheduler turn at which the long prompt got its first token, short prompts submitted by then)."""
+    vocab = engine.tokenizer.vocab_size
+    scheduler = Scheduler({"m": engine.model}, engine.tokenizer, engine.eos_ids, max_batch_size=4,
+                          max_concurrent_requests=8, prefill_budget=64)  # fmt: skip
+    lane = scheduler.lanes["m"]
+    turns, sent, first = 0, 0, list[tuple[int, int]]()
+    done = threading.Event()
+    real_turn = lane.turn
+
+    def turn() -> int:
+        nonlocal turns
+        turns += 1
+        return real_turn()
+
+    def send_short() -> None:
+        nonlocal sent
+        sent += 1
+        prompt = [2 + (sent * 7 + i) % (vocab - 2) for i in range(8)]
+        scheduler.submit(PreparedRequest(prompt, SamplingParams(), max_new_tokens=1), short_done)
+
+    def short_done(item: Token | BaseException, gen: Generation) -> None:
+        if gen.finish_reason is not None and sent < stream:  # on the model thread: it arrives before the next turn
+            send_short()
+
+    def long_done(item: Token | BaseException, gen: Generation) -> None:
+        first.append((turns if isinstance(item, Token) else -1, sent))
+        done.set()
+
+    lane.turn = turn  # type: ignore[method-assign]
+    try:
+        with lane.lock:  # the long prompt arrives behind three short ones, all admitted at the first turn
+            for _ in range(3):
+                send_short()
+            long_prompt = [2 + (i * 13) % (vocab - 2) for i in range(200)]
+            scheduler.submit(PreparedRequest(long_prompt, SamplingParams(), max_new_tokens=1), long_done)
+        assert done.wait(timeout=60)
+    finally:
+        scheduler.close()
+    assert first[0][0] > 0, "the long request failed"
+    return first[0]
+
+
+def test_a_long_prompt_is_prefilled_within_a_bounded_number_of_turns_under_a_stream_of_short_ones(
+    engine: Engine,
+) -> None:
+    """Issue 26, item 5: under a steady stream of short prompts a long prompt must still be prefilled. Bounded means
+    its wait does not grow with the stream: shortest-first prefill always picks the short ones, so the long prompt
+    waits until the stream stops (24 turns for 60 short prompts, 64 for 180); first-come-first-served or aging give
+    it its chunks while short prompts are still arriving, after the same number of turns however long the stream.
+    Turns are counted, not seconds, and the arrivals happen on the model thread, so the count is exact."""
+    turns, sent = _long_prompt_under_a_stream(engine, stream=60)
+    assert sent < 60, f"the long prompt got its first token only after the stream of short ones ended ({turns} turns)"
+    longer = _long_prompt_under_a_stream(engine, stream=180)
+    assert longer == (turns, sent), f"its wait grew with the stream: {turns} turns, then {longer[0]}"

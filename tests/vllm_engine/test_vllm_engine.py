@@ -163,22 +163,25 @@ def test_openais_penalties_are_served_as_openai_defines_them(
     ab_engine: Engine, reference: PreTrainedModel, arm: str
 ) -> None:
     """The /v1 routes' frequency and presence penalties are vLLM's own: counted over the generated tokens only. The
-    expected tokens apply OpenAI's formula to plain forwards of the reference."""
-    frequency, presence, n = 0.8, 1.2, 12
-    ids = ab_engine.tokenize(PROMPTS[1])
-    out: list[int] = []
-    with torch.inference_mode():
-        for _ in range(n):
-            logits = reference(torch.tensor([ids + out])).logits[0, -1].float()
-            counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=logits.shape[0]).float()
-            out.append(int((logits - frequency * counts - presence * (counts > 0).float()).argmax()))
-            if out[-1] in ab_engine.eos_ids:
-                break
-    params = SamplingParams(output_frequency_penalty=frequency, presence_penalty=presence)
-    request = PreparedRequest(ids, params, n)
-    assert ab_engine.unsupported(request) is None
-    assert [t.id for t in ab_engine.generate(request, arm).tokens] == out
-    assert out != reference_greedy(reference, ids, n, ab_engine.eos_ids)  # the penalties changed the answer
+    expected tokens apply OpenAI's formula to plain forwards of the reference. Negative values (OpenAI allows down
+    to -2) favour repeats, so they change even an answer that never repeats a token."""
+    ids, n = ab_engine.tokenize(PROMPTS[1]), 12
+    greedy = reference_greedy(reference, ids, n, ab_engine.eos_ids)
+    changed = 0
+    for frequency, presence in ((0.8, 1.2), (-2.0, -2.0)):
+        out: list[int] = []
+        with torch.inference_mode():
+            for _ in range(n):
+                logits = reference(torch.tensor([ids + out])).logits[0, -1].float()
+                counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=logits.shape[0]).float()
+                out.append(int((logits - frequency * counts - presence * (counts > 0).float()).argmax()))
+                if out[-1] in ab_engine.eos_ids:
+                    break
+        request = PreparedRequest(ids, SamplingParams(output_frequency_penalty=frequency, presence_penalty=presence), n)
+        assert ab_engine.unsupported(request) is None
+        assert [t.id for t in ab_engine.generate(request, arm).tokens] == out, (frequency, presence)
+        changed += out != greedy
+    assert changed  # the penalties changed an answer, so the comparisons above tested them
 
 
 def test_tensor_parallel_2_serves_the_same_greedy_tokens(
