@@ -37,6 +37,22 @@ def reference_greedy(model: nn.Module, prompt_ids: list[int], n: int, eos_ids: s
     return ids[len(prompt_ids) :]
 
 
+@torch.inference_mode()
+def reference_penalised(
+    model: nn.Module, prompt_ids: list[int], n: int, eos_ids: set[int], frequency: float, presence: float
+) -> list[int]:
+    """Greedy under OpenAI's penalties, by plain forwards: logit - frequency x count - presence x (count > 0), the
+    counts taken over the generated tokens only (OpenAI's definition, and vLLM's)."""
+    out: list[int] = []
+    for _ in range(n):
+        logits = model(input_ids=torch.tensor([prompt_ids + out])).logits[0, -1].float()  # (V,)
+        counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=logits.shape[0]).float()  # (V,)
+        out.append(int((logits - frequency * counts - presence * (counts > 0).float()).argmax()))
+        if out[-1] in eos_ids:
+            break
+    return out
+
+
 def assert_served_like_reference(
     model: nn.Module,
     prompt_ids: list[int],

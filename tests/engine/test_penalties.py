@@ -23,6 +23,7 @@ import server.engine.scheduler as scheduler_module
 from server.engine.sampling import SamplingParams, TokenChooser
 from server.engine.scheduler import Scheduler
 from server.engine.types import Generation, PreparedRequest
+from tests.reference import reference_penalised
 
 EOS = 1  # the tiny tokenizer's </s>
 PROMPT = "Arr matey, hoist the sails"
@@ -141,14 +142,7 @@ def test_openai_penalties_match_openais_formula(
     """OpenAI (and vLLM): scores - frequency x count - presence x (count > 0), counted over the generated tokens
     only; the prompt's tokens are not penalised, unlike TGI's frequency_penalty."""
     ids, n = tokenizer(PROMPT).input_ids, 12
-    out: list[int] = []
-    with torch.inference_mode():
-        for _ in range(n):
-            logits = model(torch.tensor([ids + out])).logits[0, -1].float()
-            counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=logits.shape[0]).float()
-            out.append(int((logits - frequency * counts - presence * (counts > 0).float()).argmax()))
-            if out[-1] == EOS:
-                break
+    out = reference_penalised(model, ids, n, {EOS}, frequency, presence)
     params = SamplingParams(output_frequency_penalty=frequency, presence_penalty=presence)
     ours = [t.id for t in _run(scheduler, PreparedRequest(input_ids=ids, params=params, max_new_tokens=n)).tokens]
     plain = [t.id for t in _run(scheduler, PreparedRequest(ids, SamplingParams(), max_new_tokens=n)).tokens]

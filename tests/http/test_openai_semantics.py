@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from fastapi.testclient import TestClient
 
 from server.config.schema import Config
@@ -22,7 +21,7 @@ from server.engine.types import PreparedRequest
 from server.http.app import create_app
 from server.http.validation import InputValidationError, validate
 from tests.conftest import boot_tiny
-from tests.reference import reference_greedy
+from tests.reference import reference_greedy, reference_penalised
 
 PROMPT = "Once upon a time"
 N = 12
@@ -86,16 +85,7 @@ def test_a_stop_string_and_what_follows_it_are_left_out_of_the_text(client: Test
 
 
 def _openai_penalised(engine: Engine, frequency: float, presence: float) -> list[int]:
-    """OpenAI's definition over plain forwards: logit - frequency x count - presence x (count > 0), output only."""
-    ids, out = engine.tokenize(PROMPT), []
-    with torch.inference_mode():
-        for _ in range(N):
-            logits = engine.model(torch.tensor([ids + out])).logits[0, -1].float()
-            counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=logits.shape[0]).float()
-            out.append(int((logits - frequency * counts - presence * (counts > 0).float()).argmax()))
-            if out[-1] in engine.eos_ids:
-                break
-    return out
+    return reference_penalised(engine.model, engine.tokenize(PROMPT), N, engine.eos_ids, frequency, presence)
 
 
 def test_frequency_and_presence_penalties_have_openais_meaning(client: TestClient, tiny: tuple[Config, Engine]) -> None:

@@ -24,7 +24,12 @@ from server.engine.engine import Engine
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import Overloaded
 from server.engine.types import Generation, PreparedRequest
-from tests.reference import assert_served_like_reference, reference_greedy, reference_logprobs
+from tests.reference import (
+    assert_served_like_reference,
+    reference_greedy,
+    reference_logprobs,
+    reference_penalised,
+)
 from tests.vllm_engine.conftest import vllm_config, weighted_reference
 
 PROMPTS = ["The capital of France is", "Arr matey, hoist", "def fibonacci(n):", "Once upon a time there was a small"]
@@ -169,14 +174,7 @@ def test_openais_penalties_are_served_as_openai_defines_them(
     greedy = reference_greedy(reference, ids, n, ab_engine.eos_ids)
     changed = 0
     for frequency, presence in ((0.8, 1.2), (-2.0, -2.0)):
-        out: list[int] = []
-        with torch.inference_mode():
-            for _ in range(n):
-                logits = reference(torch.tensor([ids + out])).logits[0, -1].float()
-                counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=logits.shape[0]).float()
-                out.append(int((logits - frequency * counts - presence * (counts > 0).float()).argmax()))
-                if out[-1] in ab_engine.eos_ids:
-                    break
+        out = reference_penalised(reference, ids, n, ab_engine.eos_ids, frequency, presence)
         request = PreparedRequest(ids, SamplingParams(output_frequency_penalty=frequency, presence_penalty=presence), n)
         assert ab_engine.unsupported(request) is None
         assert [t.id for t in ab_engine.generate(request, arm).tokens] == out, (frequency, presence)
