@@ -198,7 +198,10 @@ class _Lane:
                 row = self.waiting.popleft()
                 row.admitted = time.perf_counter()
                 row.gen.queue_seconds = row.admitted - row.submitted
-                self.batch.add(row, list(row.request.input_ids))
+                try:
+                    self.batch.add(row, list(row.request.input_ids))
+                except Exception as exc:  # out of `waiting` and not in the batch: only failing it here ends it
+                    _fail_row(row, exc)
         for p in self.batch.prefilling:
             if p.row.handle.cancelled.is_set():
                 p.row.release()

@@ -238,3 +238,32 @@ def test_a_long_prompt_is_prefilled_within_a_bounded_number_of_turns_under_a_str
     assert sent < 60, f"the long prompt got its first token only after the stream of short ones ended ({turns} turns)"
     longer = _long_prompt_under_a_stream(engine, stream=180)
     assert longer == (turns, sent), f"its wait grew with the stream: {turns} turns, then {longer[0]}"
+
+
+def test_a_row_the_batch_refuses_fails_alone_and_gives_its_slot_back(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batch.add refuses a row (the empty-prompt backstop, say): that row's reader gets the error and its slot is
+    free again, while the request beside it is served; before, the error escaped the turn and failed the lane."""
+    from server.engine.batch import Batch
+
+    real = Batch.add
+    refused = engine.tokenize("pirate")
+
+    def add(self: Batch[Any], row: Any, ids: list[int]) -> None:
+        if ids == refused:
+            raise ValueError("refused by the batch")
+        real(self, row, ids)
+
+    monkeypatch.setattr(Batch, "add", add)
+    failures: list[BaseException] = []
+    engine.submit(
+        _request(engine, "pirate", 4),
+        lambda item, gen: failures.append(item) if isinstance(item, BaseException) else None,
+    )
+    served = engine.generate(_request(engine, "Once upon a time", 4))
+    deadline = time.monotonic() + 10
+    while (not failures or engine.scheduler.load != (0, 0)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [str(f) for f in failures] == ["refused by the batch"]
+    assert len(served.tokens) == 4 and engine.scheduler.load == (0, 0)
