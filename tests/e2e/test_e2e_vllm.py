@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,8 +17,7 @@ import pytest
 from text_generation import Client
 from transformers import PreTrainedTokenizerBase
 
-from tests.demo_base import seed_cache
-from tests.live_server import REPO, LiveServer
+from tests.live_server import LiveServer
 from tests.reference import assert_served_like_reference
 
 pytestmark = pytest.mark.e2e
@@ -29,10 +27,8 @@ TOL = 1e-3
 
 
 @pytest.fixture(scope="module")
-def server(demo_base_copy: Path) -> Any:
-    seed_cache(demo_base_copy)  # the base copy the unmerged arm loads; test_e2e_demo tests its first build
-    with LiveServer(REPO / "configs" / "demo-vllm.yaml", boot_timeout=900) as live:
-        yield live
+def server(vllm_ab_server: LiveServer) -> LiveServer:
+    return vllm_ab_server  # shared with test_vllm_conformance (tests/e2e/conftest.py); this module runs first
 
 
 def _chat(tokenizer: PreTrainedTokenizerBase, question: str) -> str:
