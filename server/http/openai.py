@@ -144,11 +144,10 @@ async def complete(request: Request, body: CompletionRequest) -> Response:
             return JSONResponse(payload, headers={"x-merge-mode": tracker.mode})
 
         async def chunks() -> AsyncGenerator[dict[str, Any], None]:
-            if prefix:
-                yield {**base, "choices": [{"index": 0, "text": prefix, "logprobs": None, "finish_reason": None}]}
+            lead = prefix  # an echoed prompt opens the first token's chunk, as vLLM streams it
             async for token, gen in tracked(stream, tracker):
                 reason = FINISH[gen.finish_reason] if gen.finish_reason else None
-                delta = text.delta(gen.text, gen.finish_reason)
+                delta, lead = lead + text.delta(gen.text, gen.finish_reason), ""
                 lp = logprobs.of([token])
                 yield {**base, "choices": [{"index": 0, "text": delta, "logprobs": lp, "finish_reason": reason}]}
                 if reason and body.stream_options and body.stream_options.include_usage:

@@ -135,3 +135,14 @@ def test_a_prompt_of_no_tokens_is_refused_before_the_engine(tiny: tuple[Config, 
         validate("\u0004", Parameters(), lambda _text: [], config.limits, "alpha")
     with pytest.raises(ValueError, match="at least one prompt token"):
         engine.submit(PreparedRequest(input_ids=[], params=SamplingParams(), max_new_tokens=1), lambda *_: None)
+
+
+def test_an_echoed_prompt_opens_the_first_tokens_chunk(client: TestClient) -> None:
+    """As vLLM streams it: one chunk per token, the prompt in front of the first one's text."""
+    whole = _completion(client, temperature=0, max_tokens=4)["choices"][0]["text"]
+    body = {"model": "tiny-llama", "prompt": PROMPT, "max_tokens": 4, "temperature": 0, "echo": True, "stream": True}
+    with client.stream("POST", "/v1/completions", json=body) as r:
+        datas = [line.removeprefix("data:").strip() for line in r.iter_lines() if line.startswith("data:")]
+    texts = [json.loads(d)["choices"][0]["text"] for d in datas if d != "[DONE]"]
+    assert len(texts) == 4 and texts[0].startswith(PROMPT)
+    assert "".join(texts) == PROMPT + whole
