@@ -7,9 +7,10 @@ The official TGI and OpenAI clients then talk to the merged server unmodified.
 
 from __future__ import annotations
 
+import json
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +31,27 @@ MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 @pytest.fixture(scope="module")
-def prompt() -> str:
-    """The question in the model's own chat template, since /generate takes raw text as TGI does."""
+def chat_prompt() -> Callable[[str], str]:
+    """A question in the model's own chat template, since /generate takes raw text as TGI does."""
     folder, gguf = demo_gguf()
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-    messages = [{"role": "user", "content": QUESTION}]
-    return str(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+
+    def render(question: str) -> str:
+        messages = [{"role": "user", "content": question}]
+        return str(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+
+    return render
+
+
+@pytest.fixture(scope="module")
+def prompt(chat_prompt: Callable[[str], str]) -> str:
+    return chat_prompt(QUESTION)
+
+
+@pytest.fixture(scope="module")
+def story(chat_prompt: Callable[[str], str]) -> str:
+    """A request that decodes for long (as raw text, without the template, the model may end its answer at once)."""
+    return chat_prompt("Tell me a very long story about ships.")
 
 
 def _ask(server: LiveServer, prompt: str) -> httpx.Response:
@@ -239,22 +255,13 @@ def test_client_disconnect_frees_the_request(merged: tuple[LiveServer, dict[str,
 
 
 def test_a_prompt_of_no_tokens_is_refused_on_every_route_while_another_decodes(
-    merged: tuple[LiveServer, dict[str, Any]],
+    merged: tuple[LiveServer, dict[str, Any]], story: str
 ) -> None:
     """The demo tokenizer drops U+0004 and U+0006 and adds no BOS, so these prompts have no tokens. Batched beside a
     decoding request, such a prompt was answered with that request's next token (a leak of another user's
-    distribution); every route must refuse it, and the request it would have read from must go on unharmed."""
+    distribution); every route must refuse it while that request goes on decoding."""
     server = merged[0]
-    long = {"inputs": "Tell me a very long story about ships.", "parameters": {"max_new_tokens": 120}}
-    answer: dict[str, httpx.Response] = {}
-    worker = threading.Thread(
-        target=lambda: answer.update(long=httpx.post(f"{server.url}/generate", json=long, timeout=300))
-    )
-    worker.start()
-    while worker.is_alive() and not metric(server, "mergeserve_requests_in_flight").get(
-        (("adapter", "pirate"), ("mode", "merged"))
-    ):
-        threading.Event().wait(0.05)
+    long = {"inputs": story, "parameters": {"max_new_tokens": 1000}}
     tgi = {"inputs": "\u0006\u0004", "parameters": {"max_new_tokens": 4, "details": True}}
     probes = {
         "/generate": tgi,
@@ -262,8 +269,12 @@ def test_a_prompt_of_no_tokens_is_refused_on_every_route_while_another_decodes(
         "/": {**tgi, "stream": True},
         "/v1/completions": {"model": MODEL_ID, "prompt": "\u0004", "logprobs": 5, "max_tokens": 4},
     }
-    refused = {path: httpx.post(f"{server.url}{path}", json=body, timeout=60) for path, body in probes.items()}
-    assert worker.is_alive()  # every probe ran while the long request was decoding
+    with httpx.stream("POST", f"{server.url}/generate_stream", json=long, timeout=300) as decoding:
+        events = (json.loads(line[5:]) for line in decoding.iter_lines() if line.startswith("data:"))
+        assert next(events)["token"]["id"] >= 0  # decoding has begun
+        refused = {path: httpx.post(f"{server.url}{path}", json=body, timeout=60) for path, body in probes.items()}
+        after = next(events, None)  # a long story takes far longer than the probes: it is still decoding
+    assert after is not None and after["generated_text"] is None and "error" not in after, after
     for path, r in refused.items():
         error = r.json()["error"]
         message = error["message"] if path.startswith("/v1") else error
@@ -272,5 +283,3 @@ def test_a_prompt_of_no_tokens_is_refused_on_every_route_while_another_decodes(
     # A chat prompt is the rendered template, which has tokens even when the message has none.
     chat = {"model": MODEL_ID, "messages": [{"role": "user", "content": "\u0004"}], "max_tokens": 2}
     assert httpx.post(f"{server.url}/v1/chat/completions", json=chat, timeout=60).status_code == 200
-    worker.join()
-    assert answer["long"].status_code == 200
