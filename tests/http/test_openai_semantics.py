@@ -43,11 +43,12 @@ def _completion(client: TestClient, **fields: Any) -> Any:
     return r.json()
 
 
-def _streamed_text(client: TestClient, body: dict[str, Any]) -> str:
+def _streamed_texts(client: TestClient, body: dict[str, Any]) -> list[str]:
+    """Each streamed completion chunk's text, in order (the usage chunk has no choice and adds none)."""
     with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
         assert r.status_code == 200, r.read()
         datas = [line.removeprefix("data:").strip() for line in r.iter_lines() if line.startswith("data:")]
-    return "".join(c["text"] for d in datas if d != "[DONE]" for c in json.loads(d)["choices"])
+    return [c["text"] for d in datas if d != "[DONE]" for c in json.loads(d)["choices"]]
 
 
 def _texts(engine: Engine, ids: list[int]) -> list[str]:
@@ -75,7 +76,7 @@ def test_a_stop_string_and_what_follows_it_are_left_out_of_the_text(client: Test
     body = {"model": "tiny-llama", "prompt": PROMPT, "max_tokens": N, "temperature": 0, "stop": [stop]}
     expected = text[: text.find(stop)]
     if stream:
-        assert _streamed_text(client, body) == expected
+        assert "".join(_streamed_texts(client, body)) == expected
     else:
         answer = _completion(client, **{k: v for k, v in body.items() if k not in ("model", "prompt", "max_tokens")})
         assert answer["choices"][0]["text"] == expected and answer["choices"][0]["finish_reason"] == "stop"
@@ -140,9 +141,7 @@ def test_a_prompt_of_no_tokens_is_refused_before_the_engine(tiny: tuple[Config, 
 def test_an_echoed_prompt_opens_the_first_tokens_chunk(client: TestClient) -> None:
     """As vLLM streams it: one chunk per token, the prompt in front of the first one's text."""
     whole = _completion(client, temperature=0, max_tokens=4)["choices"][0]["text"]
-    body = {"model": "tiny-llama", "prompt": PROMPT, "max_tokens": 4, "temperature": 0, "echo": True, "stream": True}
-    with client.stream("POST", "/v1/completions", json=body) as r:
-        datas = [line.removeprefix("data:").strip() for line in r.iter_lines() if line.startswith("data:")]
-    texts = [json.loads(d)["choices"][0]["text"] for d in datas if d != "[DONE]"]
+    texts = _streamed_texts(client, {"model": "tiny-llama", "prompt": PROMPT, "max_tokens": 4, "temperature": 0,
+                                     "echo": True})  # fmt: skip
     assert len(texts) == 4 and texts[0].startswith(PROMPT)
     assert "".join(texts) == PROMPT + whole
