@@ -23,15 +23,23 @@ from server.load.adapters import (
     AdapterInfo,
 )
 from server.merge.parity import ParityResult
+from server.rss import peak_rss_bytes
 
 log = logging.getLogger("mergeserve.boot")
 PhaseCallback = Callable[[str, float], None]
 
 
 class PhaseTimer:
+    """Times each boot phase and records the process's peak RSS (VmHWM) at its end.
+
+    VmHWM only grows, so `peak_rss[phase]` is the peak up to and including that phase: the first phase whose figure
+    jumps is the one that holds the memory. Bounds on boot memory (issue 27) are stated in this figure.
+    """
+
     def __init__(self, on_phase: PhaseCallback | None) -> None:
         self.on_phase = on_phase
         self.timings: dict[str, float] = {}
+        self.peak_rss: dict[str, int] = {}
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -40,7 +48,12 @@ class PhaseTimer:
         yield
         seconds = time.perf_counter() - start
         self.timings[name] = round(seconds, 4)
-        log.info("boot phase %s: done in %.2fs", name, seconds)
+        peak = peak_rss_bytes()
+        if peak is None:
+            log.info("boot phase %s: done in %.2fs", name, seconds)
+        else:
+            self.peak_rss[name] = peak
+            log.info("boot phase %s: done in %.2fs, peak RSS so far %.2f GiB", name, seconds, peak / 2**30)
         if self.on_phase:
             self.on_phase(name, seconds)
 
@@ -74,6 +87,7 @@ def finish_boot(
         dtype_reason=dtype_reason,
         device_map=device_summary(model),
         boot_seconds=timer.timings,
+        boot_peak_rss_bytes=timer.peak_rss,
         parity=parity,
         base_path=str(Path(config.model.local)),
         cache=cache,

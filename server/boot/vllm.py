@@ -134,6 +134,7 @@ def _info(config: Config, timer: PhaseTimer, ckpt: Checkpoints, infos: list[Adap
         dtype_reason=reason,
         device_map={},
         boot_seconds=timer.timings,
+        boot_peak_rss_bytes=timer.peak_rss,
         parity=ckpt.parity,
         base_path=str(config.model.local),
         cache=ckpt.report,

@@ -43,6 +43,8 @@ class EngineInfo:
     cache: dict[str, Any] = field(default_factory=dict)
     combine: dict[str, Any] = field(default_factory=lambda: {"method": "linear", "density": None, "seed": 0})
     engine: dict[str, Any] = field(default_factory=lambda: {"kind": "torch"})
+    # VmHWM at the end of each phase (server.rss): this process's peak so far, so it never falls phase to phase.
+    boot_peak_rss_bytes: dict[str, int] = field(default_factory=dict)
 
 
 class Backend(Protocol):

@@ -57,6 +57,8 @@ SPECS = (
     Spec(Counter, "request_failures", "Failed requests by TGI error_type.", (*REQUEST_LABELS, "error_type")),
     Spec(Gauge, "requests_in_flight", "Requests being served now."),
     Spec(Gauge, "boot_phase_duration_seconds", "Duration of each boot phase.", ("phase",)),
+    Spec(Gauge, "boot_phase_peak_rss_bytes", "Peak RSS (VmHWM) of the process at the end of each boot phase.",
+         ("phase",)),
     Spec(Gauge, "ready", "1 once boot finished and the server takes requests.", ()),
     Spec(Gauge, "parity_max_abs_logit_diff", "Merged vs unmerged max abs logit diff at boot.", ("mode",)),
     Spec(Gauge, "parity_top1_agreement", "Merged vs unmerged argmax agreement at boot.", ("mode",)),
@@ -86,6 +88,7 @@ class Metrics:
     request_failures: Counter
     requests_in_flight: Gauge
     boot_phase_duration_seconds: Gauge
+    boot_phase_peak_rss_bytes: Gauge
     ready: Gauge
     parity_max_abs_logit_diff: Gauge
     parity_top1_agreement: Gauge
@@ -113,6 +116,8 @@ class Metrics:
         # Phases were reported live during boot when this app watched it; an injected engine brings its own timings.
         for phase, seconds in info.boot_seconds.items():
             self.observe_boot_phase(phase, seconds)
+        for phase, peak in info.boot_peak_rss_bytes.items():
+            self.boot_phase_peak_rss_bytes.labels(phase=phase).set(peak)
         if info.parity is not None:
             self.parity_max_abs_logit_diff.labels(mode=info.mode).set(info.parity.max_abs_diff)
             self.parity_top1_agreement.labels(mode=info.mode).set(info.parity.top1_agreement)

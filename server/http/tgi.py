@@ -52,7 +52,8 @@ INFO_LIMITS = frozenset(
     {"max_concurrent_requests", "max_stop_sequences", "max_input_tokens", "max_total_tokens", "max_batch_size"}
 )
 INFO_FACTS = (
-    "model_id", "model_sha", "mode", "dtype", "dtype_reason", "device_map", "boot_seconds", "combine", "engine"
+    "model_id", "model_sha", "mode", "dtype", "dtype_reason", "device_map", "boot_seconds", "boot_peak_rss_bytes",
+    "combine", "engine",
 )  # fmt: skip
 
 

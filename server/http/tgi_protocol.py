@@ -119,6 +119,9 @@ class InfoResponse(BaseModel):
     dtype_reason: str
     device_map: dict[str, int] = Field(description="Parameter bytes per device.")
     boot_seconds: dict[str, float]
+    boot_peak_rss_bytes: dict[str, int] = Field(
+        default_factory=dict, description="The process's peak RSS (VmHWM) at the end of each boot phase, in bytes."
+    )
     parity: dict[str, Any] | None
     cache: dict[str, Any] | None = Field(
         default=None, description="Merge cache: key, status (hit, miss, rebuilt, ...), and the parity reference used."

@@ -28,7 +28,6 @@ W0 at load time and then rounds the merge again, while the export rounds W0 + de
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 import os
@@ -50,6 +49,7 @@ from server.load.adapters import BootError, load_adapters, merge_refusal
 from server.merge.apply import MergeError, check_mergeable, layer_delta, lora_layers, saved_modules
 from server.merge.combine import MixSpec, skip_draws
 from server.merge.kinds import LayerDelta, has_adapter, uses_bias
+from server.rss import reset_peak_rss, status_kib
 from server.store.checkpoint import TensorSpec, write_sharded
 from server.store.hub import resolve_hub
 from server.store.model_files import resolve_dtype, tied_names, write_model_files
@@ -72,22 +72,6 @@ class ExportResult:
     @property
     def peak_ratio(self) -> float | None:
         return None if self.peak_rss_above_baseline is None else self.peak_rss_above_baseline / self.model_bytes
-
-
-def _proc_status_kb(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> None:
-    """Writing 5 to clear_refs resets VmHWM (Linux >= 4.0), so the peak measured is the export's own."""
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
 
 
 def write_record(out: Path, config: Config, dtype: torch.dtype) -> str:
@@ -259,8 +243,8 @@ def export_merged(
         raise BootError(f"--out '{out}' exists and is not an empty folder", "give a new folder")
     start = time.perf_counter()
     config = resolve_hub(config)  # Hub ids to snapshot folders; a config without one comes back as it is
-    _reset_peak_rss()
-    baseline_kb = _proc_status_kb("VmRSS")
+    reset_peak_rss()
+    baseline_kb = status_kib("VmRSS")
     try:
         source = open_source(config.model.local, config.model.trust_remote_code)
     except SourceError as exc:
@@ -283,7 +267,7 @@ def export_merged(
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    peak_kb = _proc_status_kb("VmHWM")
+    peak_kb = status_kib("VmHWM")
     above = None if peak_kb is None or baseline_kb is None else (peak_kb - baseline_kb) * 1024
     return ExportResult(
         out=out,

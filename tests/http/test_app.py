@@ -215,6 +215,9 @@ def test_metrics_are_labelled_by_mode(client: TestClient) -> None:
     for name in (f"mergeserve_request_{h}_count" for h in histograms):
         assert [s.labels["mode"] for s in _samples(client, name)] == ["merged"], name
     assert {s.labels["phase"] for s in _samples(client, "mergeserve_boot_phase_duration_seconds")} == {*MISS_PHASES}
+    peaks = _samples(client, "mergeserve_boot_phase_peak_rss_bytes")
+    assert {s.labels["phase"]: s.value for s in peaks} == client.get("/info").json()["boot_peak_rss_bytes"]
+    assert {s.labels["phase"] for s in peaks} == {*MISS_PHASES} and all(s.value > 0 for s in peaks)
     assert [s.value for s in _samples(client, "mergeserve_merge_cache_hit")] == [0.0]
     (diff,) = _samples(client, "mergeserve_parity_max_abs_logit_diff")
     assert diff.labels == {"mode": "merged"} and 0 <= diff.value < 1e-3

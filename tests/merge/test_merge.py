@@ -220,6 +220,15 @@ def test_boot_phases_are_timed_and_reported(write_config: Writer, tiny_config_da
     assert seen == list(MISS_PHASES)
     assert set(engine.info.boot_seconds) == set(seen)
     assert all(v >= 0 for v in engine.info.boot_seconds.values())
+    # Peak RSS per phase: VmHWM only grows, so each phase's figure is at least the one before and at most the peak the
+    # test reads itself from /proc after boot; the model's own bytes were resident by the end.
+    peaks = [engine.info.boot_peak_rss_bytes[phase] for phase in seen]
+    assert peaks == sorted(peaks)
+    status = Path("/proc/self/status").read_text()
+    hwm = int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) * 1024
+    assert peaks[-1] <= hwm
+    model_bytes = sum(engine.info.device_map.values())
+    assert peaks[-1] > model_bytes
 
 
 def _peft(tiny_base: Path, adapter: Path, dtype: torch.dtype) -> PeftModel:
