@@ -45,25 +45,39 @@ inline float sum8(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
+// acc[o][j] += w[o][k, k + 8) * x[j][k, k + 8), the 8 weights of each row widened once for all X rows.
+template <int O, int X, typename T>
+inline void fma_step(const T* w, const float* x, int64_t in, int64_t k, __m256 (&acc)[O][X]) {
+  __m256 wv[O];
+#pragma GCC unroll 8
+  for (int o = 0; o < O; ++o) wv[o] = widen8(w + o * in + k);
+#pragma GCC unroll 8
+  for (int j = 0; j < X; ++j) {
+    const __m256 xv = _mm256_loadu_ps(x + j * in + k);
+#pragma GCC unroll 8
+    for (int o = 0; o < O; ++o) acc[o][j] = _mm256_fmadd_ps(wv[o], xv, acc[o][j]);
+  }
+}
+
 // sums[o * X + j] = w[o] . x[j] for O consecutive weight rows and X rows of x (float32, row stride `in`). O * X
-// accumulators, O widened weight vectors and one x vector stay in the 16 ymm registers.
+// accumulators, O widened weight vectors and one x vector stay in the 16 ymm registers. Each 64-byte line of the
+// O rows comes with a prefetch of the same line of the next O rows, the ones read next: a row is one 4 KB page at
+// in = 2048, and the hardware prefetchers, which stop at page ends, restart on every row (one thread streaming an
+// 8192 x 2048 bf16 matrix from memory: 12.0 GB/s without, 14.5 with, into L2; one-off check on this CPU).
 template <int O, int X, typename T>
 inline void dot_tile(const T* w, const float* x, int64_t in, float* sums) {
+  constexpr int64_t kLine = 64 / sizeof(T);
   __m256 acc[O][X];
 #pragma GCC unroll 16
   for (int i = 0; i < O * X; ++i) acc[i / X][i % X] = _mm256_setzero_ps();
   int64_t k = 0;
-  for (; k + 8 <= in; k += 8) {
-    __m256 wv[O];
+  for (; k + kLine <= in; k += kLine) {
 #pragma GCC unroll 8
-    for (int o = 0; o < O; ++o) wv[o] = widen8(w + o * in + k);
-#pragma GCC unroll 8
-    for (int j = 0; j < X; ++j) {
-      const __m256 xv = _mm256_loadu_ps(x + j * in + k);
-#pragma GCC unroll 8
-      for (int o = 0; o < O; ++o) acc[o][j] = _mm256_fmadd_ps(wv[o], xv, acc[o][j]);
-    }
+    for (int o = 0; o < O; ++o) _mm_prefetch(reinterpret_cast<const char*>(w + (o + O) * in + k), _MM_HINT_T1);
+#pragma GCC unroll 4
+    for (int64_t step = 0; step < kLine; step += 8) fma_step<O, X>(w, x, in, k + step, acc);
   }
+  for (; k + 8 <= in; k += 8) fma_step<O, X>(w, x, in, k, acc);
   for (int o = 0; o < O; ++o) {
     for (int j = 0; j < X; ++j) {
       float s = sum8(acc[o][j]);
