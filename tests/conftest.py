@@ -32,7 +32,9 @@ from server.boot.boot import boot
 from server.config.load import load_config
 from server.config.schema import CACHE_DIR_ENV, Config
 from server.engine.engine import Engine
+from server.engine.half_linear import route_half_linears
 from server.engine.kernels import prepack_linears
+from server.engine.slab_ops import load_slab_ops
 from tests.demo_base import build_demo_base
 from tests.live_server import REPO
 from tests.reference import demo_reference
@@ -149,13 +151,16 @@ def exported_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def load_as_served(folder: Path, served: Engine) -> torch.nn.Module:
-    """An export loaded by transformers and, if `served` packed its arms (server.engine.kernels), packed the same way.
+    """An export loaded by transformers, its linear layers given the kernels `served` gave its arms (packed for oneDNN,
+    server.engine.kernels, or server.engine.half_linear's).
 
     oneDNN's blocked summation can round the last bit differently from `F.linear`'s, so equal weights give equal
     logits only through equal kernels: tests comparing an export with the served model bit for bit load it here."""
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     if served.info.engine.get("prepack_linear"):
         assert prepack_linears(model) > 0
+    if served.info.engine.get("half_linear"):  # bf16/fp16 linears through server.engine.half_linear's kernel
+        route_half_linears({"export": model}, load_slab_ops("on", torch.device("cpu")))
     return model
 
 

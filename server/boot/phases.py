@@ -16,6 +16,7 @@ from transformers import PreTrainedTokenizerBase
 
 from server.config.schema import Config
 from server.engine.engine import Engine, EngineInfo
+from server.engine.half_linear import route_half_linears
 from server.engine.kernels import prepack_arms, should_prepack
 from server.engine.prefix_cache import DEFAULT_PREFIX_CACHE_TOKENS
 from server.engine.slab_ops import load_slab_ops
@@ -104,7 +105,9 @@ def finish_boot(
     fused = config.engine.fused_kernels or "auto"
     with timer.phase("kernels"):
         ops = load_slab_ops(fused, next(model.parameters()).device)
+        routed = route_half_linears(arms, ops)
     info.engine["fused_kernels"] = ops is not None
+    info.engine["half_linear"] = sum(routed.values()) > 0  # bf16/fp16 linears through server.engine.half_linear
     engine = Engine(arms, tokenizer, info, config.limits, prefix_tokens=prefix_tokens, slab_ops=ops)
     with timer.phase("warmup"):
         engine.warmup()

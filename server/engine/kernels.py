@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Literal, cast
 
 import torch
@@ -35,7 +36,7 @@ _ROWS_HINT = 8
 GEMV_MAX_ROWS = 2
 
 
-def _prepack_supported(dtype: torch.dtype, device: torch.device) -> bool:
+def prepack_supported(dtype: torch.dtype, device: torch.device) -> bool:
     """oneDNN prepacked linear: CPU only; float32, or bf16 on a CPU with native bf16 dot products (avx512_bf16, AMX).
 
     float16 is left to `F.linear`: oneDNN's fp16 kernels need AVX512-FP16/AMX-FP16, and emulate it elsewhere."""
@@ -79,18 +80,25 @@ class PackedLinear(nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
-def prepack_linears(model: nn.Module) -> int:
-    """Replace the `nn.Linear` layers of `model` (PEFT's base layers included, its LoRA A/B not) by `PackedLinear`s,
-    in place; returns how many were replaced."""
+def replace_linears(model: nn.Module, make: Callable[[nn.Linear], nn.Module | None]) -> int:
+    """Put `make(layer)` in place of each `nn.Linear` of `model` (PEFT's base layers included, its LoRA A/B not)
+    where it returns a module, in place; returns how many were replaced."""
     replaced = 0
     for parent in list(model.modules()):
         if isinstance(parent, nn.ModuleDict):
             continue  # PEFT's per-adapter A/B: rank-r matmuls, and PEFT reads their .weight on every call
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear:  # exactly nn.Linear: subclasses (quantized, LoRA wrappers) have own forwards
-                setattr(parent, name, PackedLinear(child))
-                replaced += 1
+                made = make(child)
+                if made is not None:
+                    setattr(parent, name, made)
+                    replaced += 1
     return replaced
+
+
+def prepack_linears(model: nn.Module) -> int:
+    """Replace the `nn.Linear` layers of `model` by `PackedLinear`s (see `replace_linears`)."""
+    return replace_linears(model, PackedLinear)
 
 
 def should_prepack(arms: dict[str, nn.Module], setting: PrepackSetting) -> bool:
@@ -99,7 +107,7 @@ def should_prepack(arms: dict[str, nn.Module], setting: PrepackSetting) -> bool:
     Arms with layers offloaded to disk are not packed: their weights are meta tensors that accelerate's hooks fill
     per forward, so there is nothing to reorder at boot (and a packed copy would pin the layer in memory)."""
     param = next(next(iter(arms.values())).parameters())
-    supported = _prepack_supported(param.dtype, param.device)
+    supported = prepack_supported(param.dtype, param.device)
     offloaded = any(has_meta_weights(arm) for arm in arms.values())
     if setting == "on" and (offloaded or not supported):
         why = "layers are offloaded to disk" if offloaded else f"{param.dtype} on {param.device.type} has no kernel"
@@ -119,7 +127,7 @@ def linear_probe(setting: PrepackSetting) -> LinearProbe:
     def build(weight: torch.Tensor) -> Linear:
         layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
         layer.weight.data = weight
-        packs = setting != "off" and _prepack_supported(weight.dtype, weight.device)
+        packs = setting != "off" and prepack_supported(weight.dtype, weight.device)
         served = PackedLinear(layer) if packs else layer
 
         def run(x: torch.Tensor) -> torch.Tensor:  # x: (tokens, in)

@@ -1,4 +1,5 @@
-"""The fused decode kernels (csrc/slab_ops.cpp): compiled for this CPU on first use, then loaded from a cache.
+"""The fused decode kernels (csrc/slab_ops.cpp) and the half-precision linear layer (csrc/half_linear.cpp, used by
+server.engine.half_linear): one library, compiled for this CPU on first use, then loaded from a cache.
 
 They are C++ compiled by torch's extension builder (g++ and ninja), with `-march=native` for the machine that serves,
 so the build is keyed by the source, torch's version and this CPU's feature flags, and kept under
@@ -26,7 +27,8 @@ from server.load.adapters import BootError
 log = logging.getLogger("mergeserve.kernels")
 
 FusedSetting = Literal["auto", "on", "off"]
-SOURCE = Path(__file__).with_name("csrc") / "slab_ops.cpp"
+# The decode kernels, and the half-precision linear layer (server.engine.half_linear): one library, one build.
+SOURCES = [Path(__file__).with_name("csrc") / name for name in ("slab_ops.cpp", "half_linear.cpp")]
 _NAME = "mergeserve_slab_ops"
 _FINISHED = "finished"  # the library's size in bytes, written once the builder has returned
 # -fopenmp: at::parallel_for's OpenMP pragma, else it runs serially. -fno-trapping-math lets GCC vectorize the exp
@@ -45,7 +47,8 @@ def _cpu_flags() -> str:
 
 def build_dir() -> Path:
     """Where this source, for this torch and CPU, is built: a different CPU sharing the home directory gets its own."""
-    key = hashlib.sha256(b"\0".join(s.encode() for s in (SOURCE.read_text(), torch.__version__, _cpu_flags(),
+    texts = [source.read_text() for source in SOURCES]
+    key = hashlib.sha256(b"\0".join(s.encode() for s in (*texts, torch.__version__, _cpu_flags(),
                                                            " ".join(_FLAGS)))).hexdigest()[:16]  # fmt: skip
     root = os.environ.get("MERGESERVE_KERNEL_CACHE") or Path.home() / ".cache" / "mergeserve" / "kernels"
     return Path(root) / key
@@ -110,7 +113,7 @@ def _build() -> Any:
     # The old record goes first: a library being relinked passes through every size, the recorded one included.
     (folder / _FINISHED).unlink(missing_ok=True)
     with _ninja_on_path():
-        cpp_extension.load(name=_NAME, sources=[str(SOURCE)], extra_cflags=_FLAGS,
+        cpp_extension.load(name=_NAME, sources=[str(source) for source in SOURCES], extra_cflags=_FLAGS,
                            extra_ldflags=["-fopenmp"], build_directory=str(folder), is_python_module=False)  # fmt: skip
     (folder / _FINISHED).write_text(str(_library(folder).stat().st_size))
     return torch.ops.mergeserve
