@@ -105,7 +105,8 @@ def finish_boot(
     with timer.phase("kernels"):
         ops = load_slab_ops(fused, next(model.parameters()).device)
     info.engine["fused_kernels"] = ops is not None
-    engine = Engine(arms, tokenizer, info, config.limits, prefix_tokens=prefix_tokens, slab_ops=ops)
+    engine = Engine(arms, tokenizer, info, config.limits, prefix_tokens=prefix_tokens, slab_ops=ops,
+                    kv_cache_gib=config.engine.kv_cache_gib)  # fmt: skip
     with timer.phase("warmup"):
         engine.warmup()
     return engine
