@@ -136,6 +136,7 @@ class Files:
     """What the config's files hold, read once from their headers and sized in any dtype."""
 
     hf_config: Any  # the base's transformers config
+    kv_shape: KVShape  # what its KV cache holds per token
     base: Inventory
     adapters: list[Inventory]
 
@@ -163,10 +164,16 @@ class Files:
 _HALF = (torch.float16, torch.bfloat16)
 
 
+# What reading the files' headers raises when they cannot be sized (a truncated file, an unknown dtype or
+# architecture): serve then boots without an estimate, and loading the files says what is wrong with them.
+UNREADABLE = (MergeserveError, OSError, ValueError, KeyError)
+
+
 def read_files(config: Config) -> Files:
     pickle = config.security.allow_pickle
     hf_config, base = base_inventory(config.model, pickle)
-    return Files(hf_config, base, [adapter_inventory(a.local, pickle) for a in config.adapters])
+    adapters = [adapter_inventory(a.local, pickle) for a in config.adapters]
+    return Files(hf_config, KVShape.of(hf_config), base, adapters)
 
 
 @dataclass(frozen=True)
@@ -189,7 +196,7 @@ def sizes(config: Config, files: Files, dtype: str) -> Sizes:
     kv = prefix = floor = 0
     if config.engine.kind == "torch":
         tokens, lanes = config.engine.prefix_cache_tokens, 2 if config.mode == "ab" else 1
-        budget = kv_budget(KVShape.of(files.hf_config), served, serving_device().type, config.limits,
+        budget = kv_budget(files.kv_shape, served, serving_device().type, config.limits,
                            config.engine.kv_cache_gib, lanes,
                            DEFAULT_PREFIX_CACHE_TOKENS if tokens is None else tokens)  # fmt: skip
         kv, prefix = lanes * budget.bytes, lanes * budget.prefix_bytes
@@ -343,7 +350,7 @@ def check_memory(config: Config) -> Estimate | None:
         return None
     try:
         files = read_files(config)
-    except (MergeserveError, OSError, ValueError) as exc:
+    except UNREADABLE as exc:
         log.warning("memory: not estimated: %s", exc)
         return None
     dtype, _ = serving_dtype(config)

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from server.boot.arms import refuse_quantized_merge
-from server.boot.budget import estimate, read_files, refusal, serving_dtype
+from server.boot.budget import UNREADABLE, estimate, read_files, refusal, serving_dtype
 from server.config.schema import AdapterConfig, Config
 from server.errors import MergeserveError
 from server.load.adapters import BootError, read_adapter_config
@@ -144,7 +144,7 @@ def _memory(config: Config, cache: dict[str, Any]) -> tuple[dict[str, Any], Boot
         return {"note": f"not estimated: the weights go to {serving_device().type} memory"}, None
     try:
         files = read_files(config)
-    except (MergeserveError, OSError, ValueError) as exc:  # as serve: the load will say what is wrong
+    except UNREADABLE as exc:  # as serve: the load will say what is wrong
         return {"note": f"not estimated: {exc}"}, None
     dtype, _ = serving_dtype(config)
     hit = any(e["status"] == "hit" and e["dtype"] == dtype for e in cache.get("entries", []))

@@ -54,11 +54,15 @@ class KVShape:
 
     @classmethod
     def of(cls, config: Any) -> KVShape:
-        """From a transformers config (GPT-2's n_layer/n_head map onto these names through its attribute_map)."""
-        heads = config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        return cls(config.num_hidden_layers, kv_heads, head_dim)
+        """From a transformers config (GPT-2's n_layer/n_head map onto these names through its attribute_map); a
+        config without KV heads of its own counts one per attention head, the most it can cache."""
+        try:
+            heads = config.num_attention_heads
+            kv_heads = getattr(config, "num_key_value_heads", None) or heads
+            head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+            return cls(config.num_hidden_layers, kv_heads, head_dim)
+        except AttributeError as exc:
+            raise ValueError(f"the model's config does not say what its KV cache holds per token: {exc}") from None
 
     def bytes_per_token(self, dtype: torch.dtype) -> int:
         return self.layers * 2 * self.kv_heads * self.head_dim * dtype.itemsize

@@ -65,7 +65,11 @@ def safetensors_specs(path: Path) -> list[TensorSpec]:
             specs = []
             for name in f.keys():  # noqa: SIM118  # a safe_open handle is not a mapping: no `in f`
                 part = f.get_slice(name)
-                specs.append(TensorSpec(name, tuple(part.get_shape()), _SAFETENSORS[part.get_dtype()]))
+                dtype = _SAFETENSORS.get(part.get_dtype())
+                if dtype is None:
+                    unknown = f"'{path}': tensor '{name}' is {part.get_dtype()}, a dtype not sized here"
+                    raise SourceError(unknown, "nothing: serve boots without the memory estimate")
+                specs.append(TensorSpec(name, tuple(part.get_shape()), dtype))
     except SafetensorError as exc:  # a header that does not match the file: truncated, or not safetensors
         raise SourceError(f"'{path}' cannot be read: {exc}", "copy or download the file again") from None
     return specs
