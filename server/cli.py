@@ -39,6 +39,10 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(ExitCode.BAD_INPUT, f"{self.prog}: {message}; fix: see {self.prog} --help\n")
 
 
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(
         prog="mergeserve", description="Merge LoRA adapters at boot and serve the model with TGI's API."
@@ -65,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--prefix-cache-tokens", type=int, default=env("MERGESERVE_PREFIX_CACHE_TOKENS"),
                        help="override engine.prefix_cache_tokens, 0 turns prompt-prefix reuse off "
                        "(env MERGESERVE_PREFIX_CACHE_TOKENS)")  # fmt: skip
+    serve.add_argument("--skip-memory-check", action="store_true", default=_truthy(env("MERGESERVE_SKIP_MEMORY_CHECK")),
+                       help="boot even when the estimated peak memory does not fit: engine.memory_check false "
+                       "(env MERGESERVE_SKIP_MEMORY_CHECK)")  # fmt: skip
     serve.add_argument(
         "--log-level", default=env("MERGESERVE_LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"]
     )
@@ -73,6 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--mode", choices=["merged", "unmerged", "ab"], default=env("MERGESERVE_MODE"),
                        help="override mode, as serve's --mode (env MERGESERVE_MODE)")  # fmt: skip
     check.add_argument("--cache-dir", default=env("MERGESERVE_CACHE_DIR"), help="override cache.dir, as serve's")
+    check.add_argument("--skip-memory-check", action="store_true", default=_truthy(env("MERGESERVE_SKIP_MEMORY_CHECK")),
+                       help="as serve's: report the memory estimate without refusing")  # fmt: skip
     check.add_argument("--json", action="store_true", help="print the findings as one JSON object")
     merge = sub.add_parser("merge", help="write the merged model as a Hugging Face checkpoint, without serving")
     merge.add_argument("--config", default=env("MERGESERVE_CONFIG"), help="YAML config file (env MERGESERVE_CONFIG)")
@@ -93,6 +102,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "model.dtype": getattr(args, "dtype", None) if args.command == "serve" else None,  # merge's --dtype is its own
         "cache.dir": str(Path(args.cache_dir).expanduser().resolve()) if args.cache_dir else None,
         "engine.prefix_cache_tokens": getattr(args, "prefix_cache_tokens", None),
+        "engine.memory_check": False if getattr(args, "skip_memory_check", False) else None,
     }
     return {k: v for k, v in pairs.items() if v is not None}
 

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from server.boot.arms import build_arms
+from server.boot.budget import check_memory
 from server.boot.cached import boot_merged_with_cache
 from server.boot.phases import PhaseCallback, PhaseTimer, finish_boot
 from server.config.schema import Config
@@ -33,6 +34,7 @@ def boot(config: Config, on_phase: PhaseCallback | None = None) -> Engine:
     if has_hub_ids(config):
         with timer.phase("download"):
             config = resolve_hub(config)
+    check_memory(config)  # before any weight loads: refuses a config whose estimated peak does not fit
     if config.engine.kind == "vllm":
         from server.boot.vllm import boot_vllm  # vLLM's boot path; its imports load only when it is chosen
 

@@ -108,7 +108,8 @@ def finish_boot(
         routed = route_half_linears(arms, ops)
     info.engine["fused_kernels"] = ops is not None
     info.engine["half_linear"] = sum(routed.values()) > 0  # bf16/fp16 linears through server.engine.half_linear
-    engine = Engine(arms, tokenizer, info, config.limits, prefix_tokens=prefix_tokens, slab_ops=ops)
+    engine = Engine(arms, tokenizer, info, config.limits, prefix_tokens=prefix_tokens, slab_ops=ops,
+                    kv_cache_gib=config.engine.kv_cache_gib)  # fmt: skip
     with timer.phase("warmup"):
         engine.warmup()
     return engine

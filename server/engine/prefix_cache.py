@@ -12,8 +12,10 @@ the last bit, like any two batch compositions). The prompt's last token is alway
 the first generated token. Entries belong to one lane: the arms of an A/B process are different models.
 
 Memory: at most `max_tokens` cached positions (least recently used prompts leave first), each K and V for every layer
-in the slab's dtype: the demo in float32 keeps 46 KB a token, 94 MB at the default 2048. The entries outlive the
-running batch (an idle lane keeps them), which is what lets the next request reuse them.
+in `dtype`, the weights' dtype when the engine builds it (server.engine.kv_budget): the demo in float32 keeps 46 KB
+a token, 94 MB at the default 2048; a bf16 model half what its float32 slab holds, and exactly its values (a
+prompt's K/V are computed in bf16 and only stored wider in the slab). The entries outlive the running batch (an idle
+lane keeps them), which is what lets the next request reuse them.
 """
 
 from __future__ import annotations
@@ -38,10 +40,11 @@ def _shared(a: tuple[int, ...], b: list[int]) -> int:
 
 
 class PrefixCache:
-    """Recent prompts' K/V, least recently used first; `max_tokens` 0 disables it."""
+    """Recent prompts' K/V, least recently used first; `max_tokens` 0 disables it; `dtype`: what the entries are
+    kept in (None: the slab's)."""
 
-    def __init__(self, max_tokens: int) -> None:
-        self.max_tokens = max_tokens
+    def __init__(self, max_tokens: int, dtype: torch.dtype | None = None) -> None:
+        self.max_tokens, self.dtype = max_tokens, dtype
         self.entries: OrderedDict[tuple[int, ...], LayerKV] = OrderedDict()
         self.tokens = 0
         self.reused = 0  # prompt tokens served from the cache so far (for tests and logs)
@@ -60,7 +63,7 @@ class PrefixCache:
         self.entries.move_to_end(best)
         slab.reserve(length)
         for index, (k, v) in enumerate(self.entries[best]):
-            keys, values = slab.layer(index, k[None], k.dtype)  # allocates the slab's layers if this lane is fresh
+            keys, values = slab.layer(index, k[None])  # allocates the slab's layers if this lane is fresh
             keys[slot, :, :length] = k[:, :length]
             values[slot, :, :length] = v[:, :length]
         self.reused += length
@@ -73,9 +76,10 @@ class PrefixCache:
         if not 0 < len(key) <= self.max_tokens or key in self.entries:
             return
         self.entries[key] = [
-            (k[slot, :, : len(key)].clone(), v[slot, :, : len(key)].clone())
+            (k[slot, :, : len(key)].to(self.dtype or k.dtype, copy=True),
+             v[slot, :, : len(key)].to(self.dtype or v.dtype, copy=True))
             for k, v in zip(slab.keys, slab.values, strict=True)
-        ]
+        ]  # fmt: skip
         self.tokens += len(key)
         while self.tokens > self.max_tokens:
             old, _ = self.entries.popitem(last=False)

@@ -32,6 +32,7 @@ from transformers import PreTrainedTokenizerBase
 from server.engine.attention import wants_bool_mask
 from server.engine.batch import Batch, Prefilling
 from server.engine.detokenizer import Detokenizer
+from server.engine.kv_budget import KVBudget
 from server.engine.sampling import TokenChooser
 from server.engine.stopping import StoppingCriteria, record_token
 from server.engine.types import Emit, Generation, Handle, PreparedRequest
@@ -91,6 +92,11 @@ class _Row:
         self.chooser = TokenChooser(self.request.params, self.request.top_logprobs, len(self.request.input_ids))
         self.all_ids = torch.tensor([self.request.input_ids], dtype=torch.long, device=self.device)
         self.gen = Generation(seed=self.chooser.seed, prompt_tokens=len(self.request.input_ids))
+
+    @property
+    def bound(self) -> int:
+        """The most KV columns this request can reach: its prompt and every token it may generate."""
+        return len(self.request.input_ids) + self.request.max_new_tokens
 
     def release(self) -> None:
         if not self.released:
@@ -192,14 +198,19 @@ class _Lane:
         return self.step() if self.rows else 0
 
     def admit(self) -> list[tuple[Prefilling[_Row], int]]:
-        """Give waiting requests the free slots; -> the prefill chunks for this turn's forward."""
+        """Give waiting requests the free slots, in arrival order, while they fit the KV budget beside the rows held
+        (the first that does not waits, as TGI's queue stops at max_batch_total_tokens; alone in the batch it is
+        tried, and one too long for the whole budget fails alone); -> the prefill chunks for this turn's forward."""
         with self.lock:
             while self.waiting and self.batch.free > 0:
+                bound = self.waiting[0].bound
+                if not self.batch.idle and not self.batch.fits(bound):
+                    break
                 row = self.waiting.popleft()
                 row.admitted = time.perf_counter()
                 row.gen.queue_seconds = row.admitted - row.submitted
                 try:
-                    self.batch.add(row, list(row.request.input_ids))
+                    self.batch.add(row, list(row.request.input_ids), bound)
                 except Exception as exc:  # out of `waiting` and not in the batch: only failing it here ends it
                     _fail_row(row, exc)
         for p in self.batch.prefilling:
@@ -304,7 +315,9 @@ class Scheduler:
         on_step: Callable[[str, int, int], None] | None = None,
         prefix_tokens: int = 0,
         slab_ops: Any | None = None,
+        kv: KVBudget | None = None,
     ) -> None:
+        """`kv`: each lane's KV budget (server.engine.kv_budget); None: no limit but the slots."""
         self.max_batch_size = max_batch_size
         self._slots = Slots(max_concurrent_requests)
         self.on_step = on_step  # (lane, batch size, queue size) after each decode step, for metrics
@@ -312,7 +325,7 @@ class Scheduler:
         self._tokenizer, self._eos_ids = tokenizer, frozenset(eos_ids)
         self._special_ids = frozenset(tokenizer.all_special_ids)
         self.lanes = {
-            name: _Lane(name, model, self._wake, Batch(max_batch_size, prefill_budget, prefix_tokens, slab_ops))
+            name: _Lane(name, model, self._wake, Batch(max_batch_size, prefill_budget, prefix_tokens, slab_ops, kv))
             for name, model in models.items()
         }
         self._closed = False

@@ -67,6 +67,12 @@ SPECS = (
     Spec(Gauge, "parity_float32_max_abs_logit_diff",
          "Max abs logit diff at boot against the unmerged model run in float32, per arm: the serving dtype's cost.",
          ("mode", "arm")),
+    Spec(Gauge, "kv_cache_bytes", "The torch engine's KV cache budget per arm, in bytes (engine.kv_cache_gib, or "
+         "limits.max_batch_size x max_total_tokens tokens).", ("mode",)),
+    Spec(Gauge, "kv_cache_tokens", "Token positions the KV cache budget holds per arm; a request that would pass it "
+         "waits.", ("mode",)),
+    Spec(Gauge, "prefix_cache_bytes", "Most bytes each arm's prompt-prefix cache holds (engine.prefix_cache_tokens).",
+         ("mode",)),
     Spec(Info, "model", "What this process serves: base_model, adapters, dtype, device, mode.", ()),
 )  # fmt: skip
 
@@ -95,6 +101,9 @@ class Metrics:
     merge_cache_hit: Gauge
     merge_cache_corrupt_entries: Counter
     parity_float32_max_abs_logit_diff: Gauge
+    kv_cache_bytes: Gauge
+    kv_cache_tokens: Gauge
+    prefix_cache_bytes: Gauge
     model: Info
 
     def __init__(self, adapter: str = "") -> None:
@@ -127,6 +136,11 @@ class Metrics:
             ):
                 if value is not None:
                     self.parity_float32_max_abs_logit_diff.labels(mode=info.mode, arm=arm).set(value)
+        kv, prefix = info.engine.get("kv_cache") or {}, info.engine.get("prefix_cache") or {}
+        for arm in info.engine.get("arms", []) if kv and prefix else []:
+            self.kv_cache_bytes.labels(mode=arm).set(kv["bytes_per_arm"])
+            self.kv_cache_tokens.labels(mode=arm).set(kv["tokens_per_arm"])
+            self.prefix_cache_bytes.labels(mode=arm).set(prefix["bytes_per_arm"])
         if info.cache.get("enabled"):
             self.merge_cache_hit.set(1 if info.cache.get("hit") else 0)
             self.merge_cache_corrupt_entries.inc(info.cache.get("corrupt_entries", 0))

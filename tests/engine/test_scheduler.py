@@ -250,10 +250,10 @@ def test_a_row_the_batch_refuses_fails_alone_and_gives_its_slot_back(
     real = Batch.add
     refused = engine.tokenize("pirate")
 
-    def add(self: Batch[Any], row: Any, ids: list[int]) -> None:
+    def add(self: Batch[Any], row: Any, ids: list[int], bound: int | None = None) -> None:
         if ids == refused:
             raise ValueError("refused by the batch")
-        real(self, row, ids)
+        real(self, row, ids, bound)
 
     monkeypatch.setattr(Batch, "add", add)
     failures: list[BaseException] = []

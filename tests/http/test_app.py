@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -234,3 +235,23 @@ def test_two_apps_in_one_process_have_separate_registries(tiny: tuple[Config, En
     a.post("/generate", json={"inputs": "Arr", "parameters": {"max_new_tokens": 2}})
     assert len(_samples(a, "mergeserve_request_duration_seconds_count")) == 1
     assert _samples(b, "mergeserve_request_duration_seconds_count") == []
+
+
+def test_info_and_metrics_report_the_kv_budget(client: TestClient, tiny_base: Path) -> None:
+    """The budget in bytes, worked out here from config.json: layers x 2 x KV heads x head dim x 4 (float32), for
+    the default max_batch_size 8 x the fixture's max_total_tokens 96, and the default 2048-token prefix cache."""
+    cfg = json.loads((tiny_base / "config.json").read_text())
+    head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+    per_token = cfg["num_hidden_layers"] * 2 * cfg["num_key_value_heads"] * head_dim * 4
+    engine = client.get("/info").json()["engine"]
+    kv, prefix = engine["kv_cache"], engine["prefix_cache"]
+    assert (kv["tokens_per_arm"], kv["bytes_per_token"], kv["dtype"]) == (8 * 96, per_token, "float32")
+    assert kv["bytes"] == kv["bytes_per_arm"] == 8 * 96 * per_token and "limits.max_batch_size 8" in kv["derived_from"]
+    assert (prefix["tokens_per_arm"], prefix["bytes"]) == (2048, 2048 * per_token) and engine["arms"] == ["merged"]
+    gauges = {name: _samples(client, f"mergeserve_{name}") for name in ("kv_cache_bytes", "kv_cache_tokens",
+                                                                         "prefix_cache_bytes")}  # fmt: skip
+    assert {name: [(s.labels, s.value) for s in found] for name, found in gauges.items()} == {
+        "kv_cache_bytes": [({"mode": "merged"}, 8 * 96 * per_token)],
+        "kv_cache_tokens": [({"mode": "merged"}, 8 * 96)],
+        "prefix_cache_bytes": [({"mode": "merged"}, 2048 * per_token)],
+    }
