@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -94,3 +95,23 @@ def test_refusals_and_metrics(server: LiveServer, pirate_reference: Any) -> None
         assert re.search(rf'mergeserve_request_duration_seconds_count{{[^}}]*mode="{arm}"[^}}]*}} [1-9]', metrics)
         assert re.search(rf'vllm:generation_tokens_total{{[^}}]*model_name="{arm}"[^}}]*}} [1-9]', metrics)
     assert metrics.count("# TYPE vllm:generation_tokens_total counter") == 1
+
+
+def _tree_pss(pid: int) -> int:
+    """PSS of a process and all its descendants, read from /proc (shared pages counted once across them)."""
+    total = 0
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            total += int(line.split()[1]) * 1024
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            total += _tree_pss(int(child))
+    return total
+
+
+def test_the_served_process_tree_stays_within_the_memory_estimate(server: LiveServer) -> None:
+    """The estimate `serve` logged before loading (server.boot.budget) against the memory its processes hold once
+    ready and after serving: an estimate below it would let a config through that does not fit."""
+    logged = re.search(r"memory: estimated peak memory ([\d.]+) GiB \(vLLM ab", server.read_log())
+    assert logged is not None and server.proc is not None
+    assert _tree_pss(server.proc.pid) <= float(logged.group(1)) * 2**30
