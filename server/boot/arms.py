@@ -45,19 +45,14 @@ from server.merge.apply import (
     temporarily_merged,
 )
 from server.merge.combine import MixSpec, deltas_on_the_side
-from server.merge.parity import ParityResult, compare_logits, probe_logits, with_float32_reference
-from server.merge.precision import PLAIN_LINEAR, LinearProbe, can_upcast, resolve_dtype_setting, upcast
+from server.merge.parity import ParityResult, judge, probe_logits, refusal
+from server.merge.precision import PLAIN_LINEAR, LinearProbe, resolve_dtype_setting
+from server.merge.reference import float32_probe_logits
 
 
 def _gate(result: ParityResult) -> None:
     if not result.passed:
-        raise BootError(
-            f"parity gate failed: merged vs unmerged max abs logit diff {result.max_abs_diff:.3g} "
-            f"(tolerance {result.tolerance:.3g}), top-1 agreement {result.top1_agreement:.3f} "
-            f"(need {result.min_top1_agreement:.3f}); refusing to serve",
-            "serve unmerged or in float32",
-            exit_code=ExitCode.CHECK_FAILED,
-        )
+        raise BootError(*refusal(result), exit_code=ExitCode.CHECK_FAILED)
 
 
 def refuse_quantized_merge(config: Config) -> None:
@@ -89,28 +84,35 @@ def serving_tokenizer(
     return chosen, resize_vocab(base, len(chosen))
 
 
-def _references(model: Any, tokenizer: Any, probes: list[str], float32: bool) -> tuple[list[Any], list[Any] | None]:
-    """Unmerged logits in the serving dtype, and (if asked and possible) in float32 too."""
-    reference = probe_logits(model, tokenizer, probes)
+@dataclass
+class References:
+    """The unmerged model's probe logits: in the serving dtype, and in float32 (half precision only; else None,
+    with why in `skipped` when it was wanted)."""
+
+    served: list[torch.Tensor]
+    float32: list[torch.Tensor] | None
+    skipped: str | None
+
+
+def _references(model: Any, tokenizer: Any, probes: list[str], float32: bool, dtype: torch.dtype) -> References:
+    served = probe_logits(model, tokenizer, probes)
+    if dtype == torch.float32:
+        return References(served, None, None)  # served in float32: the served logits are the reference
     if not float32:
-        return reference, None
-    if model.dtype == torch.float32:
-        return reference, reference
-    with upcast(model):
-        return reference, probe_logits(model, tokenizer, probes)
+        return References(served, None, "parity.float32_reference is false")
+    return References(served, *float32_probe_logits(model, tokenizer, probes))
 
 
-def _merge_with(
-    peft_model: PeftModel, names: list[str], spec: MixSpec, tokenizer: Any, probes: list[str], float32: bool
-) -> tuple[list[Any], list[Any] | None, Any]:
-    """(reference logits, float32 reference, merged model). The exact sum is checked against the unmerged model
-    itself; TIES/DARE, which change the function on purpose, against the base with the combined deltas on the side."""
+def _merge_with(peft_model: PeftModel, names: list[str], spec: MixSpec, tokenizer: Any, probes: list[str],
+                float32: bool, dtype: torch.dtype) -> tuple[References, Any]:  # fmt: skip
+    """(the unmerged references, merged model). The exact sum is checked against the unmerged model itself;
+    TIES/DARE, which change the function on purpose, against the base with the combined deltas on the side."""
     if spec.method == "linear":
-        return (*_references(peft_model, tokenizer, probes, float32), merge_and_unload(peft_model, names))
+        return _references(peft_model, tokenizer, probes, float32, dtype), merge_and_unload(peft_model, names)
     deltas = plan(peft_model, names, spec)
     with deltas_on_the_side(peft_model, [(layer, deltas[n]) for n, layer in lora_layers(peft_model)]) as side:
-        reference, reference32 = _references(side, tokenizer, probes, float32)
-    return reference, reference32, merge_and_unload(peft_model, names, deltas)
+        references = _references(side, tokenizer, probes, float32, dtype)
+    return references, merge_and_unload(peft_model, names, deltas)
 
 
 @dataclass
@@ -119,7 +121,7 @@ class BuiltArms:
     arms: dict[str, torch.nn.Module]
     adapter_infos: list[AdapterInfo]
     parity: ParityResult
-    reference: list[torch.Tensor]  # unmerged probe logits
+    reference: References  # unmerged probe logits
     candidate: list[torch.Tensor]  # merged probe logits
     dtype_reason: str
     base_copy: Path | None = None  # the cache entry a GGUF base was read from (server.boot.stored_base)
@@ -161,11 +163,11 @@ def build_arms(config: Config, timer: PhaseTimer) -> BuiltArms:
     probes, parity_cfg = config.parity.probes, config.parity
     combine = config.combine
     spec = MixSpec(combine.method, combine.density or 1.0, combine.seed)
-    float32 = parity_cfg.float32_reference and can_upcast(peft_model)
+    float32 = parity_cfg.float32_reference
     try:
         if config.mode == "merged":
             with timer.phase("merge"):
-                reference, reference32, merged = _merge_with(peft_model, names, spec, tokenizer, probes, float32)
+                reference, merged = _merge_with(peft_model, names, spec, tokenizer, probes, float32, dtype)
                 arms: dict[str, torch.nn.Module] = {"merged": merged}
             with timer.phase("verify"):
                 candidate = probe_logits(arms["merged"], tokenizer, probes)
@@ -174,17 +176,15 @@ def build_arms(config: Config, timer: PhaseTimer) -> BuiltArms:
                 # The merged arm shares every tensor the adapters leave alone with the unmerged arm.
                 arms = {"merged": merged_twin(peft_model, names), "unmerged": peft_model}
             with timer.phase("verify"):
-                reference, reference32 = _references(peft_model, tokenizer, probes, float32)
+                reference = _references(peft_model, tokenizer, probes, float32, dtype)
                 candidate = probe_logits(arms["merged"], tokenizer, probes)
         else:
             arms = {"unmerged": peft_model}
             with timer.phase("verify"):
-                reference, reference32 = _references(peft_model, tokenizer, probes, float32)
+                reference = _references(peft_model, tokenizer, probes, float32, dtype)
                 with temporarily_merged(peft_model, names) as merged_view:
                     candidate = probe_logits(merged_view, tokenizer, probes)
-        parity = compare_logits(reference, candidate, parity_cfg, dtype)
-        if reference32 is not None:
-            parity = with_float32_reference(parity, reference32, reference, candidate)
+        parity = judge(reference.float32, reference.served, candidate, parity_cfg, dtype, reference.skipped)
     except MergeError as exc:
         raise merge_refusal(exc, ExitCode.CHECK_FAILED, "merge check failed") from None
     log.info("parity: %s", parity.summary())

@@ -7,12 +7,13 @@ unchanged files), waiting for the key's lock (another replica may be merging) an
 against its manifest. A damaged entry is logged, counted, deleted and rebuilt; it is never served.
 
 The parity gate on a hit, honestly: the unmerged model is not loaded on a hit (that would cost the full cold load
-the cache exists to avoid). The entry stores the unmerged reference logits of the probes, computed when it was built
-from the same files (the key covers them); the loaded merged model is gated against those with the configured
-tolerance, exactly as a cold boot gates the fresh merge. On top, /info reports whether the loaded model reproduced
-the merged logits recorded at build time bit for bit (it does on the same machine and library versions; a
-different CPU or GPU may differ in the last bits without failing the gate). A failed gate or changed tokenization
-marks the entry damaged.
+the cache exists to avoid). The entry stores the unmerged model's probe logits, in the serving dtype and (half
+precision) in float32, computed when it was built from the same files (the key covers them); the loaded merged
+model is judged against those by the same criterion (server.merge.parity.judge) as a cold boot judges the fresh
+merge: in half precision, its error against the float32 logits may not exceed the stored unmerged logits' own by
+more than the gate's slack. On top, /info reports whether the loaded model reproduced the merged logits recorded at
+build time bit for bit (it does on the same machine and library versions; a different CPU or GPU may differ in the
+last bits without failing the gate). A failed gate or changed tokenization marks the entry damaged.
 """
 
 from __future__ import annotations
@@ -31,11 +32,15 @@ from server.config.schema import Config
 from server.engine.engine import Engine
 from server.errors import MergeserveError
 from server.load.adapters import adapter_info, has_meta_weights, load_base
-from server.merge.parity import compare_logits, probe_logits
+from server.merge.parity import judge, probe_logits
 from server.merge.precision import resolve_dtype_setting
 from server.store.cache import MergeCache
 
 cache_log = logging.getLogger("mergeserve.cache")
+HIT_REFERENCE = (
+    "stored: unmerged probe logits (serving dtype, and float32 in half precision) recorded when the entry was built, "
+    "compared with the loaded merged model"
+)
 
 
 class DamagedEntry(MergeserveError):
@@ -45,7 +50,20 @@ class DamagedEntry(MergeserveError):
         super().__init__(problem, "nothing: boot discards the entry and merges again")
 
 
-def _serve_hit(config: Config, timer: PhaseTimer, cache: MergeCache, key: str) -> tuple[Any, ...]:
+def _stored_float32(config: Config, stored: dict[str, torch.Tensor], manifest: dict[str, Any]) -> tuple[Any, Any]:
+    """(the float32 reference logits the entry stores, None), or (None, why there are none to gate against)."""
+    n = len(config.parity.probes)
+    if not config.parity.float32_reference:
+        return None, "parity.float32_reference is false"
+    if all(f"float32.{i}" in stored for i in range(n)):
+        return [stored[f"float32.{i}"] for i in range(n)], None
+    at_build = manifest.get("parity_at_build") or {}
+    return None, at_build.get("float32_skipped") or "the cache entry stores no float32 reference"
+
+
+def _serve_hit(
+    config: Config, timer: PhaseTimer, cache: MergeCache, key: str, manifest: dict[str, Any]
+) -> tuple[Any, ...]:
     with timer.phase("cache_hit"):
         # The entry is an ordinary safetensors model folder: load it as the base would be (dtype, device_map,
         # max_memory, safetensors only), with the config's own model settings.
@@ -58,9 +76,10 @@ def _serve_hit(config: Config, timer: PhaseTimer, cache: MergeCache, key: str) -
             if tokenizer(text, return_tensors="pt").input_ids[0].tolist() != stored[f"ids.{i}"].tolist():
                 raise DamagedEntry(f"the cached tokenizer splits probe {i} differently")
         candidate = probe_logits(model, tokenizer, probes)
-        reference = [stored[f"reference.{i}"] for i in range(len(probes))]
+        unmerged = [stored[f"reference.{i}"] for i in range(len(probes))]
+        float32, skipped = _stored_float32(config, stored, manifest)
         exact = all(torch.equal(c, stored[f"merged.{i}"]) for i, c in enumerate(candidate))
-        parity = compare_logits(reference, candidate, config.parity, model.dtype)
+        parity = judge(float32, unmerged, candidate, config.parity, model.dtype, skipped)
     log.info("parity (against the reference logits stored in the cache entry): %s", parity.summary())
     if not parity.passed:
         raise DamagedEntry(f"the loaded model fails the parity gate: {parity.summary()}")
@@ -82,7 +101,8 @@ def resolved_dtype(config: Config) -> tuple[Config, str]:
 def store_entry(cache: MergeCache, key: str, config: Config, built: BuiltArms, inputs: dict[str, Any],
            report: dict[str, Any], timer: PhaseTimer) -> None:  # fmt: skip
     """Write the fresh merge as the key's entry, with its probe ids and logits; a failure costs only the entry."""
-    probes = {f"reference.{i}": r for i, r in enumerate(built.reference)}
+    probes = {f"reference.{i}": r for i, r in enumerate(built.reference.served)}
+    probes |= {f"float32.{i}": r for i, r in enumerate(built.reference.float32 or [])}
     probes |= {f"merged.{i}": c for i, c in enumerate(built.candidate)}
     for i, text in enumerate(config.parity.probes):
         probes[f"ids.{i}"] = built.tokenizer(text, return_tensors="pt").input_ids[0]
@@ -125,13 +145,12 @@ def boot_merged_with_cache(config: Config, timer: PhaseTimer) -> Engine:
     try:
         if manifest is not None:
             try:
-                tokenizer, model, infos, parity, exact = _serve_hit(config, timer, cache, key)
+                tokenizer, model, infos, parity, exact = _serve_hit(config, timer, cache, key, manifest)
             except DamagedEntry as exc:
                 problem = exc.problem
             else:
-                report.update(status="hit", hit=True, reproduced_exactly=exact, parity_reference=(
-                    "stored: unmerged probe logits recorded when the entry was built, compared with the loaded "
-                    "merged model"), built_at=manifest.get("created"))  # fmt: skip
+                report.update(status="hit", hit=True, reproduced_exactly=exact, parity_reference=HIT_REFERENCE,
+                              built_at=manifest.get("created"))  # fmt: skip
                 cache_log.info("merge cache: hit %s (%s)", key, cache.entry(key))
                 reason = f"{dtype_reason}; cache hit: an entry built in this dtype"
                 return finish_boot(config, timer, {"merged": model}, tokenizer, infos, parity, report, reason)
@@ -141,7 +160,7 @@ def boot_merged_with_cache(config: Config, timer: PhaseTimer) -> Engine:
             cache.discard(key)
         built = build_arms(config, timer)
         report.update(status="rebuilt" if problem else "miss", hit=False,
-                      parity_reference="computed at boot: unmerged vs merged model")  # fmt: skip
+                      parity_reference="computed at boot: the merged model against the unmerged one")  # fmt: skip
         store_entry(cache, key, config, built, inputs, report, timer)
     finally:
         lock.release()

@@ -227,10 +227,18 @@ class LimitsConfig(_Strict):
 
 class ParityConfig(_Strict):
     tolerance: float | None = Field(
-        default=None, gt=0, description="Max abs logit diff merged vs unmerged; null picks one for the dtype."
+        default=None,
+        gt=0,
+        description="Max abs logit error of the merged model against the parity reference (bf16/fp16: the unmerged "
+        "model in float32; the bound then covers the RMS error too); null: 1e-3 in float32, in bf16/fp16 a multiple "
+        "of the unmerged model's own error.",
     )
     min_top1_agreement: float | None = Field(
-        default=None, ge=0, le=1, description="Share of probe positions whose argmax must agree; null: by dtype."
+        default=None,
+        ge=0,
+        le=1,
+        description="Share of probe positions whose argmax must agree with the reference's; null: 1.0 in float32, "
+        "in bf16/fp16 the unmerged model's own agreement less a slack.",
     )
     probes: list[str] = Field(
         default=["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far away,"],
@@ -239,7 +247,8 @@ class ParityConfig(_Strict):
     )
     float32_reference: bool = Field(
         default=True,
-        description="Also measure the logit error against the unmerged model in float32 (upcasts it briefly).",
+        description="Gate bf16/fp16 against the unmerged model run in float32 (one module upcast at a time); false: "
+        "merged vs unmerged in the serving dtype, 12 (bf16) or 40 (fp16) roundings of the largest logit.",
     )
 
 
@@ -334,7 +343,9 @@ class Config(_Strict):
     ab: ABConfig = Field(default=ABConfig(), description="How `ab` mode splits requests between its arms.")
     server: ServerConfig = Field(default=ServerConfig(), description="Where to listen.")
     limits: LimitsConfig = Field(default=LimitsConfig(), description="Per-request token limits, as TGI's.")
-    parity: ParityConfig = Field(default=ParityConfig(), description="The merged-vs-unmerged logit gate at boot.")
+    parity: ParityConfig = Field(
+        default=ParityConfig(), description="The logit gate at boot: the merged model against the unmerged one."
+    )
     cache: CacheConfig = Field(default=CacheConfig(), description="Merged checkpoints cached on disk by content hash.")
     security: SecurityConfig = Field(
         default=SecurityConfig(), description="Weight formats, path roots, API keys, body size and CORS."

@@ -60,13 +60,19 @@ SPECS = (
     Spec(Gauge, "boot_phase_peak_rss_bytes", "Peak RSS (VmHWM) of the process at the end of each boot phase.",
          ("phase",)),
     Spec(Gauge, "ready", "1 once boot finished and the server takes requests.", ()),
-    Spec(Gauge, "parity_max_abs_logit_diff", "Merged vs unmerged max abs logit diff at boot.", ("mode",)),
-    Spec(Gauge, "parity_top1_agreement", "Merged vs unmerged argmax agreement at boot.", ("mode",)),
+    Spec(Gauge, "parity_max_abs_logit_diff",
+         "The merged model's max abs logit diff at boot against the parity reference (bf16/fp16: the unmerged model in "
+         "float32; else the unmerged model).", ("mode",)),
+    Spec(Gauge, "parity_top1_agreement", "The merged model's argmax agreement at boot with the parity reference.",
+         ("mode",)),
     Spec(Gauge, "merge_cache_hit", "1 if the merged model came from the merge cache, 0 if merged at boot.", ()),
     Spec(Counter, "merge_cache_corrupt_entries", "Damaged merge cache entries found, discarded and rebuilt.", ()),
     Spec(Gauge, "parity_float32_max_abs_logit_diff",
          "Max abs logit diff at boot against the unmerged model run in float32, per arm: the serving dtype's cost.",
          ("mode", "arm")),
+    Spec(Gauge, "parity_float32_rms_logit_diff",
+         "RMS logit diff at boot against the unmerged model run in float32, per arm: what the half-precision gate "
+         "compares.", ("mode", "arm")),
     Spec(Gauge, "kv_cache_bytes", "The torch engine's KV cache budget per arm, in bytes (engine.kv_cache_gib, or "
          "limits.max_batch_size x max_total_tokens tokens).", ("mode",)),
     Spec(Gauge, "kv_cache_tokens", "Token positions the KV cache budget holds per arm; a request that would pass it "
@@ -101,6 +107,7 @@ class Metrics:
     merge_cache_hit: Gauge
     merge_cache_corrupt_entries: Counter
     parity_float32_max_abs_logit_diff: Gauge
+    parity_float32_rms_logit_diff: Gauge
     kv_cache_bytes: Gauge
     kv_cache_tokens: Gauge
     prefix_cache_bytes: Gauge
@@ -130,12 +137,16 @@ class Metrics:
         if info.parity is not None:
             self.parity_max_abs_logit_diff.labels(mode=info.mode).set(info.parity.max_abs_diff)
             self.parity_top1_agreement.labels(mode=info.mode).set(info.parity.top1_agreement)
-            for arm, value in (
-                ("merged", info.parity.float32_merged_max_abs_diff),
-                ("unmerged", info.parity.float32_unmerged_max_abs_diff),
+            p = info.parity
+            max_abs = (p.float32_merged_max_abs_diff, p.float32_unmerged_max_abs_diff)
+            rms = (p.float32_merged_rms_diff, p.float32_unmerged_rms_diff)
+            for gauge, (merged, unmerged) in (
+                (self.parity_float32_max_abs_logit_diff, max_abs),
+                (self.parity_float32_rms_logit_diff, rms),
             ):
-                if value is not None:
-                    self.parity_float32_max_abs_logit_diff.labels(mode=info.mode, arm=arm).set(value)
+                for arm, value in (("merged", merged), ("unmerged", unmerged)):
+                    if value is not None:
+                        gauge.labels(mode=info.mode, arm=arm).set(value)
         kv, prefix = info.engine.get("kv_cache") or {}, info.engine.get("prefix_cache") or {}
         for arm in info.engine.get("arms", []) if kv and prefix else []:
             self.kv_cache_bytes.labels(mode=arm).set(kv["bytes_per_arm"])

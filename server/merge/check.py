@@ -21,20 +21,48 @@ A delta that rounds away on every element passes that bound but leaves the model
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from server.errors import Refusal
 
 # float32's unit roundoff is 2^-24; two of them cover forming W0 + delta and the residual's subtractions.
 _FLOAT32_SLACK = 2.0**-23
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+# Elements per step of the check: its float32 temporaries (about six) stay at 1 MiB each, in cache, however large
+# the weight (a 4096 x 14336 projection is 235 MB per float32 copy; the whole-tensor check held several at once).
+CHUNK = 1 << 18
+# (integer type of the same width, explicit mantissa bits) for the dtypes whose spacing is read off the bits.
+_LAYOUT: dict[torch.dtype, tuple[torch.dtype, int]] = {
+    torch.bfloat16: (torch.int16, 7),
+    torch.float16: (torch.int16, 10),
+    torch.float32: (torch.int32, 23),
+}
 
 
 def half_spacing(stored: torch.Tensor) -> torch.Tensor:
     """Half the gap between adjacent values of `stored`'s dtype at each stored value, in float32.
 
-    For |x| in [2^(e-1), 2^e) the gap is eps * 2^(e-1) (frexp gives e); subnormals and zero have the fixed step
-    smallest_normal * eps.
+    For |x| in [2^k, 2^(k+1)) the gap is 2^k * 2^-m (m explicit mantissa bits): 2^k is x with its sign and mantissa
+    bits cleared, read off the bits with two integer ops. Subnormals and zero (exponent field 0) have the step of the
+    smallest normal, so the field is raised to 1; inf and NaN (field all ones) are lowered to the largest finite
+    binade, so a weight that overflowed gets a finite bound and is caught. Exact: a power of two converts to float32
+    exactly, and scaling it by 2^-(m+1) is exact down to float32's subnormals (float32 itself: 2^-150 rounds to 0,
+    as the frexp formula it replaces gave). Other dtypes take that formula (frexp on a float32 copy).
     """
+    if stored.dtype not in _LAYOUT:
+        return _frexp_half_spacing(stored)
+    int_dtype, mantissa = _LAYOUT[stored.dtype]
+    field = torch.finfo(stored.dtype).bits - 1 - mantissa  # exponent bits
+    exponent = ((1 << field) - 1) << mantissa
+    lowest, highest = 1 << mantissa, exponent - (1 << mantissa)  # exponent fields 1 and all-ones - 1, mantissa 0
+    binade = stored.detach().view(int_dtype).bitwise_and(exponent).clamp(lowest, highest)
+    binade = binade.view(stored.dtype).float()
+    return binade * 2.0 ** -(mantissa + 1)
+
+
+def _frexp_half_spacing(stored: torch.Tensor) -> torch.Tensor:
     info = torch.finfo(stored.dtype)
     x = stored.detach().float().abs()
     _, exponent = torch.frexp(x)
@@ -47,22 +75,35 @@ def write_problem(before: torch.Tensor, after: torch.Tensor, delta: torch.Tensor
     """None if `after` is `before + delta` rounded once to `after`'s dtype; else what is wrong, with the fix.
 
     `before` and `after` are the stored tensors (any dtype, same shape); `delta` is the float32 change the adapters
-    imply. The float32 temporaries are the size of the merge's own.
+    imply. Checked CHUNK elements at a time. A stored NaN or inf (an overflow) counts as wrong, where the former
+    whole-tensor check let both through (a NaN residual and an infinite bound compare false).
     """
-    w0, w = before.detach().float(), after.detach().float()
-    delta = delta.to(w.device, torch.float32)
-    residual = (w - w0) - delta
-    bound = half_spacing(after) + _FLOAT32_SLACK * (w.abs() + w0.abs() + delta.abs())
-    wrong = residual.abs() > bound
-    if bool(wrong.any()):
-        worst = int((residual.abs() - bound).argmax())
+    flat = [t.detach().reshape(-1) for t in (before, after, delta.to(after.device, torch.float32))]
+    wrong, changed, moves = 0, False, False
+    worst: tuple[float, float, float] = (-math.inf, 0.0, 0.0)  # (excess over the bound, residual, delta)
+    for start in range(0, flat[0].numel(), CHUNK):
+        b, a, d = (t[start : start + CHUNK] for t in flat)
+        w0, w = b.float(), a.float()
+        residual = (w - w0) - d
+        bound = half_spacing(a) + _FLOAT32_SLACK * (w.abs() + w0.abs() + d.abs())
+        # A stored inf would make its own bound infinite; a NaN residual compares false: both count as wrong.
+        bad = ~(residual.abs() <= bound.clamp_max(_FLOAT32_MAX))
+        count = int(bad.sum())
+        if count:
+            wrong += count
+            excess = torch.where(bad, (residual.abs() - bound).nan_to_num(math.inf), -math.inf)
+            at = int(excess.argmax())
+            if excess[at].item() > worst[0]:
+                worst = (excess[at].item(), residual[at].item(), d[at].item())
+        changed = changed or not torch.equal(b, a)
+        moves = moves or bool(d.any())
+    if wrong:
         return Refusal(
-            f"{int(wrong.sum())} of {wrong.numel()} elements differ from W0 + delta by more than one rounding to "
-            f"{after.dtype} (worst: off by {residual.flatten()[worst].item():.3g}, delta "
-            f"{delta.flatten()[worst].item():.3g})",
+            f"{wrong} of {flat[0].numel()} elements differ from W0 + delta by more than one rounding to "
+            f"{after.dtype} (worst: off by {worst[1]:.3g}, delta {worst[2]:.3g})",
             "report this as a bug",
         )
-    if bool(delta.any()) and torch.equal(before, after):
+    if moves and not changed:
         return Refusal(
             f"it did not change: the delta rounds away entirely in {after.dtype}", "serve in float32 or unmerged"
         )

@@ -7,21 +7,18 @@ run a bf16 decode step 1.9x faster than float32's (docs/benchmarks.md, "dtype");
 emulated and tens of times slower; on GPUs it is the fast path. bf16 keeps float32's range, so it is safe for any
 checkpoint.
 
-`float32_reference` measures what the serving dtype costs: the unmerged model's logits computed in float32. The model
-is upcast in place for the probes and cast back; bf16 -> fp32 -> bf16 (and fp16 likewise) is exact, so the served
-weights come back bit for bit. Upcasting doubles (bf16/fp16) the weights' memory while the probes run.
+What the serving dtype costs is measured against the unmerged model's logits in float32 (server.merge.reference,
+one module upcast at a time), and the parity gate holds a half-precision merge to it (server.merge.parity).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 HALF_MIN_SPEEDUP = 1.2  # a half dtype must beat float32 by this factor to be worth its rounding
 # tokens x in x out through a 1024-wide projection: one decode step, and a prefill chunk. Small-M matmuls take other
@@ -137,23 +134,3 @@ def resolve_dtype_setting(setting: str, probe: LinearProbe = PLAIN_LINEAR) -> tu
     if setting == "checkpoint":
         return setting, "checkpoint: the checkpoint's own dtype"
     return setting, f"configured: {setting}"
-
-
-@contextmanager
-def upcast(model: nn.Module) -> Iterator[None]:
-    """Run `model` in float32, then restore every tensor's dtype (exact for bf16/fp16)."""
-    changed: list[tuple[torch.Tensor, torch.dtype]] = []
-    for tensor in (*model.parameters(), *model.buffers()):
-        if tensor.is_floating_point() and tensor.dtype != torch.float32:
-            changed.append((tensor, tensor.dtype))
-            tensor.data = tensor.data.float()
-    try:
-        yield
-    finally:
-        for tensor, dtype in changed:
-            tensor.data = tensor.data.to(dtype)
-
-
-def can_upcast(model: nn.Module) -> bool:
-    """Offloaded (meta) weights cannot be upcast in place; then no float32 reference is measured."""
-    return all(p.device.type != "meta" for p in model.parameters())

@@ -40,7 +40,9 @@ from server.store.model_files import tied_names, write_model_files
 # Bump when the merge math or the entry layout changes: old entries then simply stop matching.
 # 2: per-kind deltas (DoRA, biases, saved modules, untied embeddings) and the combine method joined the key.
 # 3: a GGUF base's quantization_config is not written into the (dense) entry: vLLM refuses it.
-MERGE_FORMAT_VERSION = 3
+# 4: the probes file holds the unmerged model's float32 logits (`float32.<i>`, half precision) that a hit is gated
+#    against, and every stored logit comes from one batched forward over the probes (server.merge.parity).
+MERGE_FORMAT_VERSION = 4
 MERGE_METHOD = "W0 + per-kind float32 delta (combine: see the key), rounded once"
 MANIFEST = "mergeserve-manifest.json"
 PROBES = "mergeserve-probes.safetensors"

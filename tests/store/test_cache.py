@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from peft import PeftModel
 from safetensors.torch import load_file, save_file
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from server.boot import arms as boot_module
 from server.boot.boot import boot
@@ -111,6 +112,47 @@ def test_damaged_entry_is_reported_and_rebuilt(
     metrics = TestClient(create_app(rebuilt, config)).get("/metrics").text
     assert "mergeserve_merge_cache_corrupt_entries_total 1.0" in metrics
     assert boot(config).info.cache["status"] == "hit"
+
+
+def _store_the_base_instead(entry: Path, base: Path) -> None:
+    """Valid hashes, wrong weights: the entry's shards hold the base's weights, as if the merge had dropped the
+    adapter."""
+    original = load_file(str(base / "model.safetensors"))
+    manifest = json.loads((entry / MANIFEST).read_text())
+    for shard in sorted(entry.glob("model-*.safetensors")):
+        tensors = load_file(str(shard))
+        save_file({k: original[k].to(v.dtype) if k in original else v for k, v in tensors.items()}, str(shard))
+        manifest["files"][shard.name] = sha256_file(shard)
+    (entry / MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_half_precision_hit_is_gated_against_the_stored_float32_reference(
+    write_config: Writer, tiny_config_data: dict[str, Any], tiny_base: Path, tiny_adapters: dict[str, Path],
+    merge_cache: Path,
+) -> None:  # fmt: skip
+    tiny_config_data["model"]["dtype"] = "bfloat16"
+    config = load_config(write_config(tiny_config_data))
+    cold = boot(config)
+    entry = _entry(merge_cache)
+    stored = load_file(str(entry / PROBES))
+    # What the entry stores is the unmerged model's float32 function: a separately loaded, upcast copy's forward.
+    copy = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.bfloat16).float(), tiny_adapters["alpha"]
+    ).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    with torch.inference_mode():
+        for i, text in enumerate(config.parity.probes):
+            want = copy(input_ids=tokenizer(text, return_tensors="pt").input_ids).logits[0]
+            assert torch.allclose(stored[f"float32.{i}"], want, atol=1e-5, rtol=0)
+    hot = boot(config)
+    assert hot.info.cache["status"] == "hit" and hot.info.cache["reproduced_exactly"] is True
+    # The same criterion on the same logits: the hit's verdict is the cold boot's, figure for figure.
+    assert hot.info.parity is not None and hot.info.parity.reference == "float32" and hot.info.parity.passed
+    assert hot.info.parity == cold.info.parity
+    _store_the_base_instead(entry, tiny_base)
+    rebuilt = boot(config)
+    assert rebuilt.info.cache["status"] == "rebuilt" and "parity gate" in rebuilt.info.cache["problem"]
+    assert "merged vs float32 reference" in rebuilt.info.cache["problem"]
 
 
 def test_replicas_booting_together_merge_once(
