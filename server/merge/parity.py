@@ -117,7 +117,10 @@ class ParityResult:
     float32_skipped: str | None = None  # why there is no float32 reference in half precision
 
     def summary(self) -> str:
-        verdict = "passed" if self.passed else "FAILED"
+        return f"{'passed' if self.passed else 'FAILED'}: {self.figures()}"
+
+    def figures(self) -> str:
+        """What was compared with what, each gated figure with its bound, and (float32) the unmerged model's own."""
         against = "float32 reference" if self.reference == "float32" else "unmerged model"
         rms = ""
         if self.rms_diff is not None and self.rms_tolerance is not None:
@@ -130,7 +133,7 @@ class ParityResult:
             )
         skipped = f" (float32 reference skipped: {self.float32_skipped})" if self.float32_skipped else ""
         return (
-            f"{verdict}: merged vs {against}{skipped}: {rms}max abs logit diff {self.max_abs_diff:.3g} "
+            f"merged vs {against}{skipped}: {rms}max abs logit diff {self.max_abs_diff:.3g} "
             f"(tolerance {self.tolerance:.3g}), top-1 agreement {self.top1_agreement:.3f} "
             f"(need {self.min_top1_agreement:.3f}) over {self.positions} positions{unmerged}"
         )
@@ -246,4 +249,4 @@ def refusal(result: ParityResult) -> tuple[str, str]:
     fix = "serve unmerged or in float32"
     if result.reference == "float32":
         fix += "; or, if the merge is known to be right, bound its error yourself with parity.tolerance"
-    return f"parity gate failed: {result.summary()}; refusing to serve", fix
+    return f"parity gate failed: {result.figures()}; refusing to serve", fix

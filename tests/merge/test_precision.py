@@ -140,7 +140,7 @@ def test_half_precision_gate_refuses_a_dropped_adapter(
     line = str(err.value)
     assert err.value.exit_code == 3 and "\n" not in line
     # The refusal names the figures: the merged model's errors against float32 and the unmerged model's own.
-    assert line.startswith("parity gate failed: FAILED: merged vs float32 reference: RMS logit error")
+    assert line.startswith("parity gate failed: merged vs float32 reference: RMS logit error")
     assert "the unmerged model's own: RMS" in line and "fix: serve unmerged or in float32" in line
 
 
