@@ -226,7 +226,9 @@ def test_boot_phases_are_timed_and_reported(write_config: Writer, tiny_config_da
     assert peaks == sorted(peaks)
     status = Path("/proc/self/status").read_text()
     hwm = int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) * 1024
-    assert peaks[-1] <= hwm
+    # Linux caches RSS counts per thread and folds them in every 64 page faults, so the boot thread's last reading may
+    # be a few pages above what this thread reads: a page count's worth of slack, not a fraction.
+    assert peaks[-1] <= hwm + 64 * 4096
     model_bytes = sum(engine.info.device_map.values())
     assert peaks[-1] > model_bytes
 
