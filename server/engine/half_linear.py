@@ -3,10 +3,10 @@
 
 On an AVX2-only CPU (no AVX512: the znver3 development machine) oneDNN has no bf16 or fp16 kernel, and ATen's own
 converts element by element: `F.linear` on bf16/fp16 weights ran at 9-12 GFLOP/s per core at every row count from
-1 to 512 (a one-row step of 8192 x 2048 weights read ~3 GB/s, float32 ~7 GB/s on the same machine), so a bf16 decode
-step was far from reading its weights at memory speed. `half_linear` widens 8 weights per instruction and multiplies
-with FMA in float32: 1.4-2x `F.linear` at one row, 3-5x from 8 rows up (docs/benchmarks.md, "Half-precision linear
-layers"), with no crossover up to 512 rows, so every row count of a layer goes to it.
+1 to 512, so a bf16 decode step was far from reading its weights at memory speed and its prefill chunks 4-5x slower
+than float32's. `half_linear` widens 8 weights per instruction and multiplies with FMA in float32: at one row
+0.8-1.0x of the machine's read bound and 1.2-1.9x `F.linear`, at 8 rows 3-4.5x (docs/benchmarks.md, "Half-precision
+linear layers on AVX2"), and faster at every row count measured up to 512, so every row count of a layer goes to it.
 
 `HalfLinear` holds the layer's own weight and bias Parameters (no copy: the weights' memory is unchanged) and is put
 in place of each `nn.Linear` at boot, PEFT's base layers included (their LoRA A/B side path is left as it is).
