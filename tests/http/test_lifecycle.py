@@ -154,6 +154,14 @@ class Held(nn.Module):
         self.calls = 0
         self.release = threading.Event()
 
+    def __getattr__(self, name: str) -> Any:
+        """Anything else the engine reads of a model (its config for the KV budget, the attention switch) is the
+        wrapped model's."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.inner, name)
+
     def forward(self, **kw: Any) -> Any:
         self.calls += 1
         if self.calls > self.free:
