@@ -97,9 +97,9 @@ def write_problem(before: torch.Tensor, after: torch.Tensor, delta: torch.Tensor
     imply. Checked CHUNK elements at a time. A stored NaN or inf (an overflow) counts as wrong, where the former
     whole-tensor check let both through (a NaN residual and an infinite bound compare false).
     """
-    flat = [t.detach().reshape(-1) for t in (before, after, delta.to(after.device, torch.float32))]
+    b, a, d = (t.detach().reshape(-1) for t in (before, after, delta.to(after.device, torch.float32)))
     with _one_thread():
-        return _chunked_problem(*flat, after.dtype)
+        return _chunked_problem(b, a, d, after.dtype)
 
 
 def _chunked_problem(
