@@ -76,7 +76,13 @@ def safetensors_specs(path: Path) -> list[TensorSpec]:
 
 
 def _pickle_specs(path: Path) -> list[TensorSpec]:
-    state: Any = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+    try:
+        state: Any = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+    except Exception as exc:  # weights_only refusals are UnpicklingError, corrupt files anything
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise SourceError(f"'{path}' cannot be read: {first}", "re-save it") from None
+    if not isinstance(state, dict):
+        raise SourceError(f"'{path}' is not a dict of tensors", "re-save it as a state dict")
     return [TensorSpec(k, tuple(v.shape), v.dtype) for k, v in state.items() if isinstance(v, torch.Tensor)]
 
 

@@ -35,6 +35,7 @@ from server.http.tgi_protocol import Parameters
 from server.http.validation import validate
 from tests.conftest import boot_tiny
 from tests.live_server import free_port
+from tests.wrapped_model import Wrapped
 
 SAFETY_SECONDS = 15.0  # only bounds a wait that the broken behaviour would make endless; never asserted on
 
@@ -145,22 +146,14 @@ def test_refusals_and_answers_leave_nothing_in_flight(
 # --- 5: a non-streaming client that hangs up stops consuming decode steps -----------------------------------------
 
 
-class Held(nn.Module):
+class Held(Wrapped):
     """Counts forward passes (prefill and decode steps); the one after `free` waits until released."""
 
     def __init__(self, inner: nn.Module, free: int) -> None:
-        super().__init__()
-        self.inner, self.free = inner, free
+        super().__init__(inner)
+        self.free = free
         self.calls = 0
         self.release = threading.Event()
-
-    def __getattr__(self, name: str) -> Any:
-        """Anything else the engine reads of a model (its config for the KV budget, the attention switch) is the
-        wrapped model's."""
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.inner, name)
 
     def forward(self, **kw: Any) -> Any:
         self.calls += 1
