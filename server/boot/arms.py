@@ -42,9 +42,9 @@ from server.merge.apply import (
     merged_twin,
     plan,
     served_embeddings,
-    temporarily_merged,
 )
 from server.merge.combine import MixSpec, deltas_on_the_side
+from server.merge.merged_view import merged_view
 from server.merge.parity import ParityResult, judge, probe_logits, refusal
 from server.merge.precision import PLAIN_LINEAR, LinearProbe, resolve_dtype_setting
 from server.merge.reference import float32_probe_logits
@@ -182,8 +182,8 @@ def build_arms(config: Config, timer: PhaseTimer) -> BuiltArms:
             arms = {"unmerged": peft_model}
             with timer.phase("verify"):
                 reference = _references(peft_model, tokenizer, probes, float32, dtype)
-                with temporarily_merged(peft_model, names) as merged_view:
-                    candidate = probe_logits(merged_view, tokenizer, probes)
+                with merged_view(peft_model, names) as view:
+                    candidate = probe_logits(view, tokenizer, probes)
         parity = judge(reference.float32, reference.served, candidate, parity_cfg, dtype, reference.skipped)
     except MergeError as exc:
         raise merge_refusal(exc, ExitCode.CHECK_FAILED, "merge check failed") from None

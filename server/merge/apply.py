@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any, cast
 
 import torch
@@ -215,13 +214,13 @@ def merge_and_unload(
         with onload_layer(layer):
             if problem := merge_layer(layer, adapters, deltas[name] if deltas is not None else None):
                 problems.append((name, problem))
-    _refuse_writes(problems)
+    refuse_writes(problems)
     model = _unload(_bare(peft_model), adapters)
     check_clean(model)
     return model
 
 
-def _refuse_writes(problems: list[tuple[str, Refusal]]) -> None:
+def refuse_writes(problems: list[tuple[str, Refusal]]) -> None:
     if problems:
         name, (problem, fix) = problems[0]
         raise MergeError(f"{len(problems)} targeted weights are wrong after merging (first: '{name}'): {problem}", fix)
@@ -272,23 +271,9 @@ def merged_twin(peft_model: nn.Module, adapters: list[str]) -> nn.Module:
             problem = problem or write_problem(bias, target.bias.data, delta.bias)
         if problem:
             problems.append((name, problem))
-    _refuse_writes(problems)
+    refuse_writes(problems)
     twin = _unload(twin, adapters)
     if tied and not _tied(twin):
         cast(Any, twin).config.tie_word_embeddings = False
     check_clean(twin)
     return twin
-
-
-@contextmanager
-def temporarily_merged(peft_model: nn.Module, adapters: list[str]) -> Iterator[nn.Module]:
-    """The model as if merged, leaving `peft_model` untouched bit for bit.
-
-    Used to check parity while serving unmerged: the view is a `merged_twin`, so only the adapted weights are copied
-    and the served weights are never written (restoring by subtracting the delta would not be exact in bf16/fp16).
-    """
-    twin = merged_twin(peft_model, adapters)
-    try:
-        yield twin
-    finally:
-        del twin

@@ -10,7 +10,7 @@ import pytest
 import torch
 from peft import PeftModel
 from torch.profiler import ProfilerActivity, profile
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from server.config.engine import EngineConfig
 from server.engine.kernels import PackedLinear, linear_probe, prepack_linears, should_prepack
@@ -72,13 +72,12 @@ def _ops(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> set[st
 
 @pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_bf16_onednn)])
 def test_dtype_probe_times_the_kernels_a_served_forward_runs(dtype: torch.dtype) -> None:
-    """`dtype: auto` times what the engine will run: the packed oneDNN linear where boot packs, ATen's gemv for a
-    one-row bf16 step, plain F.linear when packing is off; and each gives the plain product."""
+    """`dtype: auto` times what the engine will run: the packed oneDNN linear at every row count where boot packs,
+    plain F.linear when packing is off; and each gives the plain product."""
     weight = torch.randn(64, 32).to(dtype)
     packed, plain = linear_probe("auto").build(weight), linear_probe("off").build(weight)
     rows = {n: torch.randn(n, 32).to(dtype) for n in (1, 8)}
-    assert "mkldnn::_linear_pointwise" in _ops(packed, rows[8])
-    assert ("mkldnn::_linear_pointwise" in _ops(packed, rows[1])) == (dtype == torch.float32)
+    assert all("mkldnn::_linear_pointwise" in _ops(packed, x) for x in rows.values())
     assert all("mkldnn::_linear_pointwise" not in _ops(plain, x) for x in rows.values())
     for x in rows.values():
         want = x.double() @ weight.double().T  # (rows, 64)
@@ -95,9 +94,9 @@ def test_prepack_is_a_torch_setting() -> None:
 
 
 @needs_bf16_onednn
-def test_few_row_steps_take_the_gemv_path_and_agree(tiny_base: Path) -> None:
-    """A one-row forward inside small_rows_scope runs the unpacked weight through ATen (oneDNN off) and gives the
-    packed path's logits within bf16 rounding; an 8-row forward keeps oneDNN on."""
+def test_few_row_steps_stay_packed_and_agree(tiny_base: Path) -> None:
+    """A one-row forward inside small_rows_scope (oneDNN off for plain matmuls) still runs the packed layers, whose
+    plain weights are gone, and gives the 8-row path's logits within bf16 rounding."""
     from server.engine.kernels import small_rows_scope
 
     model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.bfloat16).eval()
@@ -107,7 +106,36 @@ def test_few_row_steps_take_the_gemv_path_and_agree(tiny_base: Path) -> None:
         packed = model(input_ids=ids).logits.float()
         with small_rows_scope(model, 1):
             assert not torch._C._get_mkldnn_enabled()
-            gemv = model(input_ids=ids).logits.float()
-        with small_rows_scope(model, 8):
-            assert torch._C._get_mkldnn_enabled()
-    assert (gemv - packed).abs().max().item() <= 0.02 * packed.abs().max().item()
+            few = model(input_ids=ids).logits.float()
+    assert (few - packed).abs().max().item() <= 0.02 * packed.abs().max().item()
+
+
+def test_packing_gives_the_plain_weights_back_and_keeps_what_is_shared(tmp_path: Path) -> None:
+    """One copy: each packed layer's plain weight is emptied (its memory given back: a file mapping's pages are
+    unmapped), a weight another module reads (a tied embedding) is kept, and the state dict unpacks what is served
+    bit for bit. Memory, measured as resident pages of a memory-mapped model: packing adds the packed copies and
+    gives the plain ones back, so RSS grows by far less than the linear layers' bytes (both kept: +100 %)."""
+    config = LlamaConfig(vocab_size=1024, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=True)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(tmp_path)  # safetensors: the load maps it
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    plain = {k: v.clone() for k, v in model.state_dict().items()}
+    linear_bytes = sum(m.weight.nbytes for m in model.modules() if type(m) is torch.nn.Linear)
+    for p in model.parameters():
+        p.detach().sum()  # every page resident, as after a merge
+    before = _rss()
+    assert prepack_linears(model) == 4 * 7 + 1
+    grown = _rss() - before
+    assert grown < 0.25 * linear_bytes, f"packing grew RSS by {grown / linear_bytes:.0%} of the linear layers"
+    state = model.state_dict()
+    assert state.keys() == plain.keys() and all(torch.equal(state[k], plain[k]) for k in plain)
+    layer = model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, PackedLinear) and "weight" not in layer._parameters
+    # The tied head is packed, and the embedding it shares a tensor with keeps that tensor.
+    assert model.model.embed_tokens.weight.numel() == config.vocab_size * config.hidden_size
+    assert torch.equal(model.model.embed_tokens.weight, plain["model.embed_tokens.weight"])
+
+
+def _rss() -> int:
+    status = Path("/proc/self/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]) * 1024

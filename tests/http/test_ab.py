@@ -17,6 +17,7 @@ from server.boot.boot import boot
 from server.config.load import load_config
 from server.config.schema import Config
 from server.engine.engine import Engine
+from server.engine.kernels import PackedLinear
 from server.engine.sampling import SamplingParams
 from server.engine.types import PreparedRequest
 from server.http.app import create_app
@@ -44,15 +45,25 @@ def ab(tiny_base: Path, tiny_adapters: dict[str, Path], tmp_path_factory: pytest
     return config, boot(config)
 
 
+def _served(model: torch.nn.Module) -> dict[str, object]:
+    """name -> what identifies the tensor served under it: a parameter's address, or a packed layer's packed weight
+    (prepack replaces each plain linear weight by one packed copy, shared by the arms that share the weight)."""
+    served: dict[str, object] = {n: p.data_ptr() for n, p in model.named_parameters() if "lora_" not in n}
+    for name, module in model.named_modules():
+        if isinstance(module, PackedLinear):
+            served[f"{name}.weight"] = id(module.packed)
+    return {n.replace(".base_layer", ""): key for n, key in served.items()}
+
+
 def test_arms_share_every_untouched_tensor(ab: tuple[Config, Engine]) -> None:
     engine = ab[1]
     merged, unmerged = engine.arms["merged"], engine.arms["unmerged"]
     assert isinstance(unmerged, PeftModel) and not isinstance(merged, PeftModel)
-    base = unmerged.get_base_model()
-    ours = {n.replace(".base_layer", ""): p for n, p in base.named_parameters() if "lora_" not in n}
-    shared = [n for n, p in merged.named_parameters() if p.data_ptr() == ours[n].data_ptr()]
-    own = [n for n, p in merged.named_parameters() if p.data_ptr() != ours[n].data_ptr()]
-    assert "model.embed_tokens.weight" in shared and "model.norm.weight" in shared
+    ours, theirs = _served(unmerged.get_base_model()), _served(merged)
+    assert ours.keys() == theirs.keys()
+    shared = [n for n in theirs if theirs[n] == ours[n]]
+    own = [n for n in theirs if theirs[n] != ours[n]]
+    assert "model.embed_tokens.weight" in shared and "model.norm.weight" in shared and "lm_head.weight" in shared
     assert "model.layers.0.input_layernorm.weight" in shared
     assert sorted(own) == sorted(n for n in ours if n.rsplit(".", 2)[-2].endswith("_proj"))
     assert len(own) == 2 * 7  # adapted projections only (alpha targets all 7, beta a subset)
