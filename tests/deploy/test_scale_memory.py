@@ -1,0 +1,95 @@
+"""Boot memory at a real size (issue 27): a 1.07B-parameter Llama-shaped model in bf16 (2.15 GB of safetensors) with a
+rank-16 all-linear LoRA, generated at test time by scripts/make_scale_model.py (seeded; about 25 s and 1.5 GiB peak
+on the 2-core development machine), booted with the default settings as a user would, each mode in a fresh process.
+
+The bounds are issue 27's, on the process's peak RSS (VmHWM, which counts the memory-mapped weights it touched as
+well as its own), against the model's bytes on disk:
+
+- merged, cache miss: <= 1.15x + 1.5 GB (load, merge, element-wise check, parity gate, cache store, prepack);
+- merged, cache hit:  <= 1.05x + 1 GB;
+- unmerged:           <= 1.1x + 1.5 GB.
+
+Memory is not timing: a bound on it is a property of the product, asserted here. Figures on the development machine
+(commit of this test): miss 2.93 GiB, hit 2.81 GiB, unmerged 3.02 GiB for 2.0 GiB of weights; before, 4.94, 4.62 and
+5.86 GiB (a packed copy beside the plain weights, a merged twin for the unmerged check).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+GB = 10**9
+
+CHILD = """
+import json, sys
+from server.boot.boot import boot
+from server.config.load import load_config
+from server.rss import peak_rss_bytes
+engine = boot(load_config(sys.argv[1]))
+info = engine.info
+print("RESULT " + json.dumps({"phases": info.boot_peak_rss_bytes, "peak": peak_rss_bytes(),
+                              "cache": info.cache.get("status"), "passed": info.parity.passed}))
+engine.close()
+"""
+
+
+@pytest.fixture(scope="module")
+def scale_1b(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("scale") / "1b"
+    command = [sys.executable, "scripts/make_scale_model.py", "1b", str(out), "--seed", "0"]
+    subprocess.run(command, cwd=REPO, check=True, capture_output=True, timeout=600)
+    return out
+
+
+def _config(scale: Path, work: Path, mode: str) -> Path:
+    data: dict[str, Any] = {
+        "model": {"path": str(scale / "base"), "dtype": "bfloat16", "device_map": "auto"},
+        "adapters": [{"name": "scale", "path": str(scale / "adapter")}],
+        "mode": mode,
+        "cache": {"dir": str(work / "cache")},
+    }
+    path = work / f"{mode}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _boot(config: Path) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(config)], cwd=REPO, capture_output=True, text=True,
+                          timeout=1200)  # fmt: skip
+    results = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and results, f"boot failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    return dict(json.loads(results[-1].removeprefix("RESULT ")))
+
+
+def _within(result: dict[str, Any], bound: float, what: str) -> None:
+    phases = ", ".join(f"{name} {peak / 2**30:.2f}" for name, peak in result["phases"].items())
+    assert result["peak"] <= bound, f"{what}: peak RSS {result['peak'] / 2**30:.2f} GiB > {bound / 2**30:.2f} GiB " \
+                                    f"(GiB after each phase: {phases})"  # fmt: skip
+
+
+def test_1b_boots_within_the_memory_bounds(scale_1b: Path, tmp_path: Path) -> None:
+    weights = sum(f.stat().st_size for f in (scale_1b / "base").glob("*.safetensors"))
+    assert weights > 2 * GB  # the real size, not a stand-in
+
+    miss = _boot(_config(scale_1b, tmp_path, "merged"))
+    assert miss["cache"] == "miss" and miss["passed"]
+    _within(miss, 1.15 * weights + 1.5 * GB, "merged, cache miss")
+    assert list(miss["phases"])[-1] == "warmup"  # the serving kernels and a warm-up are inside the bound
+
+    hit = _boot(_config(scale_1b, tmp_path, "merged"))
+    assert hit["cache"] == "hit" and hit["passed"]
+    _within(hit, 1.05 * weights + 1 * GB, "merged, cache hit")
+
+    unmerged = _boot(_config(scale_1b, tmp_path, "unmerged"))
+    assert unmerged["passed"]
+    _within(unmerged, 1.1 * weights + 1.5 * GB, "unmerged")
+    # Each boot touched every weight: a bound met by not loading the model would be no bound.
+    assert min(r["peak"] for r in (miss, hit, unmerged)) > weights
