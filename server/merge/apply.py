@@ -31,6 +31,7 @@ from server.errors import ExitCode, MergeserveError, Refusal
 from server.merge.check import write_problem
 from server.merge.combine import MixSpec, combine
 from server.merge.kinds import LayerDelta, adapter_delta, composed_delta, has_adapter, layer_kind_problem
+from server.merge.scratch import Scratch
 
 LINEAR = MixSpec()
 
@@ -84,42 +85,54 @@ def layer_delta(
     spec: MixSpec = LINEAR,
     generator: torch.Generator | None = None,
     w0: torch.Tensor | None = None,
+    scratch: Scratch | None = None,
 ) -> LayerDelta:
     """The combined float32 change to one layer's weight (and bias) from every adapter that targets it.
 
     `w0`: the unmerged base weight, when the layer does not hold it (the export's skeleton is on the meta device).
+    `scratch`: where the exact sum may live (valid until the next layer's); TIES/DARE make their own tensors.
     """
     w0 = base_weight(layer).data if w0 is None else w0
     if spec.method == "linear":
-        return composed_delta(layer, adapters, w0)
+        return composed_delta(layer, adapters, w0, scratch)
     parts = [adapter_delta(layer, a, w0) for a in adapters if has_adapter(layer, a)]
     weight = combine([p.weight for p in parts], spec, generator)
     biases = [p.bias for p in parts if p.bias is not None]
     return LayerDelta(weight, combine(biases, spec, generator) if biases else None)
 
 
-def merged_weight(w0: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """W0 + delta, formed in float32 and rounded once to W0's dtype."""
-    return (w0.float() + delta.to(w0.device)).to(w0.dtype)
+def merged_weight(w0: torch.Tensor, delta: torch.Tensor, scratch: Scratch | None = None) -> torch.Tensor:
+    """W0 + delta, formed in float32 and rounded once to W0's dtype; in `scratch`'s buffers when given (valid until
+    the next layer's). Type promotion widens W0 exactly inside the add, which spares a float32 copy of W0, and
+    copy_ rounds as .to() does."""
+    w0, delta = w0.detach(), delta.detach().to(w0.device)
+    if scratch is None:
+        return torch.add(w0, delta).to(w0.dtype)
+    wide = torch.add(w0, delta, out=scratch.take("wide", w0.shape, torch.float32, w0.device))
+    if w0.dtype == torch.float32:
+        return wide
+    return scratch.take("narrow", w0.shape, w0.dtype, w0.device).copy_(wide)
 
 
-def merge_layer(layer: LoraLayer, adapters: list[str], delta: LayerDelta | None = None) -> Refusal | None:
+def merge_layer(
+    layer: LoraLayer, adapters: list[str], delta: LayerDelta | None = None, scratch: Scratch | None = None
+) -> Refusal | None:
     """Write the merged weight (and bias) into the base layer, on the device where that weight lives.
 
     Returns None if what is now stored is W0 + delta rounded once (`server.merge_check`), else the problem: a weight
-    that changed somewhere but not as the delta says, or a non-zero delta that rounded away entirely.
+    that changed somewhere but not as the delta says, or a non-zero delta that rounded away entirely. Each merged
+    tensor is checked before it is written, against W0 still in place, so no copy of W0 is kept (one 14336 x 4096
+    weight of the 7.4B model is 117 MB in bf16); copy_ within one dtype stores it unchanged.
     """
-    delta = delta if delta is not None else layer_delta(layer, adapters)
+    scratch = scratch or Scratch()
+    delta = delta if delta is not None else layer_delta(layer, adapters, scratch=scratch)
     base = layer.get_base_layer()
-    weight = base_weight(layer)
-    before = weight.data.clone()  # one layer at a time: the check needs W0 after the write
-    weight.data.copy_(merged_weight(before, delta.weight))
-    problem = write_problem(before, weight.data, delta.weight)
-    if delta.bias is not None:
-        bias = cast(torch.Tensor, base.bias)
-        bias_before = bias.data.clone()
-        bias.data.copy_(merged_weight(bias_before, delta.bias))
-        problem = problem or write_problem(bias_before, bias.data, delta.bias)
+    problem = None
+    for stored, change in ((base_weight(layer), delta.weight), (getattr(base, "bias", None), delta.bias)):
+        if stored is not None and change is not None:
+            merged = merged_weight(stored.data, change, scratch)
+            problem = problem or write_problem(stored.data, merged, change)
+            stored.data.copy_(merged)
     return problem
 
 
@@ -209,11 +222,13 @@ def merge_and_unload(
     check_mergeable(peft_model, adapters)
     untie_adapted_embeddings(peft_model, adapters)
     problems = []
+    scratch = Scratch()
     for name, layer in lora_layers(peft_model):
         # onload_layer brings offloaded (device_map) weights in, and writes them back out after the merge.
         with onload_layer(layer):
-            if problem := merge_layer(layer, adapters, deltas[name] if deltas is not None else None):
+            if problem := merge_layer(layer, adapters, deltas[name] if deltas is not None else None, scratch):
                 problems.append((name, problem))
+    scratch.clear()
     refuse_writes(problems)
     model = _unload(_bare(peft_model), adapters)
     check_clean(model)

@@ -167,7 +167,9 @@ def test_merged_view_refuses_a_weight_that_is_not_w0_plus_delta(
     tiny_base: Path, tiny_adapters: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     peft_model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tiny_base), tiny_adapters["alpha"])
-    monkeypatch.setattr(view_module, "merged_weight", lambda w0, delta: (w0.float() + 2 * delta).to(w0.dtype))
+    monkeypatch.setattr(
+        view_module, "merged_weight", lambda w0, delta, scratch=None: (w0.float() + 2 * delta).to(w0.dtype)
+    )
     wrong = pytest.raises(MergeError, match="targeted weights are wrong after merging")
     with wrong, torch.no_grad(), merged_view(peft_model, ["default"]) as view:
         view(input_ids=torch.tensor([[1, 5, 9]]))
@@ -269,7 +271,7 @@ def _peft(tiny_base: Path, adapter: Path, dtype: torch.dtype) -> PeftModel:
     return PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tiny_base, dtype=dtype), adapter)
 
 
-def _write_largest_element_only(w0: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+def _write_largest_element_only(w0: torch.Tensor, delta: torch.Tensor, scratch: Any = None) -> torch.Tensor:
     """A broken merge: writes the delta's largest element (so the weight does change) and forgets the rest."""
     kept = torch.zeros_like(delta)
     at = int(delta.abs().argmax())
@@ -306,8 +308,8 @@ def test_merge_that_skips_one_module_is_refused(
     honest = merge_module.merged_weight
     calls = iter(range(1_000))
 
-    def skip_the_fourth(w0: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        return w0.clone() if next(calls) == 3 else honest(w0, delta)
+    def skip_the_fourth(w0: torch.Tensor, delta: torch.Tensor, scratch: Any = None) -> torch.Tensor:
+        return w0.clone() if next(calls) == 3 else honest(w0, delta, scratch)
 
     monkeypatch.setattr(merge_module, "merged_weight", skip_the_fourth)
     skipped = re.escape("'base_model.model.model.layers.0.self_attn.o_proj'")
@@ -320,7 +322,7 @@ def test_naive_half_precision_merge_is_refused(
     tiny_base: Path, tiny_adapters: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Rounding the delta to bf16 before adding (in bf16) rounds twice: off by up to a whole spacing, not half."""
-    monkeypatch.setattr(merge_module, "merged_weight", lambda w0, delta: w0 + delta.to(w0.dtype))
+    monkeypatch.setattr(merge_module, "merged_weight", lambda w0, delta, scratch=None: w0 + delta.to(w0.dtype))
     with pytest.raises(MergeError, match=r"differ from W0 \+ delta by more than one rounding to torch\.bfloat16"):
         merge_and_unload(_peft(tiny_base, tiny_adapters["rs"], torch.bfloat16), ["default"])
 

@@ -67,12 +67,35 @@ def test_second_boot_hits_without_loading_the_base(
     assert [a["name"] for a in info["adapters"]] == ["alpha"] and info["adapters"][0]["rank"] == 4
 
 
+def test_a_hit_hashes_nothing_that_is_unchanged(
+    write_config: Writer, tiny_config_data: dict[str, Any], merge_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The entry's files were hashed when stored and the inputs when the key was made; a hit re-reads neither."""
+    config = load_config(write_config(tiny_config_data))
+    assert boot(config).info.cache["status"] == "miss"
+    hashed: list[Path] = []
+    real = cache_module.sha256_file
+    monkeypatch.setattr(cache_module, "sha256_file", lambda path: hashed.append(path) or real(path))
+    assert boot(config).info.cache["status"] == "hit"
+    assert hashed == []
+
+
 def _flip(entry: Path) -> str:
     shard = sorted(entry.glob("model-*.safetensors"))[-1]
     data = bytearray(shard.read_bytes())
     data[-100] ^= 0xFF
     shard.write_bytes(bytes(data))
     return shard.name
+
+
+def _flip_keeping_mtime(entry: Path) -> str:
+    """A hit trusts a file's recorded sha256 while its stamp is unchanged: a flipped byte with the old mtime put
+    back (`touch -r`) must still be re-hashed, because the write moved its ctime."""
+    shard = sorted(entry.glob("model-*.safetensors"))[-1]
+    before = shard.stat()
+    name = _flip(entry)
+    os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns))
+    return name
 
 
 def _truncate(entry: Path) -> str:
@@ -96,7 +119,7 @@ def _forge_reference(entry: Path) -> str:
     return "parity gate"
 
 
-@pytest.mark.parametrize("damage", [_flip, _truncate, _drop_manifest, _forge_reference])
+@pytest.mark.parametrize("damage", [_flip, _flip_keeping_mtime, _truncate, _drop_manifest, _forge_reference])
 def test_damaged_entry_is_reported_and_rebuilt(
     write_config: Writer, tiny_config_data: dict[str, Any], merge_cache: Path, damage: Callable[[Path], str],
     caplog: pytest.LogCaptureFixture,
