@@ -6,8 +6,9 @@ unmerged boot peaked at 5.7 GiB, 2.8x the weights (issue 27 asks for 1.1x + 1.5 
 merged weight only while its own forward runs:
 
 - a forward pre-hook forms W0 + delta in float32, rounds it once to W0's dtype (`merged_weight`, the arithmetic the
-  merged arm and the cache store use), checks it element by element the first time (`write_problem`), puts it in
-  the base layer's weight slot and turns the layer's side path off, so PEFT's forward runs the base layer alone;
+  merged arm and the cache store use; in buffers reused from layer to layer, server.merge.scratch), checks it
+  element by element the first time (`write_problem`), puts it in the base layer's weight slot and turns the
+  layer's side path off, so PEFT's forward runs the base layer alone;
 - a forward hook (always called, even on an exception) puts the served Parameter back and the side path on.
 
 The served weights are never written, and the same tensor objects come back, so the served arm is bit for bit what
@@ -29,25 +30,28 @@ from server.errors import Refusal
 from server.merge.apply import check_mergeable, layer_delta, lora_layers, merged_weight, refuse_writes
 from server.merge.check import write_problem
 from server.merge.kinds import has_adapter
+from server.merge.scratch import Scratch
 
 
 class _MergedUnit:
     """One LoRA layer's merged weight, present for the length of its forward."""
 
-    def __init__(self, name: str, layer: LoraLayer, adapters: list[str], problems: list[tuple[str, Refusal]]) -> None:
+    def __init__(self, name: str, layer: LoraLayer, adapters: list[str], problems: list[tuple[str, Refusal]],
+                 scratch: Scratch) -> None:  # fmt: skip
         self.name, self.layer, self.adapters, self.problems = name, layer, adapters, problems
+        self.scratch = scratch
         self.checked = False
         self.saved: dict[str, Any] = {}
         self.side_off = False
 
     def enter(self, module: nn.Module, args: Any) -> None:
         base = cast(nn.Module, self.layer.get_base_layer())
-        delta = layer_delta(self.layer, self.adapters)
+        delta = layer_delta(self.layer, self.adapters, scratch=self.scratch)
         slots = {"weight": delta.weight} | ({"bias": delta.bias} if delta.bias is not None else {})
         self.saved = {slot: base._parameters[slot] for slot in slots}
         for slot, change in slots.items():
             served = cast(torch.Tensor, self.saved[slot]).data
-            merged = merged_weight(served, change)
+            merged = merged_weight(served, change, self.scratch)
             if not self.checked and (problem := write_problem(served, merged, change)):
                 self.problems.append((self.name, problem))
             base._parameters[slot] = nn.Parameter(merged, requires_grad=False)
@@ -69,10 +73,11 @@ def merged_view(peft_model: nn.Module, adapters: list[str]) -> Iterator[nn.Modul
     the end if a merged weight was not W0 + delta rounded once, as the merge itself would."""
     check_mergeable(peft_model, adapters)
     problems: list[tuple[str, Refusal]] = []
+    scratch = Scratch()  # LoRA layers run one at a time: one set of buffers serves them all
     handles = []
     for name, layer in lora_layers(peft_model):
         if any(has_adapter(layer, a) for a in adapters):
-            unit = _MergedUnit(name, layer, adapters, problems)
+            unit = _MergedUnit(name, layer, adapters, problems, scratch)
             module = cast(nn.Module, layer)
             handles.append(module.register_forward_pre_hook(unit.enter))
             handles.append(module.register_forward_hook(unit.leave, always_call=True))
@@ -81,4 +86,5 @@ def merged_view(peft_model: nn.Module, adapters: list[str]) -> Iterator[nn.Modul
     finally:
         for handle in handles:
             handle.remove()
+        scratch.clear()
     refuse_writes(problems)
