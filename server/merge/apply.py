@@ -23,7 +23,7 @@ from typing import Any, cast
 import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
-from peft.tuners.tuners_utils import BaseTunerLayer, onload_layer
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 
@@ -31,6 +31,7 @@ from server.errors import ExitCode, MergeserveError, Refusal
 from server.merge.check import write_problem
 from server.merge.combine import MixSpec, combine
 from server.merge.kinds import LayerDelta, adapter_delta, composed_delta, has_adapter, layer_kind_problem
+from server.merge.offload import onloaded
 from server.merge.scratch import Scratch
 
 LINEAR = MixSpec()
@@ -224,8 +225,8 @@ def merge_and_unload(
     problems = []
     scratch = Scratch()
     for name, layer in lora_layers(peft_model):
-        # onload_layer brings offloaded (device_map) weights in, and writes them back out after the merge.
-        with onload_layer(layer):
+        # Offloaded (device_map) weights come in for the merge and go back out after it (to disk if from disk).
+        with onloaded(layer):
             if problem := merge_layer(layer, adapters, deltas[name] if deltas is not None else None, scratch):
                 problems.append((name, problem))
     scratch.clear()

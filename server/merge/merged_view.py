@@ -51,7 +51,8 @@ class _MergedUnit:
         self.saved = {slot: base._parameters[slot] for slot in slots}
         for slot, change in slots.items():
             served = cast(torch.Tensor, self.saved[slot]).data
-            merged = merged_weight(served, change, self.scratch)
+            # Scratch for the weight only: every merged tensor must outlive the forward, and the bias is small.
+            merged = merged_weight(served, change, self.scratch if slot == "weight" else None)
             if not self.checked and (problem := write_problem(served, merged, change)):
                 self.problems.append((self.name, problem))
             base._parameters[slot] = nn.Parameter(merged, requires_grad=False)

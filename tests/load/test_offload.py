@@ -22,6 +22,8 @@ from server.load.adapters import BootError
 
 Writer = Callable[[dict[str, Any]], Path]
 PROMPT = "The capital of France is"
+ADAPTED = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+           "mlp.up_proj", "mlp.down_proj")  # fmt: skip
 DISK_MAP = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu",
             "model.rotary_emb": "cpu", "lm_head": "cpu"}  # fmt: skip
 
@@ -50,6 +52,11 @@ def test_disk_offloaded_layer_merges_exactly(
         # checkpoint's own safetensors, or from offload_folder once the merge has written a layer back).
         assert offloaded.info.device_map.get("meta", 0) > 0
         assert offloaded.info.parity is not None and offloaded.info.parity.passed
+        # The merged layers went back to disk (PEFT's onload_layer kept them in memory): their weights are meta
+        # again, read from the merged copies in the offload folder.
+        merged = tmp_path / "offload" / "merged"
+        assert sorted(p.name for p in merged.iterdir()) == sorted(f"model.layers.1.{m}" for m in ADAPTED)
+        assert offloaded.arms[mode].model.layers[1].self_attn.q_proj.weight.device.type == "meta"
         # Meta weights have nothing to reorder: the offloaded arm runs unpacked, the in-memory one packed.
         assert offloaded.info.engine["prepack_linear"] is False and in_memory.info.engine["prepack_linear"] is True
         expected = _logits(in_memory, "merged")
