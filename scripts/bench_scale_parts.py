@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench_engines import descendants
+
 READ_BOUND_CHILD = r"""
 import json, sys, time
 import torch
@@ -78,20 +80,6 @@ def read_bound(files: list[Path], reps: int = 5, threads: int | None = None) -> 
     return {"bytes": got["bytes"], "pass_seconds": got["seconds"], "bytes_per_s": got["bytes"] / fastest}
 
 
-def _children(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 def vm_hwm(pid: int) -> int | None:
     """A process's VmHWM in bytes, None once it is gone."""
     with contextlib.suppress(OSError, StopIteration, ValueError):
@@ -112,7 +100,7 @@ class PeakWatcher:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            for pid in (self.pid, *_children(self.pid)):
+            for pid in (self.pid, *descendants(self.pid)):
                 if (peak := vm_hwm(pid)) is not None:
                     self.peaks[pid] = max(peak, self.peaks.get(pid, 0))
             self._stop.wait(self.interval)

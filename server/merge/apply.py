@@ -115,6 +115,21 @@ def merged_weight(w0: torch.Tensor, delta: torch.Tensor, scratch: Scratch | None
     return scratch.take("narrow", w0.shape, w0.dtype, w0.device).copy_(wide)
 
 
+def merged_slots(
+    base: nn.Module, delta: LayerDelta, scratch: Scratch | None = None, check: bool = True
+) -> Iterator[tuple[str, torch.Tensor, Refusal | None]]:
+    """(slot, merged tensor, problem) for the base layer's weight and, when the adapters change it, its bias: W0 +
+    delta rounded once (`merged_weight`), checked element by element against W0 still in the slot (`write_problem`;
+    problem None unless `check`). The weight's merged tensor lives in `scratch` when given (valid until the next
+    layer's); the bias, small, gets its own, so a caller may hold both at once."""
+    for slot, change in (("weight", delta.weight), ("bias", delta.bias)):
+        if change is None:
+            continue
+        served = cast(torch.Tensor, base._parameters[slot]).data
+        merged = merged_weight(served, change, scratch if slot == "weight" else None)
+        yield slot, merged, write_problem(served, merged, change) if check else None
+
+
 def merge_layer(
     layer: LoraLayer, adapters: list[str], delta: LayerDelta | None = None, scratch: Scratch | None = None
 ) -> Refusal | None:
@@ -127,13 +142,11 @@ def merge_layer(
     """
     scratch = scratch or Scratch()
     delta = delta if delta is not None else layer_delta(layer, adapters, scratch=scratch)
-    base = layer.get_base_layer()
+    base = cast(nn.Module, layer.get_base_layer())
     problem = None
-    for stored, change in ((base_weight(layer), delta.weight), (getattr(base, "bias", None), delta.bias)):
-        if stored is not None and change is not None:
-            merged = merged_weight(stored.data, change, scratch)
-            problem = problem or write_problem(stored.data, merged, change)
-            stored.data.copy_(merged)
+    for slot, merged, found in merged_slots(base, delta, scratch):
+        cast(torch.Tensor, base._parameters[slot]).data.copy_(merged)
+        problem = problem or found
     return problem
 
 
@@ -276,17 +289,12 @@ def merged_twin(peft_model: nn.Module, adapters: list[str]) -> nn.Module:
     tied = _tied(twin)
     problems = []
     for name, layer in lora_layers(twin):
-        target = layer.get_base_layer()
-        delta = layer_delta(layer, adapters)
-        w0 = base_weight(layer).data  # still the served, unmerged tensor: the check needs no copy here
-        target.weight = nn.Parameter(merged_weight(w0, delta.weight), requires_grad=False)
-        problem = write_problem(w0, target.weight.data, delta.weight)
-        if delta.bias is not None:
-            bias = cast(torch.Tensor, target.bias).data
-            target.bias = nn.Parameter(merged_weight(bias, delta.bias), requires_grad=False)
-            problem = problem or write_problem(bias, target.bias.data, delta.bias)
-        if problem:
-            problems.append((name, problem))
+        target = cast(nn.Module, layer.get_base_layer())
+        # Its slots still hold the served, unmerged tensors: the check needs no copy of W0 here.
+        for slot, merged, problem in merged_slots(target, layer_delta(layer, adapters)):
+            setattr(target, slot, nn.Parameter(merged, requires_grad=False))
+            if problem:
+                problems.append((name, problem))
     refuse_writes(problems)
     twin = _unload(twin, adapters)
     if tied and not _tied(twin):

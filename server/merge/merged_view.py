@@ -5,10 +5,10 @@ copy of every adapted weight at once: on the 1.07B model that is 1.8 GiB beside 
 unmerged boot peaked at 5.7 GiB, 2.8x the weights (issue 27 asks for 1.1x + 1.5 GB). Here each LoRA layer gets its
 merged weight only while its own forward runs:
 
-- a forward pre-hook forms W0 + delta in float32, rounds it once to W0's dtype (`merged_weight`, the arithmetic the
-  merged arm and the cache store use; in buffers reused from layer to layer, server.merge.scratch), checks it
-  element by element the first time (`write_problem`), puts it in the base layer's weight slot and turns the
-  layer's side path off, so PEFT's forward runs the base layer alone;
+- a forward pre-hook forms W0 + delta in float32 and rounds it once to W0's dtype (`merged_slots`, the arithmetic
+  the merged arm and its twin use; the weight in buffers reused from layer to layer, server.merge.scratch), checks
+  it element by element the first time, puts it in the base layer's slots and turns the layer's side path off, so
+  PEFT's forward runs the base layer alone;
 - a forward hook (always called, even on an exception) puts the served Parameter back and the side path on.
 
 The served weights are never written, and the same tensor objects come back, so the served arm is bit for bit what
@@ -22,13 +22,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, cast
 
-import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from server.errors import Refusal
-from server.merge.apply import check_mergeable, layer_delta, lora_layers, merged_weight, refuse_writes
-from server.merge.check import write_problem
+from server.merge.apply import check_mergeable, layer_delta, lora_layers, merged_slots, refuse_writes
 from server.merge.kinds import has_adapter
 from server.merge.scratch import Scratch
 
@@ -47,14 +45,11 @@ class _MergedUnit:
     def enter(self, module: nn.Module, args: Any) -> None:
         base = cast(nn.Module, self.layer.get_base_layer())
         delta = layer_delta(self.layer, self.adapters, scratch=self.scratch)
-        slots = {"weight": delta.weight} | ({"bias": delta.bias} if delta.bias is not None else {})
-        self.saved = {slot: base._parameters[slot] for slot in slots}
-        for slot, change in slots.items():
-            served = cast(torch.Tensor, self.saved[slot]).data
-            # Scratch for the weight only: every merged tensor must outlive the forward, and the bias is small.
-            merged = merged_weight(served, change, self.scratch if slot == "weight" else None)
-            if not self.checked and (problem := write_problem(served, merged, change)):
+        self.saved = {}
+        for slot, merged, problem in merged_slots(base, delta, self.scratch, check=not self.checked):
+            if problem:
                 self.problems.append((self.name, problem))
+            self.saved[slot] = base._parameters[slot]
             base._parameters[slot] = nn.Parameter(merged, requires_grad=False)
         self.checked = True
         self.side_off = self.layer._disable_adapters

@@ -22,7 +22,6 @@ from server.config.load import load_config
 from server.engine.engine import Engine
 from server.load.adapters import BootError
 from server.merge import apply as merge_module
-from server.merge import merged_view as view_module
 from server.merge.apply import (
     MergeError,
     check_clean,
@@ -168,7 +167,7 @@ def test_merged_view_refuses_a_weight_that_is_not_w0_plus_delta(
 ) -> None:
     peft_model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tiny_base), tiny_adapters["alpha"])
     monkeypatch.setattr(
-        view_module, "merged_weight", lambda w0, delta, scratch=None: (w0.float() + 2 * delta).to(w0.dtype)
+        merge_module, "merged_weight", lambda w0, delta, scratch=None: (w0.float() + 2 * delta).to(w0.dtype)
     )
     wrong = pytest.raises(MergeError, match="targeted weights are wrong after merging")
     with wrong, torch.no_grad(), merged_view(peft_model, ["default"]) as view:
