@@ -57,16 +57,17 @@ def _handler(repos: StubRepos) -> type[BaseHTTPRequestHandler]:
 
         def _route(self) -> None:
             path = unquote(urlparse(self.path).path)
-            api = re.match(r"^/api/models/([^/]+/[^/]+)/(revision|tree)/([^/]+)$", path)
+            # /api/models/{repo} is the default branch's info, as the Hub answers repo_info without a revision.
+            api = re.match(r"^/api/models/([^/]+/[^/]+)(?:/(revision|tree)/([^/]+))?$", path)
             blob = re.match(r"^/([^/]+/[^/]+)/resolve/([^/]+)/(.+)$", path)
             repo = (api or blob)[1] if (api or blob) else ""
             if repo not in repos.commits:
                 return self._send(401, headers={"X-Error-Code": "RepoNotFound"})
-            commit = repos.commit(repo, (api or blob)[3] if api else blob[2])  # type: ignore[index]
+            commit = repos.commit(repo, (api[3] or "main") if api else blob[2])  # type: ignore[index]
             if commit is None:
                 return self._send(404, headers={"X-Error-Code": "RevisionNotFound"})
             files = repos.commits[repo][commit]
-            if api and api[2] == "revision":
+            if api and api[2] != "tree":
                 info = {"id": repo, "sha": commit, "siblings": [{"rfilename": p} for p in sorted(files)]}
                 return self._send(200, json.dumps(info).encode(), {"Content-Type": "application/json"})
             if api:

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import constants, hf_hub_download, snapshot_download
+from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
 from huggingface_hub.errors import DryRunError
 from tqdm.auto import tqdm
 
@@ -60,8 +60,8 @@ class _Quiet(tqdm):
         super().__init__(*args, **kwargs)
 
 
-def _fetch_logged(repo: str, revision: str | None, patterns: list[str]) -> str | None:
-    """Download what is missing file by file, one log line each; the commit listed, or None if listing failed.
+def _fetch_logged(repo: str, revision: str, patterns: list[str]) -> None:
+    """Download what is missing file by file, one log line each.
 
     The listing is a dry run of the same snapshot_download (same patterns, same cache): whatever it cannot do, the
     real call that follows fails at with huggingface_hub's own error.
@@ -69,29 +69,32 @@ def _fetch_logged(repo: str, revision: str | None, patterns: list[str]) -> str |
     try:
         plan = snapshot_download(repo, revision=revision, allow_patterns=patterns, dry_run=True)
     except DryRunError:
-        return None
+        return
     todo = [f for f in plan if f.will_download]
     if todo:
         total = sum(f.file_size or 0 for f in todo)
         log.info("hub: %s: downloading %d files, %.1f MB", repo, len(todo), total / 1e6)
 
     def one(name: str, size: int | None) -> None:
-        hf_hub_download(repo, name, revision=plan[0].commit_hash, tqdm_class=_Quiet)
+        hf_hub_download(repo, name, revision=revision, tqdm_class=_Quiet)
         log.info("hub: %s: %s (%.1f MB)", repo, name, (size or 0) / 1e6)
 
     with ThreadPoolExecutor(_WORKERS) as pool:
         for done in [pool.submit(one, f.filename, f.file_size) for f in todo]:
             done.result()
-    return plan[0].commit_hash if plan else None
 
 
 def fetch(hub: HubId, patterns: list[str]) -> Path:
     """The snapshot folder of `hub` holding `patterns`, downloading what the cache lacks."""
     revision = hub.revision
     terminal = sys.stderr.isatty()
-    if not terminal and not constants.is_offline_mode():
-        # The commit listed, not the branch: a branch that moves meanwhile cannot mix two commits' files.
-        revision = _fetch_logged(hub.repo, hub.revision, patterns) or revision
+    if not constants.is_offline_mode():
+        # Resolved once: the listing and every file come from one commit even if the branch moves meanwhile, and
+        # the branch -> commit entry lands in the cache's refs/, which an offline boot (and `check`) reads later.
+        # huggingface_hub 2.5 writes no ref for downloads made by commit hash. A new HfApi reads HF_ENDPOINT now.
+        revision = HfApi().resolve_revision(hub.repo, revision=hub.revision)
+        if not terminal:
+            _fetch_logged(hub.repo, revision, patterns)
     folder = snapshot_download(
         hub.repo, revision=revision, allow_patterns=patterns, tqdm_class=None if terminal else _Quiet
     )

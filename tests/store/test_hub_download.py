@@ -67,6 +67,19 @@ def test_downloads_only_what_is_loaded_one_line_per_file(
     assert len(online.fetched) == before and again.info.adapters[0].sha == lora_sha
 
 
+def test_an_offline_boot_finds_the_branch_an_online_boot_fetched(
+    online: StubRepos, tiny_base: Path, tiny_adapters: dict[str, Path], write_config: Writer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """Files fetched by commit: the cache must still map the branch to that commit, or offline serve refuses."""
+    base_sha, lora_sha = _publish(online, tiny_base, tiny_adapters["alpha"])
+    config = load_config(write_config(hub_config(BASE, {"path": LORA})))
+    boot(config)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    offline = boot(config)
+    assert (offline.info.model_sha, offline.info.adapters[0].sha) == (base_sha, lora_sha)
+
+
 def test_pickles_only_with_allow_pickle_and_a_moved_branch_is_fetched_anew(
     online: StubRepos, tiny_base: Path, tiny_adapters: dict[str, Path], write_config: Writer
 ) -> None:
