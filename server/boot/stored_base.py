@@ -3,7 +3,9 @@
 A GGUF base (the demo's) is dequantized by transformers in Python, tensor by tensor: ~25 s for SmolLM2-135M on 2
 cores, at every boot that loads the base (unmerged and ab modes; merged mode reads its merged entry instead). The
 same weights as safetensors load in about a second. vLLM 0.32 cannot read a GGUF on the CPU at all, so its unmerged
-arm needs the copy too; both engines use the one entry (it is keyed by the base file's digest and the dtype).
+arm needs the copy too; both engines use the one entry. It is keyed by the base file's digest, the dtype and the
+versions of the libraries that make it (`library_versions`: transformers and gguf dequantize, tokenizers converts the
+tokenizer), so an upgrade makes a new copy instead of serving the old dequantizer's output.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 from server.boot.phases import PhaseTimer, log
 from server.config.schema import Config, ModelConfig
 from server.load.adapters import load_base
-from server.store.cache import FileHashes, MergeCache, tree_digests
+from server.store.cache import FileHashes, MergeCache, library_versions, tree_digests
 
 BASE_FORMAT = 1
 
@@ -30,6 +32,7 @@ def base_entry(config: Config, cache: MergeCache, timer: PhaseTimer, create: boo
         "format": BASE_FORMAT,
         "base": tree_digests(config.model.local, FileHashes(cache.root)),
         "dtype": config.model.dtype,
+        "libraries": library_versions(("transformers", "gguf", "tokenizers")),
     }
     key = "base-" + hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:26]
     with cache.lock(key):

@@ -10,13 +10,15 @@ Layout under the cache folder:
 The key covers the config's part, `Config.merge_identity()` (adapter weights and order, the dtype as resolved: `auto`
 is keyed as the dtype this machine picked, the combine method with its density and seed, the parity probes), with
 the sha256 of every base and adapter file in place of their paths, plus what lives here: the merge method,
-MERGE_FORMAT_VERSION and the transformers and PEFT versions (the GGUF dequantizer and PEFT's scaling rules live
-there). Keying on an adapter's name alone goes stale.
+MERGE_FORMAT_VERSION and the versions of the libraries that derive an entry's bytes (`DERIVING_LIBRARIES`: PEFT's
+scaling rules; transformers and gguf dequantize a GGUF base; tokenizers converts its tokenizer into the entry's
+tokenizer files). Keying on an adapter's name alone goes stale.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
 import shutil
@@ -25,9 +27,7 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
-import peft
 import torch
-import transformers
 from filelock import FileLock
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -47,6 +47,20 @@ MERGE_METHOD = "W0 + per-kind float32 delta (combine: see the key), rounded once
 MANIFEST = "mergeserve-manifest.json"
 PROBES = "mergeserve-probes.safetensors"
 SHARD_BYTES = 200 * 10**6
+# Libraries whose code decides the bytes of an entry (or of the dequantized base copy, server.boot.stored_base).
+DERIVING_LIBRARIES = ("transformers", "peft", "gguf", "tokenizers")
+
+
+def library_versions(names: tuple[str, ...] = DERIVING_LIBRARIES) -> dict[str, str | None]:
+    """Installed version of each library (None when absent: a GGUF base cannot be read then, so nothing is keyed
+    by a missing gguf), read from the package metadata as pip and the lock file record it."""
+    versions: dict[str, str | None] = {}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
 
 
 def _stamp(st: os.stat_result) -> list[int]:
@@ -114,8 +128,7 @@ class MergeCache:
             "format": MERGE_FORMAT_VERSION,
             "method": MERGE_METHOD,
             **config.merge_identity(lambda path: tree_digests(path, hashes)),
-            "transformers": transformers.__version__,
-            "peft": peft.__version__,
+            **library_versions(),
         }
         hashes.save()
         return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:32], inputs

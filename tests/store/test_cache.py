@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
 import json
 import os
 import threading
@@ -373,3 +375,18 @@ def test_merge_identity_holds_what_the_merge_depends_on_and_nothing_else(
     auto = load_config(write_config({**tiny_config_data, "model": {**tiny_config_data["model"], "dtype": "auto"}}))
     with pytest.raises(ValueError, match=r"resolve model\.dtype auto"):
         auto.merge_identity()
+
+
+@pytest.mark.parametrize("library", ["transformers", "peft", "gguf", "tokenizers"])
+def test_the_merge_key_holds_the_versions_of_the_libraries_that_derive_an_entry(
+    library: str, write_config: Writer, tiny_config_data: dict[str, Any], merge_cache: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """gguf dequantizes a GGUF base and tokenizers converts its tokenizer, both written into the entry."""
+    config = load_config(write_config(tiny_config_data))
+    key, _ = MergeCache(merge_cache).key(config)
+    real = importlib.metadata.version
+    other = real(library) + ".other"
+    monkeypatch.setattr(importlib.import_module(library), "__version__", other, raising=False)
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: other if name == library else real(name))
+    assert MergeCache(merge_cache).key(config)[0] != key

@@ -4,6 +4,8 @@ tests/e2e (test_e2e_demo: stored once, then read; test_e2e_reference: the ab arm
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +14,7 @@ from typing import Any
 import pytest
 
 from server.boot.phases import PhaseTimer
-from server.boot.stored_base import torch_base, vllm_base
+from server.boot.stored_base import base_entry, torch_base, vllm_base
 from server.config.load import load_config
 from server.store.cache import MergeCache
 
@@ -52,3 +54,21 @@ def test_an_unusable_cache_folder_costs_the_copy_not_the_boot(
     with caplog.at_level(logging.WARNING):
         assert torch_base(config, config.model, PhaseTimer(None)) == (config.model, None)
     assert "cannot keep the dequantized base there" in caplog.text
+
+
+@pytest.mark.parametrize("library", ["transformers", "gguf", "tokenizers"])
+def test_the_stored_base_copy_is_keyed_by_the_libraries_that_derive_it(
+    library: str, write_config: Writer, tiny_config_data: dict[str, Any], merge_cache: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """transformers and gguf dequantize a GGUF base and tokenizers converts its tokenizer: a copy made by other
+    versions of them is not this machine's copy, and must be made again rather than read."""
+    config = load_config(write_config(tiny_config_data | {"mode": "unmerged"}))
+    cache = MergeCache(merge_cache)
+    stored = base_entry(config, cache, PhaseTimer(None))
+    assert stored is not None and base_entry(config, cache, PhaseTimer(None), create=False) == stored
+    real = importlib.metadata.version
+    other = real(library) + ".other"
+    monkeypatch.setattr(importlib.import_module(library), "__version__", other, raising=False)
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: other if name == library else real(name))
+    assert base_entry(config, cache, PhaseTimer(None), create=False) is None
