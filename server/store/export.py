@@ -235,6 +235,35 @@ def _plan(config: Config, source: TensorSource, out_dtype: torch.dtype) -> _Plan
     )
 
 
+def _staging(out: Path) -> Path:
+    """A fresh folder to write the export into before it appears at `out`. Beside `out` when `out` does not exist (one
+    rename then publishes it). Inside `out` when it is an (empty) folder, which may be a mount point: a rename from
+    the parent's filesystem onto it fails with EXDEV and removing it with EBUSY, while renames within it always work.
+    """
+    partial = (out if out.is_dir() else out.parent) / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    return partial
+
+
+def _publish(partial: Path, out: Path) -> None:
+    """Move the complete export from `partial` to `out`, the record last, so a folder holding mergeserve.json holds
+    everything. A failure here keeps the finished export where it is and says so: it took the whole merge to make."""
+    try:
+        if partial.parent != out:
+            os.rename(partial, out)
+            return
+        names = sorted(p.name for p in partial.iterdir())
+        for name in sorted(names, key=lambda n: n == EXPORT_RECORD):
+            os.rename(partial / name, out / name)
+        partial.rmdir()
+    except OSError as exc:
+        raise BootError(
+            f"the export is complete in '{partial}' but could not be moved to '{out}' ({exc})",
+            f"move the files of '{partial}' to '{out}'",
+        ) from None
+
+
 def export_merged(
     config: Config, out: Path, dtype: str | None = None, max_shard_bytes: int = 200 * 10**6
 ) -> ExportResult:
@@ -251,9 +280,7 @@ def export_merged(
         raise BootError(exc.problem, exc.fix, f"base model '{config.model.local}'") from None
     out_dtype = resolve_dtype(dtype or config.model.dtype, source.config, source.specs())
     plan = _plan(config, source, out_dtype)
-    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
+    partial = _staging(out)
     try:
         # The small files first: building a tokenizer from a GGUF takes memory that is freed before the weights start.
         files = write_model_files(partial, config.model, source.config, out_dtype, plan.tie)
@@ -261,12 +288,10 @@ def export_merged(
         with ShardProgress(sum(s.nbytes for s in plan.specs)) as progress:
             files += write_sharded(partial, plan.specs, plan.produce, max_shard_bytes, progress)
         files.append(write_record(partial, config, out_dtype))
-        if out.exists():
-            out.rmdir()
-        os.rename(partial, out)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+    _publish(partial, out)
     peak_kb = status_kib("VmHWM")
     above = None if peak_kb is None or baseline_kb is None else (peak_kb - baseline_kb) * 1024
     return ExportResult(
