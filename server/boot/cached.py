@@ -23,6 +23,7 @@ import time
 from typing import Any
 
 import torch
+from filelock import FileLock
 from peft import PeftConfig
 
 from server import __version__
@@ -119,28 +120,44 @@ def store_entry(cache: MergeCache, key: str, config: Config, built: BuiltArms, i
                 entry = cache.store(key, config, built.arms["merged"], built.tokenizer, probes, record)
                 cache_log.info("merge cache: stored %s (%s)", key, entry)
         except OSError as exc:  # a full or read-only disk costs the next boot a merge, not this one its model
-            cache_log.warning("merge cache: could not store %s (%s)", key, exc)
-            report["problem"] = f"store failed: {exc}"
+            cache_log.warning("merge cache: could not store %s (%s); serving without the cache", key, exc)
+            report.update(status="unavailable", problem=f"store failed: {exc}")
+
+
+def open_cache(config: Config, report: dict[str, Any]) -> tuple[MergeCache, str, dict[str, Any], FileLock] | None:
+    """(cache, key, key inputs, the key's lock, held), after sweeping what dead boots left; None when the folder
+    cannot be used (read-only, full, not a folder), which is logged and put in `report` as status unavailable."""
+    root = config.cache.resolved_dir()
+    try:
+        cache = MergeCache(root)
+        swept = cache.sweep()
+        if swept:
+            cache_log.info("merge cache: deleted %d folder(s) left by boots that died: %s", len(swept), swept[:3])
+        key, inputs = cache.key(config)
+        lock = cache.lock(key)
+        lock.acquire()  # held until the entry is served or stored: a second replica waits here, then hits
+    except OSError as exc:
+        cache_log.warning("merge cache: cannot use %s (%s); merging without it", root, exc)
+        report.update(status="unavailable", hit=False, problem=str(exc))
+        return None
+    return cache, key, inputs, lock
 
 
 def boot_merged_with_cache(config: Config, timer: PhaseTimer) -> Engine:
     config, dtype_reason = resolved_dtype(config)
-    root = config.cache.resolved_dir()
-    report: dict[str, Any] = {"enabled": True, "dir": str(root), "corrupt_entries": 0, "problem": None}
-    try:
-        cache = MergeCache(root)
-    except OSError as exc:
-        cache_log.warning("merge cache: cannot use %s (%s); merging without it", root, exc)
+    report: dict[str, Any] = {
+        "enabled": True, "dir": str(config.cache.resolved_dir()), "corrupt_entries": 0, "problem": None
+    }  # fmt: skip
+    with timer.phase("cache_lookup"):
+        opened = open_cache(config, report)
+        if opened is not None:
+            cache, key, inputs, lock = opened
+            manifest, problem = cache.check(key)
+    if opened is None:
         built = build_arms(config, timer)
-        report.update(status="unavailable", hit=False, problem=str(exc))
         return finish_boot(
             config, timer, built.arms, built.tokenizer, built.adapter_infos, built.parity, report, dtype_reason
         )
-    with timer.phase("cache_lookup"):
-        key, inputs = cache.key(config)
-        lock = cache.lock(key)
-        lock.acquire()  # held until the entry is served or stored: a second replica waits here, then hits
-        manifest, problem = cache.check(key)
     report["key"] = key
     try:
         if manifest is not None:

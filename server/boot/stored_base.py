@@ -71,6 +71,7 @@ def torch_base(config: Config, model: ModelConfig, timer: PhaseTimer) -> tuple[M
         return model, None
     try:
         cache = MergeCache(config.cache.resolved_dir())
+        cache.sweep()  # a killed base_store leaves a tmp-base-* folder of the base's size
         entry = base_entry(config.model_copy(update={"model": model}), cache, timer, create=config.mode != "merged")
     except OSError as exc:
         log.warning("merge cache: cannot keep the dequantized base there (%s); reading the GGUF", exc)

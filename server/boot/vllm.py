@@ -160,6 +160,7 @@ def boot_vllm(config: Config, timer: PhaseTimer) -> Engine:
     refuse_for_vllm(config)  # before any weight loads: kinds vLLM cannot apply unmerged
     config, reason = resolved_dtype(config)
     cache = MergeCache(config.cache.resolved_dir())
+    cache.sweep()  # what a killed boot left: up to a model's size per folder
     # The unmerged arm's base first: a merge cache miss then reads that copy, not the GGUF a second time (~25 s).
     base_dir = vllm_base(config, cache, timer) if config.mode != "merged" else None
     ckpt = _merged_entry(config, timer, cache)

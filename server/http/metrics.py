@@ -66,6 +66,8 @@ SPECS = (
     Spec(Gauge, "parity_top1_agreement", "The merged model's argmax agreement at boot with the parity reference.",
          ("mode",)),
     Spec(Gauge, "merge_cache_hit", "1 if the merged model came from the merge cache, 0 if merged at boot.", ()),
+    Spec(Gauge, "merge_cache_available", "1 if the merge cache could be used (read and written) at boot, 0 if the "
+         "boot served without it (read-only or full folder: see /info cache.problem).", ()),
     Spec(Counter, "merge_cache_corrupt_entries", "Damaged merge cache entries found, discarded and rebuilt.", ()),
     Spec(Gauge, "parity_float32_max_abs_logit_diff",
          "Max abs logit diff at boot against the unmerged model run in float32, per arm: the serving dtype's cost.",
@@ -105,6 +107,7 @@ class Metrics:
     parity_max_abs_logit_diff: Gauge
     parity_top1_agreement: Gauge
     merge_cache_hit: Gauge
+    merge_cache_available: Gauge
     merge_cache_corrupt_entries: Counter
     parity_float32_max_abs_logit_diff: Gauge
     parity_float32_rms_logit_diff: Gauge
@@ -154,6 +157,7 @@ class Metrics:
             self.prefix_cache_bytes.labels(mode=arm).set(prefix["bytes_per_arm"])
         if info.cache.get("enabled"):
             self.merge_cache_hit.set(1 if info.cache.get("hit") else 0)
+            self.merge_cache_available.set(0 if info.cache.get("status") == "unavailable" else 1)
             self.merge_cache_corrupt_entries.inc(info.cache.get("corrupt_entries", 0))
         self.model.info(
             {

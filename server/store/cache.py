@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedTokenizerBase
@@ -130,8 +130,29 @@ class MergeCache:
             **config.merge_identity(lambda path: tree_digests(path, hashes)),
             **library_versions(),
         }
-        hashes.save()
+        with suppress(OSError):
+            hashes.save()  # only saves hashing next time: a full or read-only cache still has a key
         return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:32], inputs
+
+    def sweep(self) -> list[str]:
+        """Delete what boots that died left behind: tmp-*/trash-* folders (a model's size each) and file-hashes
+        temporaries; the names deleted. A folder's writer holds its key's lock for as long as the folder exists
+        (`store` and `discard` run under it; the index's under its own lock), and the lock goes with the process that
+        held it, on another host of a shared volume too: a folder whose lock is free now is left over. No age guess,
+        which would either delete a slow replica's half-written 15 GB entry or keep a dead one's for hours."""
+        swept: list[str] = []
+        for path in sorted(self.root.iterdir()):
+            kind, _, rest = path.name.partition("-")
+            if kind in ("tmp", "trash") and path.is_dir():
+                lock = self.lock(rest.rsplit("-", 2)[0])  # tmp-<key>-<pid>-<hex>; a base copy's key has a '-'
+            elif path.name.startswith("file-hashes.") and path.suffix == ".tmp":
+                lock = FileHashes(self.root).lock
+            else:
+                continue
+            with suppress(Timeout, OSError), lock.acquire(timeout=0):
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+                swept.append(path.name)
+        return swept
 
     def lock(self, key: str) -> FileLock:
         return FileLock(str(self.root / "locks" / f"{key}.lock"))
