@@ -134,8 +134,7 @@ def open_cache(config: Config, report: dict[str, Any]) -> tuple[MergeCache, str,
         if swept:
             cache_log.info("merge cache: deleted %d folder(s) left by boots that died: %s", len(swept), swept[:3])
         key, inputs = cache.key(config)
-        lock = cache.lock(key)
-        lock.acquire()  # held until the entry is served or stored: a second replica waits here, then hits
+        lock = cache.hold(key)  # held until the entry is served or stored: a second replica waits here, then hits
     except OSError as exc:
         cache_log.warning("merge cache: cannot use %s (%s); merging without it", root, exc)
         report.update(status="unavailable", hit=False, problem=str(exc))

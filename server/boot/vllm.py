@@ -54,8 +54,7 @@ class Checkpoints:
 def _merged_entry(config: Config, timer: PhaseTimer, cache: MergeCache) -> Checkpoints:
     with timer.phase("cache_lookup"):
         key, inputs = cache.key(config)
-        lock = cache.lock(key)
-        lock.acquire()
+        lock = cache.hold(key)
         manifest, problem = cache.check(key)
     report: dict[str, Any] = {"enabled": True, "dir": str(cache.root), "key": key, "problem": problem}
     try:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -47,6 +48,7 @@ MERGE_METHOD = "W0 + per-kind float32 delta (combine: see the key), rounded once
 MANIFEST = "mergeserve-manifest.json"
 PROBES = "mergeserve-probes.safetensors"
 SHARD_BYTES = 200 * 10**6
+log = logging.getLogger("mergeserve.cache")
 # Libraries whose code decides the bytes of an entry (or of the dequantized base copy, server.boot.stored_base).
 DERIVING_LIBRARIES = ("transformers", "peft", "gguf", "tokenizers")
 
@@ -156,6 +158,17 @@ class MergeCache:
 
     def lock(self, key: str) -> FileLock:
         return FileLock(str(self.root / "locks" / f"{key}.lock"))
+
+    def hold(self, key: str) -> FileLock:
+        """The key's lock, acquired. Waiting for it is logged: a replica booting behind another's merge waits for
+        that whole merge and store (minutes for a 7B model) and would otherwise look hung."""
+        lock = self.lock(key)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            log.info("merge cache: waiting for another boot (a replica on this cache) to finish with %s", key)
+            lock.acquire()
+        return lock
 
     def entry(self, key: str) -> Path:
         return self.root / "entries" / key
