@@ -240,10 +240,17 @@ def _staging(out: Path) -> Path:
     rename then publishes it). Inside `out` when it is an (empty) folder, which may be a mount point: a rename from
     the parent's filesystem onto it fails with EXDEV and removing it with EBUSY, while renames within it always work.
     """
+    if out.is_dir():
+        for left in [p for p in out.iterdir() if _is_staging(p, out)]:  # a killed export's, else --out was refused
+            shutil.rmtree(left, ignore_errors=True)
     partial = (out if out.is_dir() else out.parent) / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     return partial
+
+
+def _is_staging(path: Path, out: Path) -> bool:
+    return path.name.startswith(f".{out.name}.partial-") and path.is_dir()
 
 
 def _publish(partial: Path, out: Path) -> None:
@@ -268,7 +275,7 @@ def export_merged(
     config: Config, out: Path, dtype: str | None = None, max_shard_bytes: int = 200 * 10**6
 ) -> ExportResult:
     """Stream the merged model into `out` (which must not exist or be empty); raises BootError as boot does."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and (not out.is_dir() or any(not _is_staging(p, out) for p in out.iterdir())):
         raise BootError(f"--out '{out}' exists and is not an empty folder", "give a new folder")
     start = time.perf_counter()
     config = resolve_hub(config)  # Hub ids to snapshot folders; a config without one comes back as it is

@@ -53,7 +53,9 @@ def test_an_export_into_an_empty_mount_point_lands_there(
     plain = tmp_path / "plain"
     export_merged(config, plain, max_shard_bytes=100_000)
     out = tmp_path / "volume"
-    out.mkdir()
+    killed = out / ".volume.partial-999999"  # what an export killed while writing into it leaves
+    killed.mkdir(parents=True)
+    (killed / "model-00001-of-00002.safetensors").write_bytes(b"half written")
     before = set(tmp_path.iterdir())
     _mount_point(out, monkeypatch)
     result = export_merged(config, out, max_shard_bytes=100_000)
