@@ -144,9 +144,8 @@ def open_cache(config: Config, report: dict[str, Any]) -> tuple[MergeCache, str,
 
 def boot_merged_with_cache(config: Config, timer: PhaseTimer) -> Engine:
     config, dtype_reason = resolved_dtype(config)
-    report: dict[str, Any] = {
-        "enabled": True, "dir": str(config.cache.resolved_dir()), "corrupt_entries": 0, "problem": None
-    }  # fmt: skip
+    root = config.cache.resolved_dir()
+    report: dict[str, Any] = {"enabled": True, "dir": str(root), "corrupt_entries": 0, "problem": None}
     with timer.phase("cache_lookup"):
         opened = open_cache(config, report)
         if opened is not None:
