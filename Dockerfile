@@ -24,12 +24,14 @@
 # are not built here either (3.4 GB, too slow on the 2-core build machine). The CPU torch image is the one built and
 # tested (tests/deploy/test_image.py). vLLM shares tensors between its processes through /dev/shm: run it with
 # `--shm-size 2g` (or `--ipc=host`); Docker's default 64 MB is too small for tensor parallelism.
+#
 # Three stages. `deps`: the venv (torch, the dependencies, the engine extra). `kernels`: g++ on top of it compiles
 # the torch engine's fused decode kernels (server/engine/slab_ops.py) for the build machine's CPU into
-# /opt/mergeserve/kernels, with the sha256 of the library recorded. The final stage copies the venv and that folder
-# (owned by root, read-only to the server's user) and has no compiler: nothing the server loads can come from a
-# folder it or anyone else can write at run time. On a CPU without the build machine's features the kernels' record
-# does not match and the engine decodes eagerly, with a warning (rebuild the image on that machine to have them).
+# /opt/mergeserve/kernels, with the sha256 of the library recorded. The final stage is `deps` with that folder
+# (owned by root, read-only to the server's user) and the code, and has no compiler (the base images named here
+# have none): nothing the server loads can come from a folder it or anyone else can write at run time. On a CPU
+# without the build machine's features the kernels' record does not match and the engine decodes eagerly, with a
+# warning (build the image on a machine like the one that serves to have them).
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE} AS deps
 
@@ -86,27 +88,19 @@ RUN if ! command -v g++ >/dev/null; then \
 COPY server ./server
 RUN python -m server.engine.slab_ops /opt/mergeserve/kernels
 
-FROM ${BASE_IMAGE}
-# pip installs the project itself here (its build backend comes from the index): the same find-links and CA.
+# The image that runs: the venv's stage (no compiler in it), the kernels, the code. pip installs the project here
+# (its build backend comes from the index): the same find-links and CA as above.
+FROM deps
 ARG PIP_FIND_LINKS=
 ARG PIP_CERT=
-ENV PYTHONDONTWRITEBYTECODE=1 \
-    VIRTUAL_ENV=/opt/venv \
-    PATH=/opt/venv/bin:$PATH \
-    PYTHONUNBUFFERED=1 \
-    PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+ENV PYTHONUNBUFFERED=1 \
     HF_HUB_OFFLINE=1 \
     MERGESERVE_CONFIG=/app/configs/demo.yaml \
     MERGESERVE_PORT=8080 \
     MERGESERVE_LOG_LEVEL=info \
     MERGESERVE_CACHE_DIR=/cache \
     MERGESERVE_KERNEL_DIR=/opt/mergeserve/kernels
-WORKDIR /app
-# The venv without the code: this layer stays cached while server/ changes.
-COPY --from=deps /opt/venv /opt/venv
 COPY --from=kernels /opt/mergeserve/kernels /opt/mergeserve/kernels
-COPY pyproject.toml README.md ./
 COPY server ./server
 COPY configs ./configs
 RUN pip install --no-cache-dir --no-deps . \
