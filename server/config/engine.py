@@ -84,7 +84,8 @@ class EngineConfig(BaseModel):
     fused_kernels: Literal["auto", "on", "off"] | None = Field(
         default=None,
         description="torch engine: run decode steps through fused C++ kernels, and bf16/fp16 linear layers through "
-        "its AVX2 kernel where oneDNN has no native one (CPU; built with g++ on first boot and cached); null/auto: "
+        "its AVX2 kernel where oneDNN has no native one (CPU; built with the image, else with g++ on first boot and "
+        "cached); null/auto: "
         "where they build, else eager with a warning; on: refuse to boot without them; off: neither.",
     )
     prefix_cache_tokens: int | None = Field(

@@ -1,27 +1,46 @@
 """The fused decode kernels (csrc/slab_ops.cpp) and the half-precision linear layer (csrc/half_linear.cpp, used by
-server.engine.half_linear): one library, compiled for this CPU on first use, then loaded from a cache.
+server.engine.half_linear): one library, compiled with `-march=native` for the CPU that serves.
 
-They are C++ compiled by torch's extension builder (g++ and ninja), with `-march=native` for the machine that serves,
-so the build is keyed by the source, torch's version and this CPU's feature flags, and kept under
-`$MERGESERVE_KERNEL_CACHE` (default `~/.cache/mergeserve/kernels`): the first boot on a machine compiles for ~30 s on
-2 cores, later boots load in well under a second. `engine.fused_kernels: auto` falls back to the eager decode (with
-a warning) where they cannot be built, e.g. a container without a compiler; `on` refuses to boot there instead.
+Where it comes from, in order:
+1. `$MERGESERVE_KERNEL_DIR`, a read-only folder built ahead of time (the image builds it at /opt/mergeserve/kernels,
+   owned by root: `python -m server.engine.slab_ops DIR`), used when its record names this source, torch, C++ ABI,
+   CPU and flags. The image's run stage has no compiler, so on another CPU it decodes eagerly.
+2. `$MERGESERVE_KERNEL_CACHE` (default `~/.cache/mergeserve/kernels`), where torch's extension builder (g++ and
+   ninja) compiles it on first use (~30 s on 2 cores; later boots load in well under a second), in a folder keyed by
+   all of the above and the compiler: two compilers sharing a cache each get their own build.
+Both are loaded only through server.engine.kernel_store's checks (a folder no other user can write, the sha256
+recorded at build). A cached library that fails to load (a libstdc++ older than the compiler's, a damaged file) is
+rebuilt. `engine.fused_kernels: auto` falls back to the eager decode (with a warning) where the kernels cannot be
+had, e.g. a container without a compiler on a CPU the image was not built on; `on` refuses to boot there instead.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import platform
-import time
+import shutil
+import subprocess
+import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
+from server.engine.kernel_store import (
+    KernelError,
+    build_lock,
+    read_manifest,
+    require_trusted,
+    verified_library,
+    write_manifest,
+)
 from server.load.adapters import BootError
 
 log = logging.getLogger("mergeserve.kernels")
@@ -30,11 +49,11 @@ FusedSetting = Literal["auto", "on", "off"]
 # The decode kernels, and the half-precision linear layer (server.engine.half_linear): one library, one build.
 SOURCES = [Path(__file__).with_name("csrc") / name for name in ("slab_ops.cpp", "half_linear.cpp")]
 _NAME = "mergeserve_slab_ops"
-_FINISHED = "finished"  # the library's size in bytes, written once the builder has returned
 # -fopenmp: at::parallel_for's OpenMP pragma, else it runs serially. -fno-trapping-math lets GCC vectorize the exp
 # loops (it changes no rounding: only the assumption that a float op may trap, which nothing here catches).
 _FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp"]
-_STALE_LOCK_SECONDS = 600
+_INSTALL_GXX = "install g++ (Debian: apt-get install g++), or set engine.fused_kernels: auto or off"
+_BUILD_WAIT_SECONDS = 600  # another live process's build: ~30 s here, so this is one that is stuck
 
 
 def _cpu_flags() -> str:
@@ -45,13 +64,42 @@ def _cpu_flags() -> str:
     return next((line for line in text.splitlines() if line.startswith(("flags", "Features"))), platform.processor())
 
 
+def compiler() -> str | None:
+    """The C++ compiler torch's builder would run ($CXX, else c++): its real path and `--version` line, or None
+    where there is none. A library built by a newer g++ needs that g++'s libstdc++ symbols (GLIBCXX_*)."""
+    found = shutil.which(os.environ.get("CXX", "c++"))
+    if found is None:
+        return None
+    try:
+        done = subprocess.run([found, "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    first = (done.stdout.splitlines() or [""])[0]
+    return f"{os.path.realpath(found)}: {first}" if done.returncode == 0 else None
+
+
+def identity(cxx: str | None) -> dict[str, Any]:
+    """What a built library depends on. The C++ ABI: torch built with the old or new libstdc++ string ABI, and its
+    pybind11 ABI tag, must be the extension's, or symbols fail to resolve at load."""
+    sources = hashlib.sha256(b"\0".join(source.read_bytes() for source in SOURCES)).hexdigest()
+    cxx11 = torch.compiled_with_cxx11_abi()
+    pybind = getattr(torch._C, "_PYBIND11_BUILD_ABI", None)
+    return {"sources": sources, "torch": torch.__version__, "cxx_abi": f"cxx11={cxx11} pybind11={pybind}",
+            "cpu": hashlib.sha256(_cpu_flags().encode()).hexdigest(), "flags": _FLAGS, "compiler": cxx}  # fmt: skip
+
+
+def _key(ident: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("MERGESERVE_KERNEL_CACHE") or Path.home() / ".cache" / "mergeserve" / "kernels")
+
+
 def build_dir() -> Path:
-    """Where this source, for this torch and CPU, is built: a different CPU sharing the home directory gets its own."""
-    texts = [source.read_text() for source in SOURCES]
-    key = hashlib.sha256(b"\0".join(s.encode() for s in (*texts, torch.__version__, _cpu_flags(),
-                                                           " ".join(_FLAGS)))).hexdigest()[:16]  # fmt: skip
-    root = os.environ.get("MERGESERVE_KERNEL_CACHE") or Path.home() / ".cache" / "mergeserve" / "kernels"
-    return Path(root) / key
+    """Where this source is built for this torch, ABI, CPU and compiler: another CPU or compiler sharing the cache
+    gets its own folder."""
+    return cache_root() / _key(identity(compiler()))
 
 
 @contextlib.contextmanager
@@ -68,54 +116,84 @@ def _ninja_on_path() -> Iterator[None]:
         os.environ["PATH"] = saved
 
 
-def _drop_stale_lock(lock: Path) -> None:
-    """torch's builder holds `lock` while it compiles and waits, without end, for another process's to go. A process
-    killed mid-build (a container stopped during its first boot) leaves it behind on the cache volume, and every
-    later boot would hang: one older than any build takes (~30 s here) is removed."""
-    with contextlib.suppress(FileNotFoundError):
-        age = time.time() - lock.stat().st_mtime
-        if age > _STALE_LOCK_SECONDS:
-            log.warning("removing a kernel build lock left %.0f s ago by a process that died: %s", age, lock)
-            lock.unlink()
+def _compile(folder: Path) -> Path:
+    """Compile (and load) the library in `folder` with torch's builder; its path."""
+    from torch.utils import cpp_extension  # imports setuptools: only when building
+
+    with _ninja_on_path():
+        built = cpp_extension.load(name=_NAME, sources=[str(s) for s in SOURCES], extra_cflags=_FLAGS,
+                                   extra_ldflags=["-fopenmp"], build_directory=str(folder),
+                                   is_python_module=False)  # fmt: skip
+    return Path(str(built))
 
 
-def _library(folder: Path) -> Path:
-    """The shared library torch's builder links in `folder` (named after the extension)."""
-    return folder / f"{_NAME}.so"
-
-
-def _load_finished_build(folder: Path) -> bool:
-    """Load the library an earlier boot built here, without the builder. The builder would rebuild it for another
-    install of the same source and torch (its ninja file names the source's and torch's paths): a checkout and a venv
-    sharing the cache would each recompile, ~25 s, every time the other had booted. Only a library whose build
-    finished counts (its size is recorded after the builder returns): dlopen of one cut short mid-link is a SIGBUS,
-    not an error, so a build killed part-way is left to the builder, which redoes it."""
-    library, record = _library(folder), folder / _FINISHED
-    try:
-        finished = int(record.read_text()) == library.stat().st_size
-    except (OSError, ValueError):
+def _load_prebuilt(folder: Path, ident: dict[str, Any]) -> bool:
+    """Load the ahead-of-time build in `folder` if it was made for this process (whatever compiler made it)."""
+    record = read_manifest(folder)
+    if record is None:
+        log.warning("no kernel build recorded in MERGESERVE_KERNEL_DIR %s", folder)
         return False
-    if finished:
+    mine = {k: v for k, v in ident.items() if k != "compiler"}
+    if {k: v for k, v in record.get("identity", {}).items() if k != "compiler"} != mine:
+        log.info("the kernels in %s were built for another source, torch or CPU: not used", folder)
+        return False
+    library = verified_library(folder, record)
+    try:
         torch.ops.load_library(str(library))
-    return finished
+    except OSError as exc:
+        log.warning("the kernels in %s fail to load: %s", folder, str(exc)[:300])
+        return False
+    log.info("fused kernels loaded from %s (built ahead of time)", library)
+    return True
+
+
+def _load_cached(folder: Path) -> bool:
+    """Load an earlier boot's build in `folder`; False (with the folder emptied for a rebuild) where there is none
+    that verifies and loads."""
+    record = read_manifest(folder)
+    if record is None:
+        return False
+    try:
+        library = verified_library(folder, record)
+        torch.ops.load_library(str(library))
+    except (KernelError, OSError) as exc:
+        log.warning("cached kernel build in %s is unusable, rebuilding: %s", folder, str(exc)[:300])
+        shutil.rmtree(folder)  # the builder would relink nothing if the objects and library looked up to date
+        folder.mkdir(mode=0o700)
+        return False
+    log.info("fused kernels loaded from %s", library)
+    return True
+
+
+def _build_in_cache(ident: dict[str, Any]) -> None:
+    root = cache_root()
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    require_trusted(root)
+    folder = root / _key(ident)
+    with build_lock(root / f"{folder.name}.lock", _BUILD_WAIT_SECONDS):
+        folder.mkdir(mode=0o700, exist_ok=True)
+        require_trusted(folder)
+        if _load_cached(folder):
+            return
+        # We hold the build lock, so a torch lock file here is a dead build's, on which torch's builder would wait
+        # forever; the old record goes too, as a library being relinked passes through every size.
+        (folder / "lock").unlink(missing_ok=True)
+        (folder / "build.json").unlink(missing_ok=True)
+        write_manifest(folder, _compile(folder), ident)
 
 
 def _build() -> Any:
     if hasattr(torch.ops.mergeserve, "slab_attend"):  # loaded by an earlier boot in this process (tests, tools):
         return torch.ops.mergeserve  # a second load would register the op namespace twice, which aborts
-    folder = build_dir()
-    if _load_finished_build(folder):
+    cxx = compiler()
+    ident = identity(cxx)
+    prebuilt = os.environ.get("MERGESERVE_KERNEL_DIR")
+    if prebuilt and _load_prebuilt(Path(prebuilt), ident):
         return torch.ops.mergeserve
-    from torch.utils import cpp_extension  # imports setuptools: only when building
-
-    folder.mkdir(parents=True, exist_ok=True)
-    _drop_stale_lock(folder / "lock")
-    # The old record goes first: a library being relinked passes through every size, the recorded one included.
-    (folder / _FINISHED).unlink(missing_ok=True)
-    with _ninja_on_path():
-        cpp_extension.load(name=_NAME, sources=[str(source) for source in SOURCES], extra_cflags=_FLAGS,
-                           extra_ldflags=["-fopenmp"], build_directory=str(folder), is_python_module=False)  # fmt: skip
-    (folder / _FINISHED).write_text(str(_library(folder).stat().st_size))
+    if cxx is None:
+        raise KernelError(f"no C++ compiler ({os.environ.get('CXX', 'c++')}) to build the kernels for this machine",
+                          _INSTALL_GXX)  # fmt: skip
+    _build_in_cache(ident)
     return torch.ops.mergeserve
 
 
@@ -131,10 +209,40 @@ def load_slab_ops(setting: FusedSetting, device: torch.device) -> Any | None:
         return None
     try:
         return _build()
-    except Exception as exc:  # a missing compiler or ninja, a compile error: all mean "not here"
+    except Exception as exc:  # a missing compiler or ninja, a compile error, a folder others can write: "not here"
+        why = str(exc).splitlines()[0][:300]
         if setting == "on":
-            raise BootError(f"engine.fused_kernels: on, but building them failed: {str(exc).splitlines()[0][:300]}",
-                            "install g++ (Debian: apt-get install g++), or set engine.fused_kernels: auto or off",
-                            "engine.fused_kernels") from exc  # fmt: skip
-        log.warning("fused decode kernels unavailable, decoding eagerly: %s", str(exc).splitlines()[0][:300])
+            fix = exc.fix if isinstance(exc, KernelError) else _INSTALL_GXX
+            raise BootError(
+                f"engine.fused_kernels: on, but the kernels cannot be had: {why}", fix, "engine.fused_kernels"
+            ) from exc
+        log.warning("fused decode kernels unavailable, decoding eagerly: %s", why)
         return None
+
+
+def prebuild(out: Path) -> Path:
+    """Compile the kernels into `out` ahead of time (an image build, as root): the library and its record only, made
+    read-only for everyone else; the objects and ninja files stay in a scratch folder."""
+    cxx = compiler()
+    if cxx is None:
+        raise SystemExit("slab_ops: no C++ compiler; fix: install g++ (Debian: apt-get install g++) or set CXX")
+    out.mkdir(mode=0o755, parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="mergeserve-kernels-") as scratch:
+        library = out / f"{_NAME}.so"
+        shutil.copyfile(_compile(Path(scratch)), library)
+    library.chmod(0o644)
+    write_manifest(out, library, identity(cxx))
+    return library
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Build the fused kernels ahead of time into a read-only folder "
+                                     "that MERGESERVE_KERNEL_DIR then names.")  # fmt: skip
+    parser.add_argument("out", type=Path, help="the folder (created), e.g. /opt/mergeserve/kernels")
+    args = parser.parse_args(argv)
+    print(f"slab_ops: built {prebuild(args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -171,50 +171,18 @@ try:
 except BootError as exc:
     print("refused", exc)
 """
-    env = {**os.environ, "MERGESERVE_KERNEL_CACHE": str(cache), "CXX": str(cache / "no-such-compiler")}
+    env = {k: v for k, v in os.environ.items() if k != "MERGESERVE_KERNEL_DIR"}  # nothing built ahead of time
+    env.update(MERGESERVE_KERNEL_CACHE=str(cache), CXX=str(cache / "no-such-compiler"))
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
 
 
-def _place_build(cache: Path, library: bytes, recorded_size: int) -> None:
-    """Put a build of the kernels where a process with MERGESERVE_KERNEL_CACHE=cache looks for one."""
-    folder = cache / slab_ops.build_dir().name
-    folder.mkdir()
-    (folder / "mergeserve_slab_ops.so").write_bytes(library)
-    (folder / "finished").write_text(str(recorded_size))
-
-
 @pytest.mark.parametrize(("setting", "outcome"), [("auto", "eager"), ("on", "refused")])
-def test_a_machine_without_a_compiler(setting: str, outcome: str, ops: Any, tmp_path: Path) -> None:
-    """No compiler: auto decodes eagerly, on refuses. For auto the cache also holds a build cut short mid-link (its
-    size is not the recorded one): dlopen of it would be a SIGBUS, so it goes back to the builder, which fails here."""
-    if setting == "auto":
-        built = (slab_ops.build_dir() / "mergeserve_slab_ops.so").read_bytes()
-        _place_build(tmp_path, built[:4096], len(built))
+def test_a_machine_without_a_compiler(setting: str, outcome: str, tmp_path: Path) -> None:
+    """No compiler and nothing built ahead of time: auto decodes eagerly, on refuses and says what to install.
+    (Where kernels are loaded from, and when: tests/engine/test_kernel_load.py.)"""
     done = _load_in_fresh_process(setting, tmp_path)
     assert done.stdout.split()[0] == outcome, done.stdout + done.stderr
     if outcome == "refused":
         assert "install g++" in done.stdout
     else:
         assert "fused decode kernels unavailable" in done.stderr
-
-
-def test_a_finished_build_loads_without_the_builder(ops: Any, tmp_path: Path) -> None:
-    """The library another install built (same source, torch and CPU; the builder would redo it for another path)
-    loads as it is, with no compiler at hand."""
-    built = (slab_ops.build_dir() / "mergeserve_slab_ops.so").read_bytes()
-    _place_build(tmp_path, built, len(built))
-    done = _load_in_fresh_process("on", tmp_path)
-    assert done.stdout.split() == ["fused"], done.stdout + done.stderr
-
-
-def test_a_build_lock_left_by_a_dead_process_is_removed_and_a_live_one_kept(tmp_path: Path) -> None:
-    """torch's builder waits forever on a leftover lock: one older than any build is dropped, a fresh one is not."""
-    stale, live = tmp_path / "stale", tmp_path / "live"
-    stale.touch()
-    live.touch()
-    old = stale.stat().st_mtime - slab_ops._STALE_LOCK_SECONDS - 60
-    os.utime(stale, (old, old))
-    slab_ops._drop_stale_lock(stale)
-    slab_ops._drop_stale_lock(live)
-    slab_ops._drop_stale_lock(tmp_path / "absent")
-    assert not stale.exists() and live.exists()
