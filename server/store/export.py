@@ -216,11 +216,14 @@ def _plan(config: Config, source: TensorSource, out_dtype: torch.dtype) -> _Plan
     stored = {s.name for s in specs}
     touched = {f"{m}.weight" for m in layers} | set(saved)
     untied_head = None
-    if tie and head_name and embed_name and head_name not in stored and {embed_name, head_name} & touched:
+    if tie and head_name and embed_name and {embed_name, head_name} & touched:
         # An adapter changes one side of tied embeddings: the two matrices differ after the merge, so both are written
-        # and the config unties them; otherwise the loader would re-tie and one side would overwrite the other.
+        # and the config unties them; otherwise the loader would re-tie and one side would overwrite the other. A head
+        # stored beside tied embeddings is not what the server reads either (the loader ties it to the embedding), so
+        # the untied head is always made from the stored embedding, as the server's untie clones it.
         tie, untied_head = False, head_name
-        specs.append(next(TensorSpec(head_name, s.shape, s.dtype) for s in specs if s.name == embed_name))
+        if head_name not in stored:
+            specs.append(next(TensorSpec(head_name, s.shape, s.dtype) for s in specs if s.name == embed_name))
     specs = _bias_after_weight(specs, biased)
     states = generator_states(peft_model, names, spec) if spec.method.startswith("dare") else {}
     return _Plan(
