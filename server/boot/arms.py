@@ -22,15 +22,14 @@ from server.errors import ExitCode
 from server.load.adapters import (
     AdapterInfo,
     BootError,
-    _refuse,
     has_meta_weights,
     load_adapters,
     load_base,
     merge_refusal,
+    shipped_tokenizer,
 )
 from server.load.policy import (
     QUANTIZED_MERGE_FIX,
-    adapter_tokenizer,
     quantization_method,
     resize_vocab,
     unfilled_rows,
@@ -74,13 +73,9 @@ def serving_tokenizer(
 
     Returns the tokenizer to serve and whether the base's vocabulary was resized.
     """
-    shipped = [(a, tok) for a in adapters if (tok := adapter_tokenizer(a.local)) is not None]
-    if not shipped:
+    chosen = shipped_tokenizer(adapters)
+    if chosen is None:
         return tokenizer, False
-    first, chosen = shipped[0]
-    for adapter, tok in shipped[1:]:
-        if tok.get_vocab() != chosen.get_vocab():
-            raise _refuse(adapter, f"its tokenizer differs from adapter '{first.name}'s", "serve them separately")
     return chosen, resize_vocab(base, len(chosen))
 
 

@@ -10,9 +10,10 @@ nothing is downloaded or looked up until `server.store.hub` resolves the id in t
 from __future__ import annotations
 
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict
 
 # The Hub's own rule (huggingface_hub.utils.validate_repo_id): letters, digits, '-', '_', '.', at most 96 each side.
 _PART = r"[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9_])?"
@@ -37,13 +38,34 @@ class HubId(BaseModel):
 
 
 def parse_hub_id(raw: str, tried: Path) -> HubId | None:
-    """The Hub id `raw` names, or None when it is not one (an absolute, ./ or ~ path never is)."""
+    """The Hub id `raw` names, or None when it is not one (an absolute, ./ or ~ path never is).
+
+    Raises ValueError ("problem | fix") for an id whose file part or revision holds `..`: the file is read at
+    `snapshot / subfolder / file`, so one `..` reads any file on disk (or another repo's in the Hub cache, which
+    `security.allowed_roots` must admit), and the Hub lists no such file."""
     if raw.startswith(("/", ".", "~")) or "\\" in raw:
         return None
     match = _ID.match(raw)
     if match is None or "--" in match["repo"] or ".." in match["repo"]:
         return None
+    if match["file"] is not None and ".." in PurePosixPath(match["file"]).parts:
+        raise ValueError(
+            f"the file part '{match['file']}' of Hub id '{match['repo']}' has '..', which could leave the repo | "
+            "name the file by its path inside the repo, e.g. org/name/q4/model.gguf"
+        )
+    check_revision(match["revision"])
     return HubId(repo=match["repo"], revision=match["revision"], file=match["file"], tried=tried)
+
+
+def check_revision(revision: str | None) -> str | None:
+    """`revision`, or ValueError ("problem | fix") when it holds `..`: huggingface_hub reads a branch's commit from
+    the file `refs/<revision>`, and git refuses `..` in a ref name (git check-ref-format), so no real ref has one."""
+    if revision is not None and ".." in revision:
+        raise ValueError(f"revision '{revision}' has '..', which no git ref has | give a branch, tag or commit")
+    return revision
+
+
+Revision = Annotated[str | None, AfterValidator(check_revision)]  # the `revision` key, checked as the path's @rev is
 
 
 def with_revision(hub: HubId, revision: str | None, subfolder: str | None) -> HubId:

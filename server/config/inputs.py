@@ -2,7 +2,8 @@
 
 Loading: weights come as safetensors or GGUF; pickle files (.bin, .pt) run code when unpickled, so they are refused
 unless `security.allow_pickle` is set, and even then read with `weights_only=True`. With `security.allowed_roots`,
-the model and adapter paths must resolve (symlinks followed) into one of those folders.
+the model and adapter paths must resolve (symlinks followed) into one of those folders, and so must every file and
+folder under them: a symlink inside an allowed folder that points out of the roots is refused too.
 
 Calling: with API keys configured, requests carry `Authorization: Bearer <key>`. Keys are compared as SHA-256
 digests with `hmac.compare_digest`, so neither a key's content nor its length shows in the answer time. /metrics
@@ -37,6 +38,45 @@ def _outside(path: Path, roots: list[Path]) -> bool:
     return not any(real.is_relative_to(root.resolve()) for root in roots)
 
 
+def _link_out(folder: Path, roots: list[Path]) -> tuple[Path, Path] | None:
+    """The first (entry, where it resolves) under `folder` that resolves outside every root, or None.
+
+    A folder under a root can hold a symlinked weight or tokenizer file (or folder) that points anywhere; the loader
+    follows it, so every entry is resolved, and linked folders inside a root are walked too (each real folder once,
+    so a link loop ends). An unreadable folder is skipped: the loader cannot read it either."""
+    if not folder.is_dir():
+        return None
+    seen: set[Path] = set()
+    todo = [folder]
+    while todo:
+        current = todo.pop()
+        if current.resolve() in seen:
+            continue
+        seen.add(current.resolve())
+        try:
+            entries = sorted(current.iterdir())
+        except OSError:
+            continue
+        for entry in entries:
+            if _outside(entry, roots):
+                return entry, entry.resolve()
+            if entry.is_dir():
+                todo.append(entry)
+    return None
+
+
+def _root_problems(config: Config, roots: list[Path]) -> Iterator[Problem]:
+    where = ", ".join(str(r) for r in roots)
+    for key, path, _, hub in _readable(config):
+        if _outside(path, roots):
+            fix = "add the Hub cache (HF_HUB_CACHE) to security.allowed_roots" if hub else "move it under a root"
+            yield key, f"'{path.resolve()}' is outside security.allowed_roots ({where})", fix
+        elif (found := _link_out(path, roots)) is not None:
+            entry, target = found
+            problem = f"'{entry}' links to '{target}', outside security.allowed_roots ({where})"
+            yield key, problem, "copy the file into the folder, or add where it lives to security.allowed_roots"
+
+
 def _readable(config: Config) -> Iterator[tuple[str, Path, str, bool]]:
     """(key, path, weight file stem, from the Hub) of the base and each adapter on disk: a Hub id only once resolved
     (`server.store.hub` runs these checks again on what the Hub delivered)."""
@@ -51,13 +91,8 @@ def _readable(config: Config) -> Iterator[tuple[str, Path, str, bool]]:
 def input_problems(config: Config) -> Iterator[Problem]:
     """Everything wrong with the files and keys a valid config names, first problem first."""
     sec = config.security
-    roots = sec.allowed_roots
-    if roots is not None:
-        for key, path, _, hub in _readable(config):
-            if _outside(path, roots):
-                where = ", ".join(str(r) for r in roots)
-                fix = "add the Hub cache (HF_HUB_CACHE) to security.allowed_roots" if hub else "move it under a root"
-                yield key, f"'{path.resolve()}' is outside security.allowed_roots ({where})", fix
+    if sec.allowed_roots is not None:
+        yield from _root_problems(config, sec.allowed_roots)
     if not sec.allow_pickle:
         for key, folder, stem, _ in _readable(config):
             found = pickle_only(folder, stem) if folder.is_dir() else None

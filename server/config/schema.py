@@ -19,7 +19,7 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from server.config.engine import EngineConfig
-from server.config.hub_id import HubId, local_path, parse_hub_id, with_revision
+from server.config.hub_id import HubId, Revision, local_path, parse_hub_id, with_revision
 from server.errors import MergeserveError
 
 Mode = Literal["merged", "unmerged", "ab"]
@@ -101,7 +101,7 @@ class _Located(_Strict):
     """A base model or adapter: a local path, or a Hub id with the Hub-only `revision` and `subfolder` keys."""
 
     path: Path | HubId
-    revision: str | None = Field(
+    revision: Revision = Field(
         default=None,
         description="Hub ids only: branch, tag or commit (TGI's and vLLM's --revision); the same as path's @revision.",
     )
@@ -284,7 +284,9 @@ class SecurityConfig(_Strict):
         default=False, description="Accept .bin/.pt weights (read with weights_only=True); off: safetensors/GGUF only."
     )
     allowed_roots: list[Path] | None = Field(
-        default=None, description="Folders the model and adapter paths must resolve into; null: anywhere."
+        default=None,
+        description="Folders the model and adapter paths, and every file under them, must resolve into "
+        "(symlinks followed); null: anywhere.",
     )
     api_keys_env: str | None = Field(
         default=None, description="Environment variable holding API keys (comma-separated); set: keys required."

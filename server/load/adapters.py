@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from server.config.schema import AdapterConfig, ModelConfig
 from server.errors import ExitCode, MergeserveError
-from server.load.policy import config_refusal, kinds, missing_targets
+from server.load.policy import adapter_tokenizer, config_refusal, kinds, missing_targets
 from server.merge.apply import MergeError, check_mergeable, lora_layers
 
 
@@ -103,6 +103,20 @@ def _model_key(file_key: str, adapter: str) -> str:
 
 def _refuse(adapter: AdapterConfig, problem: str, fix: str) -> BootError:
     return BootError(problem, fix, f"adapter '{adapter.name}' ({adapter.local})")
+
+
+def shipped_tokenizer(adapters: list[AdapterConfig]) -> PreTrainedTokenizerBase | None:
+    """The tokenizer the adapters ship (added tokens, chat template), which is the one served; None if none does.
+
+    Raises BootError when two adapters ship different vocabularies: one model cannot serve both."""
+    shipped = [(a, tok) for a in adapters if (tok := adapter_tokenizer(a.local)) is not None]
+    if not shipped:
+        return None
+    first, chosen = shipped[0]
+    for adapter, tok in shipped[1:]:
+        if tok.get_vocab() != chosen.get_vocab():
+            raise _refuse(adapter, f"its tokenizer differs from adapter '{first.name}'s", "serve them separately")
+    return chosen
 
 
 def read_adapter_config(adapter: AdapterConfig) -> PeftConfig:

@@ -18,6 +18,16 @@ serving merges streams this way:
   worth of random numbers at a time) to record the generator state at each layer's turn, so the same seed drops
   the same entries as merged serving.
 
+What is written is what the server serves, beyond the weights too:
+
+- The tokenizer and chat template are the adapters' own when one ships them (`load.adapters.shipped_tokenizer`,
+  as boot chooses), else the base's. Added tokens grow the skeleton's embeddings as boot grows the base's; PEFT
+  loads the embedding matrix saved with the adapter into the skeleton, and that matrix is W0 for those rows and the
+  rest. A grown matrix no adapter ships rows for is refused, as boot refuses it.
+- Tied embeddings an adapter changes on either side are written untied, the head made from the embedding (the
+  loader reads a tied head from the embedding even where the file stores `lm_head.weight`, and the server's
+  untie clones it from there).
+
 The export also writes `mergeserve.json` (`write_record`): the base's and each adapter's path, or Hub id with the commit
 it resolved to, the weights, the combine method and the dtype, so a checkpoint names exactly what went into it.
 
@@ -28,6 +38,7 @@ W0 at load time and then rounds the merge again, while the export rounds W0 + de
 
 from __future__ import annotations
 
+import copy
 import gc
 import json
 import os
@@ -40,12 +51,13 @@ from typing import Any, cast
 import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from server import __version__
 from server.config.schema import AdapterConfig, Config, ModelConfig
 from server.errors import ExitCode
-from server.load.adapters import BootError, load_adapters, merge_refusal
+from server.load.adapters import BootError, load_adapters, merge_refusal, shipped_tokenizer
+from server.load.policy import resize_vocab
 from server.merge.apply import MergeError, check_mergeable, layer_delta, lora_layers, saved_modules
 from server.merge.combine import MixSpec, skip_draws
 from server.merge.kinds import LayerDelta, has_adapter, uses_bias
@@ -171,15 +183,22 @@ class _Plan:
     specs: list[TensorSpec]  # output layout, in write order
     tie: bool
     saved: dict[str, torch.Tensor]  # tensor name -> modules_to_save replacement
+    shipped: dict[str, torch.Tensor]  # tensor name -> base matrix an adapter ships (embedding layers saved with it)
     deltas: _Deltas
     biased: set[str]  # modules whose bias an adapter moves (lora_bias)
     embed_name: str | None
-    untied_head: str | None  # the head name when it is written as a copy of the stored (tied) embedding
+    head_from_embed: str | None  # the head of tied embeddings: the loader (so the server) reads it from the embedding
+
+    def base(self, name: str) -> torch.Tensor:
+        """W0 as the server holds it: a shipped matrix replaces the stored one (PEFT loads it into the base)."""
+        if name == self.head_from_embed and self.embed_name:
+            name = self.embed_name
+        return self.shipped[name] if name in self.shipped else self.source.get(name)
 
     def produce(self, spec: TensorSpec) -> torch.Tensor:
         if spec.name in self.saved:
             return self.saved[spec.name].to(spec.dtype)
-        weight = self.source.get(self.embed_name if spec.name == self.untied_head and self.embed_name else spec.name)
+        weight = self.base(spec.name)
         module, _, leaf = spec.name.rpartition(".")
         if leaf == "weight" and module in self.deltas.layers:
             # W0 comes from the source, not the (meta) skeleton: DoRA's column norms are taken of W0 + delta.
@@ -189,10 +208,22 @@ class _Plan:
         return weight.to(spec.dtype)
 
 
-def _attach(config: Config, source: TensorSource) -> tuple[nn.Module, nn.Module, list[str]]:
-    """(meta skeleton, PEFT model on it with every adapter's own tensors, adapter names); refuses what boot refuses."""
+@dataclass(frozen=True)
+class _Attached:
+    skeleton: nn.Module  # on the meta device, grown to the shipped tokenizer's vocabulary
+    peft_model: nn.Module  # on the skeleton, with every adapter's own tensors
+    names: list[str]
+    tokenizer: PreTrainedTokenizerBase | None  # the adapters' own, which the server serves; None: the base's
+    vocab: int | None  # the rows the embeddings grew to for that tokenizer's added tokens; None: not grown
+
+
+def _attach(config: Config, source: TensorSource) -> _Attached:
+    """The PEFT model on a meta skeleton, as boot builds it on the real base; refuses what boot refuses."""
+    tokenizer = shipped_tokenizer(config.adapters)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(source.config, trust_remote_code=config.model.trust_remote_code)
+        # As boot.arms.serving_tokenizer does: added tokens grow the embeddings; their rows ship with the adapter.
+        grown = tokenizer is not None and resize_vocab(skeleton, len(tokenizer))
     peft_model, _ = load_adapters(
         skeleton, config.adapters, on_meta_base=True, allow_pickle=config.security.allow_pickle
     )
@@ -201,38 +232,72 @@ def _attach(config: Config, source: TensorSource) -> tuple[nn.Module, nn.Module,
         check_mergeable(peft_model, names)
     except MergeError as exc:
         raise merge_refusal(exc, ExitCode.CHECK_FAILED, "merge check failed") from None
-    return skeleton, peft_model, names
+    return _Attached(skeleton, peft_model, names, tokenizer, len(tokenizer) if grown and tokenizer else None)
 
 
-def _plan(config: Config, source: TensorSource, out_dtype: torch.dtype) -> _Plan:
-    skeleton, peft_model, names = _attach(config, source)
-    embed_name, head_name = tied_names(skeleton)
+def _shipped(peft_model: nn.Module, stored: dict[str, torch.dtype]) -> dict[str, torch.Tensor]:
+    """Base matrices the adapters put into the skeleton (PEFT loads saved embedding layers into the base layer), in
+    the stored dtype: the server loads them into a base of that dtype, rounding them once before the merge."""
+    out = {}
+    for name, param in cast(Any, peft_model).get_base_model().named_parameters():
+        if param.device.type != "meta" and ".lora_" not in name and ".modules_to_save." not in name:
+            plain = name.replace(".base_layer.", ".")
+            out[plain] = param.detach().to(stored.get(plain, param.dtype))
+    return out
+
+
+def _grow(
+    specs: list[TensorSpec], vocab: int | None, grown: set[str], plan: _Plan, names: list[str]
+) -> list[TensorSpec]:
+    """Specs with the `grown` embeddings at `vocab` rows; refuses (as boot does) one no adapter ships the rows of."""
+    if vocab is None:
+        return specs
+    out = []
+    for s in specs:
+        if s.name in grown and s.shape[0] < vocab:
+            source = plan.embed_name if s.name == plan.head_from_embed else s.name
+            if s.name not in plan.saved and source not in plan.shipped:
+                listed = ", ".join(repr(n) for n in names)
+                raise BootError(
+                    f"the adapter tokenizer adds tokens, but no adapter ships their rows of '{s.name}'",
+                    "save the adapter with save_embedding_layers=True or modules_to_save",
+                    f"adapters {listed}",
+                )
+            s = TensorSpec(s.name, (vocab, *s.shape[1:]), s.dtype)
+        out.append(s)
+    return out
+
+
+def _plan(config: Config, source: TensorSource, out_dtype: torch.dtype) -> tuple[_Plan, _Attached]:
+    attached = _attach(config, source)
+    peft_model, names = attached.peft_model, attached.names
+    embed_name, head_name = tied_names(attached.skeleton)
     spec = MixSpec(config.combine.method, config.combine.density or 1.0, config.combine.seed)
     layers = {_prefixless(name): layer for name, layer in lora_layers(peft_model)}
     biased = {m for m, layer in layers.items() if any(uses_bias(layer, a) for a in names)}
-    saved = _saved_tensors(peft_model, names)
     tie = bool(getattr(source.config, "tie_word_embeddings", False))
     specs = source.specs()
-    stored = {s.name for s in specs}
-    touched = {f"{m}.weight" for m in layers} | set(saved)
-    untied_head = None
-    if tie and head_name and embed_name and head_name not in stored and {embed_name, head_name} & touched:
+    stored = {s.name: s.dtype for s in specs}
+    plan = _Plan(
+        source=source, specs=[], tie=tie, saved=_saved_tensors(peft_model, names), shipped=_shipped(peft_model, stored),
+        deltas=_Deltas(source, names, spec, layers, {}), biased=biased, embed_name=embed_name,
+        head_from_embed=head_name if tie else None,
+    )  # fmt: skip
+    touched = {f"{m}.weight" for m in layers} | set(plan.saved)
+    if tie and head_name and embed_name and {embed_name, head_name} & touched:
         # An adapter changes one side of tied embeddings: the two matrices differ after the merge, so both are written
-        # and the config unties them; otherwise the loader would re-tie and one side would overwrite the other.
-        tie, untied_head = False, head_name
-        specs.append(next(TensorSpec(head_name, s.shape, s.dtype) for s in specs if s.name == embed_name))
-    specs = _bias_after_weight(specs, biased)
-    states = generator_states(peft_model, names, spec) if spec.method.startswith("dare") else {}
-    return _Plan(
-        source=source,
-        specs=[TensorSpec(s.name, s.shape, out_dtype if s.dtype.is_floating_point else s.dtype) for s in specs],
-        tie=tie,
-        saved=saved,
-        deltas=_Deltas(source, names, spec, layers, states),
-        biased=biased,
-        embed_name=embed_name,
-        untied_head=untied_head,
-    )
+        # and the config unties them; otherwise the loader would re-tie and one side would overwrite the other. A head
+        # stored beside tied embeddings is not what the server reads either (the loader ties it to the embedding), so
+        # the untied head is always made from the embedding, as the server's untie clones it.
+        plan.tie = False
+        if head_name not in stored:
+            specs.append(next(TensorSpec(head_name, s.shape, s.dtype) for s in specs if s.name == embed_name))
+    grown = {n for n in (embed_name, head_name) if n}
+    specs = _bias_after_weight(_grow(specs, attached.vocab, grown, plan, names), biased)
+    plan.specs = [TensorSpec(s.name, s.shape, out_dtype if s.dtype.is_floating_point else s.dtype) for s in specs]
+    if spec.method.startswith("dare"):
+        plan.deltas.states.update(generator_states(peft_model, names, spec))
+    return plan, attached
 
 
 def _staging(out: Path) -> Path:
@@ -286,11 +351,14 @@ def export_merged(
     except SourceError as exc:
         raise BootError(exc.problem, exc.fix, f"base model '{config.model.local}'") from None
     out_dtype = resolve_dtype(dtype or config.model.dtype, source.config, source.specs())
-    plan = _plan(config, source, out_dtype)
+    plan, attached = _plan(config, source, out_dtype)
+    hf_config = copy.deepcopy(source.config)
+    if attached.vocab is not None:
+        hf_config.vocab_size = attached.vocab
     partial = _staging(out)
     try:
         # The small files first: building a tokenizer from a GGUF takes memory that is freed before the weights start.
-        files = write_model_files(partial, config.model, source.config, out_dtype, plan.tie)
+        files = write_model_files(partial, config.model, hf_config, out_dtype, plan.tie, attached.tokenizer)
         gc.collect()
         with ShardProgress(sum(s.nbytes for s in plan.specs)) as progress:
             files += write_sharded(partial, plan.specs, plan.produce, max_shard_bytes, progress)

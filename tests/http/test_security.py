@@ -231,6 +231,72 @@ def test_allowed_roots_follow_symlinks(
     assert _config(write_config, tiny_config_data, security={"allowed_roots": roots}).security.allowed_roots
 
 
+def _tree_with_a_link_out(src: Path, folder: Path, outside: Path, name: str) -> Path:
+    """A real copy of `src` inside a root whose file `name` is a symlink to a copy of it in `outside`."""
+    shutil.copytree(src, folder)
+    outside.mkdir(parents=True, exist_ok=True)
+    shutil.move(folder / name, outside / name)
+    (folder / name).symlink_to(outside / name)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("key", "name"),
+    [("model.path", "model.safetensors"), ("model.path", "tokenizer.json"),
+     ("adapters[0].path", "adapter_model.safetensors")],
+)  # fmt: skip
+def test_allowed_roots_follow_symlinks_inside_an_allowed_folder(
+    key: str, name: str, write_config: Any, tiny_config_data: dict[str, Any], tiny_base: Path,
+    tiny_adapters: dict[str, Path], tmp_path: Path,
+) -> None:  # fmt: skip
+    """The folder is a real one under the root, but a file in it links out: what the server reads is outside."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    base = _base_copy(tiny_base, root / "base")
+    alpha = _base_copy(tiny_adapters["alpha"], root / "alpha")
+    tiny_config_data["model"]["path"] = str(base)
+    tiny_config_data["adapters"][0]["path"] = str(alpha)
+    roots = {"allowed_roots": [str(root)]}
+    assert _config(write_config, tiny_config_data, security=roots).security.allowed_roots  # all inside: served
+    shutil.rmtree(base if key == "model.path" else alpha)
+    _tree_with_a_link_out(tiny_base if key == "model.path" else tiny_adapters["alpha"],
+                          base if key == "model.path" else alpha, outside, name)  # fmt: skip
+    with pytest.raises(ConfigError) as err:
+        _config(write_config, tiny_config_data, security=roots)
+    assert err.value.key == key and "outside security.allowed_roots" in str(err.value)
+    assert name in str(err.value) and str(outside / name) in str(err.value)
+    assert _config(write_config, tiny_config_data).security.allowed_roots is None  # no roots: links are fine
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["org/name/../../../../etc/model.gguf", "org/name@main/q4/../../../x.gguf", "org/name/q4/../model.gguf"],
+)
+def test_hub_id_file_part_cannot_leave_the_repo(path: str, write_config: Any, tiny_config_data: dict[str, Any]) -> None:
+    """`..` in an id's file part would make the snapshot path point anywhere on disk (another repo's files in the
+    Hub cache, which allowed_roots has to admit); the Hub has no such file, so it is refused with or without roots."""
+    tiny_config_data["model"]["path"] = "org/name/q4/model.gguf"
+    assert _config(write_config, tiny_config_data).model.hub is not None  # a plain file part is an id
+    tiny_config_data["model"]["path"] = path
+    for security in ({}, {"security": {"allowed_roots": ["/"]}}):
+        with pytest.raises(ConfigError) as err:
+            _config(write_config, tiny_config_data, **security)
+        assert err.value.key == "model.path" and "could leave the repo" in str(err.value), str(err.value)
+
+
+def test_hub_revision_cannot_leave_the_refs(write_config: Any, tiny_config_data: dict[str, Any]) -> None:
+    """huggingface_hub reads a branch's commit from `refs/<revision>`; git refs never hold `..`."""
+    tiny_config_data["model"] = {"path": "org/name", "revision": "refs/pr/3"}
+    assert _config(write_config, tiny_config_data).model.hub is not None  # a ref with a slash is fine
+    for model, key in (
+        ({"revision": "../../../../tmp/planted"}, "model.revision"),
+        ({"path": "org/name@.."}, "model.path"),
+    ):
+        tiny_config_data["model"] = {"path": "org/name", **model}
+        with pytest.raises(ConfigError) as err:
+            _config(write_config, tiny_config_data)
+        assert err.value.key == key and "no git ref" in str(err.value), (err.value.key, str(err.value))
+
+
 def _probe_module(folder: Path, name: str, marker: Path) -> None:
     folder.mkdir(exist_ok=True)
     (folder / f"{name}.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
