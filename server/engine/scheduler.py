@@ -104,9 +104,14 @@ class _Row:
             self.slots.give_back()
 
     def fail(self, exc: BaseException) -> None:
-        """End the request with `exc`: its slot back first, then the error to its reader."""
+        """End the request with `exc`: its slot back first, then the error to its reader. A reader that cannot take
+        it (its event loop closed, say) is past helping; letting that escape would fail the lane's other rows, then
+        the model thread (`lane.fail` emits to the same reader again)."""
         self.release()
-        self.emit(exc, self.gen)
+        try:
+            self.emit(exc, self.gen)
+        except Exception as unreachable:
+            log.warning("request's reader refused its error (%s: %s): %s", type(unreachable).__name__, unreachable, exc)
 
     def advance(self, logits: torch.Tensor) -> bool:
         """logits: (1, V) for the next position. Choose the token and emit it; True when done (finished or
