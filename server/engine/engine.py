@@ -135,7 +135,7 @@ class Engine:
         return str(self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens))
 
     def submit(self, request: PreparedRequest, emit: Emit, arm: str | None = None) -> Handle:
-        """Raises scheduler.Overloaded past max_concurrent_requests."""
+        """Raises types.Overloaded past max_concurrent_requests."""
         return self.scheduler.submit(request, emit, self.arm(arm))
 
     def _finish(self, gen: Generation) -> Generation:

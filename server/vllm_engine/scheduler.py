@@ -23,9 +23,9 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from server.engine.detokenizer import Detokenizer
-from server.engine.scheduler import EngineDead, Slots
+from server.engine.scheduler import EngineDead
 from server.engine.stopping import StoppingCriteria, record_token
-from server.engine.types import Emit, Generation, Handle, PreparedRequest
+from server.engine.types import Emit, Generation, Handle, PreparedRequest, Slots
 from server.vllm_engine.loop import LoopThread
 from server.vllm_engine.requests import sampling_kwargs
 
