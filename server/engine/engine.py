@@ -51,7 +51,10 @@ class EngineInfo:
 class Backend(Protocol):
     """What generates: the torch `Scheduler`, or `server.vllm_engine.scheduler.VllmScheduler`."""
 
-    death: str | None  # why it can serve nothing more, if it cannot
+    @property
+    def death(self) -> str | None:
+        """Why it can serve nothing more, if it cannot."""
+
     on_step: Callable[[str, int, int], None] | None
 
     @property
