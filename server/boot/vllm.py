@@ -6,8 +6,9 @@
 2. The unmerged arm (unmerged, ab) is vLLM's LoRA path: a safetensors base (the model folder itself, or for a GGUF
    base its dequantized copy in the cache) plus one adapter that concatenates every configured adapter exactly
    (`server.vllm_engine.lora`), also in the cache.
-3. The torch models are freed, one AsyncLLM per arm starts, and each arm passes the vLLM gate
-   (`server.vllm_engine.gate`) before the server reports ready.
+3. The torch models are freed (and on a GPU their memory handed back), one AsyncLLM per arm starts, and each arm
+   passes the vLLM gate (`server.vllm_engine.gate`) before the server reports ready. A gate or warm-up that fails
+   shuts the started engines and their event loop down before the failure is raised.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from server.vllm_engine.loop import LoopThread
 from server.vllm_engine.lora import refuse_for_vllm, write_vllm_adapter
 from server.vllm_engine.requests import unsupported
 from server.vllm_engine.scheduler import VllmScheduler
-from server.vllm_engine.settings import ArmPlan, memory_shares, on_cpu
+from server.vllm_engine.settings import ArmPlan, memory_shares, on_cpu, parameter_bytes
 
 
 @dataclass
@@ -56,7 +57,8 @@ def _merged_entry(config: Config, timer: PhaseTimer, cache: MergeCache) -> Check
         key, inputs = cache.key(config)
         lock = cache.hold(key)
         manifest, problem = cache.check(key)
-    report: dict[str, Any] = {"enabled": True, "dir": str(cache.root), "key": key, "problem": problem}
+    report: dict[str, Any] = {"enabled": True, "dir": str(cache.root), "key": key, "problem": problem,
+                              "corrupt_entries": int(problem is not None)}  # fmt: skip
     try:
         damaged = problem is not None
         if manifest is None:
@@ -121,7 +123,7 @@ def _gate(loop: LoopThread, arms: dict[str, Any], ckpt: Checkpoints, dtype: str)
 
 
 def _info(config: Config, timer: PhaseTimer, ckpt: Checkpoints, infos: list[AdapterInfo], reason: str,
-          results: list[gate.GateResult]) -> EngineInfo:  # fmt: skip
+          results: list[gate.GateResult], device_map: dict[str, int] | None = None) -> EngineInfo:  # fmt: skip
     import vllm
 
     return EngineInfo(
@@ -131,7 +133,7 @@ def _info(config: Config, timer: PhaseTimer, ckpt: Checkpoints, infos: list[Adap
         adapters=infos,
         dtype=config.model.dtype,
         dtype_reason=reason,
-        device_map={},
+        device_map=device_map or {},
         boot_seconds=timer.timings,
         boot_peak_rss_bytes=timer.peak_rss,
         parity=ckpt.parity,
@@ -155,6 +157,27 @@ def _generation_config(folder: Path) -> Any:
         return None
 
 
+def _release_device_memory() -> None:
+    """Hand the merge's freed device memory back before vLLM starts. Each engine's start-up check needs
+    `gpu_memory_utilization` of the device's total free (0.9 of 24 GB: 21.6 GB); blocks torch freed stay reserved
+    by its caching allocator until emptied, so a merged model above ~8 GB (a 4B model in bf16) would fail it. No-op
+    where CUDA was never initialized (here: untested on a GPU)."""
+    gc.collect()  # the merged model may sit in a reference cycle: freed only by a collection
+    torch.cuda.empty_cache()
+
+
+def _serve(config: Config, timer: PhaseTimer, ckpt: Checkpoints, arms: dict[str, Any], loop: LoopThread,
+           served: Served, info: dict[str, Any]) -> Engine:  # fmt: skip
+    """Gate each arm, then warm up; the caller shuts the engines down if either fails."""
+    with timer.phase("vllm_gate"):
+        results = _gate(loop, arms, ckpt, config.model.dtype)
+    engine_info = _info(config, timer, ckpt, info["adapters"], info["reason"], results, info["device_map"])
+    engine = Engine({}, ckpt.tokenizer, engine_info, config.limits, served)
+    with timer.phase("warmup"):
+        engine.warmup()
+    return engine
+
+
 def boot_vllm(config: Config, timer: PhaseTimer) -> Engine:
     refuse_for_vllm(config)  # before any weight loads: kinds vLLM cannot apply unmerged
     config, reason = resolved_dtype(config)
@@ -165,15 +188,19 @@ def boot_vllm(config: Config, timer: PhaseTimer) -> Engine:
     ckpt = _merged_entry(config, timer, cache)
     plans = _plans(config, cache, ckpt.merged_dir, base_dir, timer)
     infos = [adapter_info(a, PeftConfig.from_pretrained(str(a.local))) for a in config.adapters]
-    loop, metrics = LoopThread(), VllmMetrics()
+    eos = eos_ids(ckpt.tokenizer, _generation_config(ckpt.merged_dir))
+    device = "cpu" if on_cpu() else "cuda"
+    device_map = {device: sum(parameter_bytes(plan, config.model.dtype) for plan in plans)}
+    metrics = VllmMetrics()
+    _release_device_memory()
     with timer.phase("vllm_start"):
         arms = start_arms(config, plans, config.model.dtype, metrics)
-    with timer.phase("vllm_gate"):
-        results = _gate(loop, arms, ckpt, config.model.dtype)
-    eos = eos_ids(ckpt.tokenizer, _generation_config(ckpt.merged_dir))
+    loop = LoopThread()
     backend = VllmScheduler(arms, loop, ckpt.tokenizer, eos, config.limits.max_concurrent_requests)
-    served = Served(backend, list(arms), eos, "cpu" if on_cpu() else "cuda", unsupported, metrics)
-    engine = Engine({}, ckpt.tokenizer, _info(config, timer, ckpt, infos, reason, results), config.limits, served)
-    with timer.phase("warmup"):
-        engine.warmup()
-    return engine
+    served = Served(backend, list(arms), eos, device, unsupported, metrics)
+    try:
+        return _serve(config, timer, ckpt, arms, loop, served,
+                      {"adapters": infos, "reason": reason, "device_map": device_map})  # fmt: skip
+    except BaseException:
+        backend.close()  # stops reading, shuts each engine core down, stops the loop
+        raise

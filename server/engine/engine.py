@@ -51,7 +51,10 @@ class EngineInfo:
 class Backend(Protocol):
     """What generates: the torch `Scheduler`, or `server.vllm_engine.scheduler.VllmScheduler`."""
 
-    death: str | None  # why it can serve nothing more, if it cannot
+    @property
+    def death(self) -> str | None:
+        """Why it can serve nothing more, if it cannot."""
+
     on_step: Callable[[str, int, int], None] | None
 
     @property
@@ -135,7 +138,7 @@ class Engine:
         return str(self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens))
 
     def submit(self, request: PreparedRequest, emit: Emit, arm: str | None = None) -> Handle:
-        """Raises scheduler.Overloaded past max_concurrent_requests."""
+        """Raises types.Overloaded past max_concurrent_requests."""
         return self.scheduler.submit(request, emit, self.arm(arm))
 
     def _finish(self, gen: Generation) -> Generation:

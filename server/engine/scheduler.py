@@ -33,41 +33,17 @@ from server.engine.attention import wants_bool_mask
 from server.engine.batch import Batch, Prefilling
 from server.engine.detokenizer import Detokenizer
 from server.engine.kv_budget import KVBudget
+from server.engine.mixed import NotMixable
 from server.engine.sampling import TokenChooser
 from server.engine.stopping import StoppingCriteria, record_token
-from server.engine.types import Emit, Generation, Handle, PreparedRequest
+from server.engine.types import Emit, Generation, Handle, PreparedRequest, Slots
 
 log = logging.getLogger("mergeserve.scheduler")
-
-
-class Overloaded(Exception):
-    """More requests than max_concurrent_requests: TGI answers 429 "Model is overloaded"."""
+MIXED_FAILURE_LIMIT = 3  # mixed forwards failing in a row (not NotMixable) before a lane stops mixing
 
 
 class EngineDead(RuntimeError):
     """The model thread died: nothing submitted will ever run, so requests fail at once instead of waiting."""
-
-
-class Slots:
-    """Unfinished requests, counted against max_concurrent_requests.
-
-    A request gives its slot back before its last token is emitted, so a client that sends its next request as soon
-    as it has an answer never finds its own finished request still counted.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit, self.used = limit, 0
-        self.lock = threading.Lock()
-
-    def take(self) -> None:
-        with self.lock:
-            if self.used >= self.limit:
-                raise Overloaded("Model is overloaded")
-            self.used += 1
-
-    def give_back(self) -> None:
-        with self.lock:
-            self.used -= 1
 
 
 @dataclass(eq=False)  # rows are compared by identity: each is one request
@@ -104,9 +80,14 @@ class _Row:
             self.slots.give_back()
 
     def fail(self, exc: BaseException) -> None:
-        """End the request with `exc`: its slot back first, then the error to its reader."""
+        """End the request with `exc`: its slot back first, then the error to its reader. A reader that cannot take
+        it (its event loop closed, say) is past helping; letting that escape would fail the lane's other rows, then
+        the model thread (`lane.fail` emits to the same reader again)."""
         self.release()
-        self.emit(exc, self.gen)
+        try:
+            self.emit(exc, self.gen)
+        except Exception as unreachable:
+            log.warning("request's reader refused its error (%s: %s): %s", type(unreachable).__name__, unreachable, exc)
 
     def advance(self, logits: torch.Tensor) -> bool:
         """logits: (1, V) for the next position. Choose the token and emit it; True when done (finished or
@@ -155,6 +136,7 @@ class _Lane:
         self.waiting: deque[_Row] = deque()
         self.batch = batch
         self.mixes = wants_bool_mask(model)  # a mixed forward needs the slab's attention (server.engine.mixed)
+        self.mixed_failures = 0  # mixed forwards failed in a row, other than NotMixable
 
     @property
     def rows(self) -> list[_Row]:
@@ -262,13 +244,23 @@ class _Lane:
                 with record_function("decode.forward"):
                     logits, finished = self.batch.mixed(self.model, tokens, chunks)  # (B, V), finished prefills
             except Exception as exc:  # NotMixable, or a failure apart forwards would isolate to one row
-                self.mixes = False  # a model that cannot mix would fail every turn's mixed forward
-                log.warning("lane %s: mixed forward failed (%s: %s); prefills and decode steps run apart from now on",
-                            self.name, type(exc).__name__, exc)  # fmt: skip
+                self._mixed_failed(exc)
                 return None
+            self.mixed_failures = 0
             self._advance_rows(logits)
         self._join(finished)
         return len(tokens)
+
+    def _mixed_failed(self, exc: Exception) -> None:
+        """A model that cannot mix would fail every turn's mixed forward: it stops mixing at once. Any other failure
+        (an allocation, a row's bad input) may pass: mixing stops only after MIXED_FAILURE_LIMIT in a row, which
+        bounds what a persistent one costs (a wasted forward per turn) without giving up on a transient one."""
+        self.mixed_failures += 1
+        if isinstance(exc, NotMixable) or self.mixed_failures >= MIXED_FAILURE_LIMIT:
+            self.mixes = False
+        after = "from now on" if not self.mixes else "this turn"
+        log.warning("lane %s: mixed forward failed (%s: %s); prefills and decode steps run apart %s",
+                    self.name, type(exc).__name__, exc, after)  # fmt: skip
 
     def _last_tokens(self) -> torch.Tensor:
         """(B, 1): each running row's last token, gathered on the device without a sync per row."""

@@ -1,5 +1,5 @@
-"""What flows between validation, the scheduler and the HTTP layer: a prepared request, its generation, and the
-handle that cancels it."""
+"""What flows between validation, the scheduler and the HTTP layer: a prepared request, its generation, the
+handle that cancels it, and the slots both engines count requests against."""
 
 from __future__ import annotations
 
@@ -72,3 +72,29 @@ class Handle:
     def cancel(self) -> None:
         self.cancelled.set()
         self.withdraw()
+
+
+class Overloaded(Exception):
+    """More requests than max_concurrent_requests: TGI answers 429 "Model is overloaded"."""
+
+
+class Slots:
+    """Unfinished requests, counted against max_concurrent_requests.
+
+    A request gives its slot back before its last token is emitted, so a client that sends its next request as soon
+    as it has an answer never finds its own finished request still counted.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used = limit, 0
+        self.lock = threading.Lock()
+
+    def take(self) -> None:
+        with self.lock:
+            if self.used >= self.limit:
+                raise Overloaded("Model is overloaded")
+            self.used += 1
+
+    def give_back(self) -> None:
+        with self.lock:
+            self.used -= 1

@@ -25,8 +25,7 @@ from starlette.types import Receive, Scope, Send
 from server.config.schema import ABConfig, Config
 from server.engine.engine import Engine
 from server.engine.sampling import SamplingParams
-from server.engine.scheduler import Overloaded
-from server.engine.types import Generation, PreparedRequest, Token
+from server.engine.types import Generation, Overloaded, PreparedRequest, Token
 from server.http.errors import RequestTimeout, ServedError, error_event, generation_failure, invalid_input
 from server.http.metrics import Metrics
 from server.http.tgi_protocol import Parameters

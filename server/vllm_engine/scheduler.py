@@ -23,9 +23,9 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from server.engine.detokenizer import Detokenizer
-from server.engine.scheduler import EngineDead, Slots
+from server.engine.scheduler import EngineDead
 from server.engine.stopping import StoppingCriteria, record_token
-from server.engine.types import Emit, Generation, Handle, PreparedRequest
+from server.engine.types import Emit, Generation, Handle, PreparedRequest, Slots
 from server.vllm_engine.loop import LoopThread
 from server.vllm_engine.requests import sampling_kwargs
 
@@ -93,7 +93,24 @@ class VllmScheduler:
         self._slots = Slots(max_concurrent_requests)
         self._ids = itertools.count()
         self.on_step: Any = None  # the torch scheduler's per-step hook; vLLM's own metrics report its steps
-        self.death: str | None = None
+        self._death: str | None = None
+        self._closed = False  # a closed engine reports itself errored too, but that is no death
+
+    @property
+    def death(self) -> str | None:
+        """Why nothing more can be served, or None. vLLM's own health: an arm's AsyncLLM is `errored` (what its
+        `check_health` raises `dead_error` on) as soon as vLLM's monitor thread sees its engine-core process exit,
+        idle or not, so /health turns 503 without waiting for a request to fail; or a request saw EngineDeadError."""
+        if self._death is None and not self._closed:
+            for name, arm in self.arms.items():
+                if arm.engine.errored:
+                    why = (str(arm.engine.dead_error).splitlines() or [""])[0]
+                    self._death = (
+                        f"the vLLM engine core of arm {name} is dead: {type(arm.engine.dead_error).__name__}: {why}"
+                    )
+                    log.critical("%s", self._death)
+                    break
+        return self._death
 
     @property
     def load(self) -> tuple[int, int]:
@@ -144,7 +161,7 @@ class VllmScheduler:
         except Exception as exc:
             log.warning("vLLM request %s failed: %s: %s", request_id, type(exc).__name__, exc)
             if type(exc).__name__ == "EngineDeadError":
-                self.death = f"{type(exc).__name__}: {exc}"
+                self._death = f"{type(exc).__name__}: {exc}"
             row.release()
             row.emit(exc, row.gen)
 
@@ -169,6 +186,7 @@ class VllmScheduler:
         return False
 
     def close(self) -> None:
+        self._closed = True
         for arm in self.arms.values():
             try:
                 # Stop reading outputs first: shutting the engine core down under a live reader logs it as a

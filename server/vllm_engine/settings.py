@@ -10,6 +10,7 @@ set in this process before the first engine starts:
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ GPU_MEMORY_UTILIZATION = 0.9
 GIB = 1 << 30
 # vLLM 0.32 sizes LoRA buffers for one of these ranks (vllm.config.lora.MaxLoRARanks).
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+FILE_DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2}  # safetensors' dtype names; others count 1 byte
 
 
 def on_cpu() -> bool:
@@ -76,6 +78,27 @@ class ArmPlan:
     adapter_dir: Path | None = None
     adapter_rank: int = 0
     memory_share: float = 1.0  # of the configured memory, when two arms split it
+
+
+def parameter_bytes(plan: ArmPlan, dtype: str) -> int:
+    """The weights one arm's engine holds: every tensor of its checkpoint's shards (and its LoRA adapter's) at the
+    served dtype's element size, since vLLM casts as it loads (a float32 base served in bfloat16 holds half its
+    file). Read from the safetensors headers alone; the cache entry's probes file is not a shard."""
+    import torch
+    from safetensors import safe_open
+
+    served = getattr(torch, dtype, None)  # `checkpoint`: each tensor keeps its file's dtype
+    size = torch.empty((), dtype=served).element_size() if isinstance(served, torch.dtype) else None
+    files = sorted(plan.model_dir.glob("model*.safetensors"))
+    if plan.adapter_dir is not None:
+        files += sorted(plan.adapter_dir.glob("adapter_model*.safetensors"))
+    total = 0
+    for path in files:
+        with safe_open(str(path), "pt") as f:
+            for name in f.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
+                tensor = f.get_slice(name)
+                total += math.prod(tensor.get_shape()) * (size or FILE_DTYPE_BYTES.get(tensor.get_dtype(), 1))
+    return total
 
 
 def memory_shares(config: Config, arms: list[str]) -> dict[str, float]:

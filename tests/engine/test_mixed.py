@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from server.engine.attention import use_slab_attention
 from server.engine.batch import Batch
 from server.engine.sampling import SamplingParams
-from server.engine.scheduler import Scheduler
+from server.engine.scheduler import MIXED_FAILURE_LIMIT, Scheduler
 from server.engine.types import Generation, PreparedRequest, Token
 from tests.engine.test_kv_slab import _check, _drain_prefill, _prompt, _req, _slab_model, _Tok
 
@@ -57,8 +57,9 @@ def test_decode_rows_and_prefill_chunks_in_one_forward_get_plain_forward_logits(
 
 
 def test_a_model_that_drops_attention_kwargs_is_served_apart_with_the_same_tokens(tiny_base: Path) -> None:
-    """If the plan never reaches attention, the lane stops mixing and reruns the turn's forwards apart: every token
-    still equals a plain forward's greedy token."""
+    """If the plan never reaches attention, every mixed forward fails (here with a shape error, not NotMixable): the
+    lane reruns each such turn's forwards apart, and stops mixing after MIXED_FAILURE_LIMIT failures in a row.
+    Every token still equals a plain forward's greedy token."""
     model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
     for layer in model.model.layers:
         real = layer.self_attn.forward
@@ -70,32 +71,40 @@ def test_a_model_that_drops_attention_kwargs_is_served_apart_with_the_same_token
         layer.self_attn.forward = dropping
     assert use_slab_attention(model)
     vocab = model.config.vocab_size
-    prompts = {"long": _prompt(1, 5, vocab), "late": _prompt(2, 6, vocab)}
+    # Each newcomer arrives while "long" decodes, so its prefill would mix: one more than the limit.
+    late = {f"late{i}": _prompt(2 + i, 6, vocab) for i in range(MIXED_FAILURE_LIMIT + 1)}
+    prompts = {"long": _prompt(1, 5, vocab), **late}
     outputs: dict[str, list[int]] = {}
     done = threading.Event()
-    first_token = threading.Event()
+    scheduler = Scheduler({"m": model}, _Tok(), set(), max_batch_size=4, max_concurrent_requests=4, prefill_budget=8)
+    lane = scheduler.lanes["m"]
+    real_mixed, attempts = lane.batch.mixed, []
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        attempts.append(len(outputs))
+        return real_mixed(*args, **kwargs)
+
+    lane.batch.mixed = counted  # type: ignore[method-assign]
 
     def emit_for(name: str) -> Any:
         def emit(item: Token | BaseException, gen: Generation) -> None:
             assert not isinstance(item, BaseException), item
-            first_token.set()
+            if name == "long" and len(gen.tokens) % 3 == 2 and len(gen.tokens) // 3 < len(late):
+                newcomer = f"late{len(gen.tokens) // 3}"  # on the model thread: it would mix at the next turn
+                scheduler.submit(_req(prompts[newcomer], 2), emit_for(newcomer))
             if gen.finish_reason is not None:
                 outputs[name] = [t.id for t in gen.tokens]
-                if len(outputs) == 2:
+                if len(outputs) == len(prompts):
                     done.set()
 
         return emit
 
-    scheduler = Scheduler({"m": model}, _Tok(), set(), max_batch_size=4, max_concurrent_requests=4, prefill_budget=8)
-    lane = scheduler.lanes["m"]
     try:
-        scheduler.submit(_req(prompts["long"], 12), emit_for("long"))
-        assert first_token.wait(timeout=30)  # "long" decodes when "late" arrives: their forwards would mix
-        scheduler.submit(_req(prompts["late"], 4), emit_for("late"))
+        scheduler.submit(_req(prompts["long"], 16), emit_for("long"))
         assert done.wait(timeout=60)
     finally:
         scheduler.close()
-    assert lane.mixes is False
+    assert len(attempts) == MIXED_FAILURE_LIMIT and lane.mixes is False  # the last newcomer was not tried mixed
     for name, ids in prompts.items():
         expected = greedy(model, ids, len(outputs[name]))
         assert outputs[name] == expected, name
@@ -141,3 +150,48 @@ def test_an_empty_prompt_arriving_mid_decode_is_refused_not_given_another_reques
         scheduler.close()
     leaked = [j for j in joined if isinstance(j, Token) and j.top == running[2].top]
     assert refusals and not joined, f"accepted; served {joined}; the running request's 3rd row: {bool(leaked)}"
+
+
+def test_one_failed_mixed_forward_does_not_turn_mixing_off_for_good(tiny_base: Path) -> None:
+    """Issue 28, item 14: a mixed forward that fails once for a passing reason (an allocation, say) is rerun apart,
+    and the lane mixes again at the next chance; only a model that cannot mix (`NotMixable`) stops it for good.
+    Every token still equals a plain forward's greedy token."""
+    model = _slab_model(tiny_base)
+    vocab = model.config.vocab_size
+    prompts = {"long": _prompt(1, 5, vocab), "late": _prompt(2, 6, vocab), "later": _prompt(3, 4, vocab)}
+    outputs: dict[str, list[int]] = {}
+    done = threading.Event()
+    scheduler = Scheduler({"m": model}, _Tok(), set(), max_batch_size=4, max_concurrent_requests=4, prefill_budget=8)
+    lane = scheduler.lanes["m"]
+    real, calls = lane.batch.mixed, {"failed": 0, "mixed": 0}
+
+    def flaky(*args: Any, **kwargs: Any) -> Any:
+        if not calls["failed"]:
+            calls["failed"] += 1
+            raise RuntimeError("transient: could not allocate")
+        calls["mixed"] += 1
+        return real(*args, **kwargs)
+
+    lane.batch.mixed = flaky  # type: ignore[method-assign]
+
+    def emit_for(name: str) -> Any:
+        def emit(item: Token | BaseException, gen: Generation) -> None:
+            assert not isinstance(item, BaseException), item
+            if name == "long" and len(gen.tokens) in (2, 8):  # on the model thread: each newcomer mixes next turn
+                late = "late" if len(gen.tokens) == 2 else "later"
+                scheduler.submit(_req(prompts[late], 3), emit_for(late))
+            if gen.finish_reason is not None:
+                outputs[name] = [t.id for t in gen.tokens]
+                if len(outputs) == 3:
+                    done.set()
+
+        return emit
+
+    try:
+        scheduler.submit(_req(prompts["long"], 16), emit_for("long"))
+        assert done.wait(timeout=60)
+    finally:
+        scheduler.close()
+    assert calls == {"failed": 1, "mixed": 1} and lane.mixes is True
+    for name, ids in prompts.items():
+        assert outputs[name] == greedy(model, ids, len(outputs[name])), name

@@ -17,8 +17,8 @@ from server.config.load import load_config
 from server.engine.detokenizer import TextStream
 from server.engine.engine import Engine
 from server.engine.sampling import SamplingParams
-from server.engine.scheduler import Overloaded, Scheduler
-from server.engine.types import Generation, PreparedRequest, Token
+from server.engine.scheduler import Scheduler
+from server.engine.types import Generation, Overloaded, PreparedRequest, Token
 
 PROMPTS = ["Once upon a time", "The capital of France is", "Arr matey", "def fibonacci(n):", "pirate", "Paris"]
 

@@ -22,8 +22,7 @@ from server.boot.boot import boot
 from server.config.load import load_config
 from server.engine.engine import Engine
 from server.engine.sampling import SamplingParams
-from server.engine.scheduler import Overloaded
-from server.engine.types import Generation, PreparedRequest
+from server.engine.types import Generation, Overloaded, PreparedRequest
 from tests.reference import (
     assert_served_like_reference,
     reference_greedy,
