@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     dtype, probes, parity = base.dtype, config.parity.probes, config.parity
     with torch.inference_mode():
         unmerged = probe_logits(model, tokenizer, probes)
+        with model.disable_adapter():
+            base_only = probe_logits(model, tokenizer, probes)
     reference, why = float32_probe_logits(model, tokenizer, probes)
     if reference is None and dtype != torch.float32:
         print(f"no float32 reference: {why}", file=sys.stderr)
@@ -87,12 +89,13 @@ def main(argv: list[str] | None = None) -> int:
 
     def verdict(case: str) -> None:
         with torch.no_grad(), merged_view(model, names) as view:
-            rows.append(row(case, judge(reference, unmerged, probe_logits(view, tokenizer, probes), parity, dtype)))
+            merged = probe_logits(view, tokenizer, probes)
+            rows.append(row(case, judge(reference, unmerged, merged, base_only, parity, dtype)))
 
     verdict("honest merge")
     with torch.no_grad(), model.disable_adapter():
-        rows.append(row("whole adapter dropped", judge(reference, unmerged, probe_logits(model, tokenizer, probes),
-                                                       parity, dtype)))  # fmt: skip
+        dropped = probe_logits(model, tokenizer, probes)
+        rows.append(row("whole adapter dropped", judge(reference, unmerged, dropped, base_only, parity, dtype)))
     layers = dict(lora_layers(model))
     for name in args.drop or default_drops(list(layers)):
         short = name.removeprefix("base_model.model.")

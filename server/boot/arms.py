@@ -44,7 +44,7 @@ from server.merge.apply import (
 )
 from server.merge.combine import MixSpec, deltas_on_the_side
 from server.merge.merged_view import merged_view
-from server.merge.parity import ParityResult, judge, probe_logits, refusal
+from server.merge.parity import ParityResult, empty_probes, judge, probe_logits, refusal
 from server.merge.precision import PLAIN_LINEAR, LinearProbe, resolve_dtype_setting
 from server.merge.reference import float32_probe_logits
 
@@ -52,6 +52,12 @@ from server.merge.reference import float32_probe_logits
 def _gate(result: ParityResult) -> None:
     if not result.passed:
         raise BootError(*refusal(result), exit_code=ExitCode.CHECK_FAILED)
+
+
+def base_logits(peft_model: PeftModel, tokenizer: Any, probes: list[str]) -> list[torch.Tensor]:
+    """The base model's probe logits (every adapter off): what the gate measures the adapters' own effect against."""
+    with peft_model.disable_adapter():
+        return probe_logits(peft_model, tokenizer, probes)
 
 
 def refuse_quantized_merge(config: Config) -> None:
@@ -119,6 +125,7 @@ class BuiltArms:
     reference: References  # unmerged probe logits
     candidate: list[torch.Tensor]  # merged probe logits
     dtype_reason: str
+    base: list[torch.Tensor]  # the base model's probe logits, adapters off
     base_copy: Path | None = None  # the cache entry a GGUF base was read from (server.boot.stored_base)
 
 
@@ -156,12 +163,15 @@ def build_arms(config: Config, timer: PhaseTimer) -> BuiltArms:
                 f"adapters {listed}",
             )
     probes, parity_cfg = config.parity.probes, config.parity
+    if empty := empty_probes(tokenizer, probes):
+        raise BootError(*empty, "parity.probes", ExitCode.CHECK_FAILED)
     combine = config.combine
     spec = MixSpec(combine.method, combine.density or 1.0, combine.seed)
     float32 = parity_cfg.float32_reference
     try:
         if config.mode == "merged":
             with timer.phase("merge"):
+                base = base_logits(peft_model, tokenizer, probes)  # before the merge unloads the adapters
                 reference, merged = _merge_with(peft_model, names, spec, tokenizer, probes, float32, dtype)
                 arms: dict[str, torch.nn.Module] = {"merged": merged}
             with timer.phase("verify"):
@@ -171,17 +181,19 @@ def build_arms(config: Config, timer: PhaseTimer) -> BuiltArms:
                 # The merged arm shares every tensor the adapters leave alone with the unmerged arm.
                 arms = {"merged": merged_twin(peft_model, names), "unmerged": peft_model}
             with timer.phase("verify"):
+                base = base_logits(peft_model, tokenizer, probes)
                 reference = _references(peft_model, tokenizer, probes, float32, dtype)
                 candidate = probe_logits(arms["merged"], tokenizer, probes)
         else:
             arms = {"unmerged": peft_model}
             with timer.phase("verify"):
+                base = base_logits(peft_model, tokenizer, probes)
                 reference = _references(peft_model, tokenizer, probes, float32, dtype)
                 with merged_view(peft_model, names) as view:
                     candidate = probe_logits(view, tokenizer, probes)
-        parity = judge(reference.float32, reference.served, candidate, parity_cfg, dtype, reference.skipped)
+        parity = judge(reference.float32, reference.served, candidate, base, parity_cfg, dtype, reference.skipped)
     except MergeError as exc:
         raise merge_refusal(exc, ExitCode.CHECK_FAILED, "merge check failed") from None
     log.info("parity: %s", parity.summary())
     _gate(parity)
-    return BuiltArms(tokenizer, arms, adapter_infos, parity, reference, candidate, dtype_reason, base_copy)
+    return BuiltArms(tokenizer, arms, adapter_infos, parity, reference, candidate, dtype_reason, base, base_copy)

@@ -79,8 +79,11 @@ def _serve_hit(
         candidate = probe_logits(model, tokenizer, probes)
         unmerged = [stored[f"reference.{i}"] for i in range(len(probes))]
         float32, skipped = _stored_float32(config, stored, manifest)
+        if not all(f"base.{i}" in stored for i in range(len(probes))):
+            raise DamagedEntry("the entry stores no base probe logits (built before the gate measured the adapters)")
+        base = [stored[f"base.{i}"] for i in range(len(probes))]
         exact = all(torch.equal(c, stored[f"merged.{i}"]) for i, c in enumerate(candidate))
-        parity = judge(float32, unmerged, candidate, config.parity, model.dtype, skipped)
+        parity = judge(float32, unmerged, candidate, base, config.parity, model.dtype, skipped)
     log.info("parity (against the reference logits stored in the cache entry): %s", parity.summary())
     if not parity.passed:
         raise DamagedEntry(f"the loaded model fails the parity gate: {parity.summary()}")
@@ -105,6 +108,7 @@ def store_entry(cache: MergeCache, key: str, config: Config, built: BuiltArms, i
     probes = {f"reference.{i}": r for i, r in enumerate(built.reference.served)}
     probes |= {f"float32.{i}": r for i, r in enumerate(built.reference.float32 or [])}
     probes |= {f"merged.{i}": c for i, c in enumerate(built.candidate)}
+    probes |= {f"base.{i}": b for i, b in enumerate(built.base)}
     for i, text in enumerate(config.parity.probes):
         probes[f"ids.{i}"] = built.tokenizer(text, return_tensors="pt").input_ids[0]
     record = {"inputs": inputs, "probes": config.parity.probes, "parity_at_build": built.parity.as_dict(),

@@ -24,6 +24,7 @@ from peft import PeftConfig
 from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 
 from server.boot.arms import BuiltArms, build_arms
+from server.boot.budget import read_files
 from server.boot.cached import resolved_dtype, store_entry
 from server.boot.phases import PhaseTimer, log
 from server.boot.stored_base import vllm_base
@@ -49,7 +50,25 @@ class Checkpoints:
     parity: ParityResult
     probe_ids: list[list[int]]
     reference: list[torch.Tensor]  # unmerged probe logits, (T, V) each
+    base: list[torch.Tensor]  # the base model's probe logits (adapters off), (T, V) each
     report: dict[str, Any]
+
+
+def _stale(config: Config, cache: MergeCache, key: str) -> str | None:
+    """Why an entry that passed its file check cannot be served, or None.
+
+    Its probe ids were recorded with the tokenizer it stores: one that now splits a probe differently (another
+    `tokenizers` version) would make the gate compare the reference logits of other tokens. Entries stored before
+    the gate measured the adapters' effect lack the base logits it needs.
+    """
+    stored = cache.probes(key)
+    tokenizer = AutoTokenizer.from_pretrained(str(cache.entry(key)))
+    for i, text in enumerate(config.parity.probes):
+        if f"base.{i}" not in stored:
+            return "the entry stores no base probe logits (built before the gate measured the adapters)"
+        if tokenizer(text).input_ids != stored[f"ids.{i}"].tolist():
+            return f"the cached tokenizer splits probe {i} differently from when the entry was built"
+    return None
 
 
 def _merged_entry(config: Config, timer: PhaseTimer, cache: MergeCache) -> Checkpoints:
@@ -57,8 +76,11 @@ def _merged_entry(config: Config, timer: PhaseTimer, cache: MergeCache) -> Check
         key, inputs = cache.key(config)
         lock = cache.hold(key)
         manifest, problem = cache.check(key)
+        corrupt = problem is not None  # a stale entry (below) is merged again but is not damaged
+        if manifest is not None and (problem := _stale(config, cache, key)) is not None:
+            manifest = None
     report: dict[str, Any] = {"enabled": True, "dir": str(cache.root), "key": key, "problem": problem,
-                              "corrupt_entries": int(problem is not None)}  # fmt: skip
+                              "corrupt_entries": int(corrupt)}  # fmt: skip
     try:
         damaged = problem is not None
         if manifest is None:
@@ -86,6 +108,7 @@ def _merged_entry(config: Config, timer: PhaseTimer, cache: MergeCache) -> Check
         parity=ParityResult(**manifest["parity_at_build"]),
         probe_ids=[stored[f"ids.{i}"].tolist() for i in range(n)],
         reference=[stored[f"reference.{i}"] for i in range(n)],
+        base=[stored[f"base.{i}"] for i in range(n)],
         report=report,
     )
 
@@ -111,13 +134,15 @@ def _gate(loop: LoopThread, arms: dict[str, Any], ckpt: Checkpoints, dtype: str)
     results = []
     for name, arm in arms.items():
         served = prompt_logprobs(loop, name, arm, ckpt.probe_ids)
-        pairs = [
-            (gate.reference_logprobs(ids, ref), gate.served_logprobs(ids, got))
-            for ids, ref, got in zip(ckpt.probe_ids, ckpt.reference, served, strict=True)
+        probes = [
+            (gate.reference_logprobs(ids, ref), gate.served_logprobs(ids, got), gate.reference_logprobs(ids, base))
+            for ids, ref, got, base in zip(ckpt.probe_ids, ckpt.reference, served, ckpt.base, strict=True)
         ]
-        results.append(gate.compare(name, pairs, dtype))
-        log.info("vLLM gate, arm %s: max abs logprob diff %.3g over %d positions (tolerance %.3g)",
-                 name, results[-1].max_abs_diff, results[-1].positions, results[-1].tolerance)  # fmt: skip
+        r = gate.compare(name, probes, dtype)
+        results.append(r)
+        log.info("vLLM gate, arm %s: max abs logprob diff %.3g over %d positions (tolerance %.3g); adapter ratio "
+                 "%.3g (at most %.3g) of the adapters' own effect, RMS %.3g", name, r.max_abs_diff, r.positions,
+                 r.tolerance, r.adapter_ratio, r.max_adapter_ratio, r.adapter_effect_rms)  # fmt: skip
     gate.check(results)
     return results
 
@@ -178,9 +203,19 @@ def _serve(config: Config, timer: PhaseTimer, ckpt: Checkpoints, arms: dict[str,
     return engine
 
 
+def _stored_dtype(config: Config, reason: str) -> tuple[Config, str]:
+    """`dtype: checkpoint` as the dtype the base is stored in: vLLM has no such setting (its ModelConfig raises
+    "Unknown dtype"), and its own `auto` serves a float32 checkpoint in float16 on a GPU."""
+    if config.model.dtype != "checkpoint":
+        return config, reason
+    dtype = str(read_files(config).served("checkpoint")).removeprefix("torch.")
+    model = config.model.model_copy(update={"dtype": dtype})
+    return config.model_copy(update={"model": model}), f"checkpoint: stored in {dtype}"
+
+
 def boot_vllm(config: Config, timer: PhaseTimer) -> Engine:
     refuse_for_vllm(config)  # before any weight loads: kinds vLLM cannot apply unmerged
-    config, reason = resolved_dtype(config)
+    config, reason = _stored_dtype(*resolved_dtype(config))
     cache = MergeCache(config.cache.resolved_dir())
     cache.sweep()  # what a killed boot left: up to a model's size per folder
     # The unmerged arm's base first: a merge cache miss then reads that copy, not the GGUF a second time (~25 s).

@@ -380,6 +380,14 @@ class Config(_Strict):
                 "model.max_memory and model.offload_folder place layers for the torch engine; vLLM places its own | "
                 "remove them, or size vLLM with engine.gpu_memory_utilization and engine.kv_cache_gib"
             )
+        longest, total = self.engine.max_model_len, self.limits.max_total_tokens
+        if longest is not None and longest < total:
+            # Our validation admits prompt + new tokens up to max_total_tokens; vLLM refuses past max_model_len.
+            raise ValueError(
+                f"engine.max_model_len {longest} is below limits.max_total_tokens {total}, so requests the limits "
+                f"accept would fail inside vLLM | raise engine.max_model_len to {total} (or leave it unset), or "
+                f"lower limits.max_total_tokens to {longest}"
+            )
 
     def merge_identity(self, files: Callable[[Path], Any] = str) -> dict[str, Any]:
         """Everything in the config that decides the merged weights or the cache entry: the merge cache's key inputs.

@@ -37,6 +37,17 @@ below a dropped adapter; MAX_SLACK = 3 (the max of one element is noisier) 1.4x 
 top-1 is a coarse backstop: one flip is 0.045 of 22 positions, near-tied tokens flip either way in both models,
 and TOP1_SLACK = 0.2 allows four more flips than U's own.
 
+The adapter must be shown present: all of the above bound the merged model's error, which is just as small for a
+merge that wrote nothing when the adapters barely move the probes, and a loose `parity.tolerance` passes the bare
+base outright. So every gate also measures the adapters' own effect on the probes, the RMS of merged - base logits
+(E), and refuses unless its RMS error against the reference in use (e) is at most MAX_ADAPTER_RATIO x E. A merge that
+dropped a fraction f of the adapters' effect has e ~ f and E ~ 1 - f (in units of the whole effect), so 0.5
+refuses any that lost more than a third of it; one that wrote nothing has E = 0 (merged = base), ratio infinite.
+Honest merges, from the table: e is about U's RMS (M/U up to 1.66) and E about a dropped adapter's RMS (9.7x U's
+on the demo in bf16, 58x in fp16, 30-1500x on the tiny pairs), so e/E <= 1.66/9.7 = 0.17 in the worst case
+measured, 3x inside the bound; in float32 e is summation order (1e-7 on logits) and the ratio ~1e-6. Probes the
+adapters do not move (E within the noise) cannot show them present: the fix is probes in the adapters' domain.
+
 `parity.tolerance` and `parity.min_top1_agreement`, when set, replace the default bound on the merged model's max
 abs logit error (which then bounds its RMS error too) and on its top-1 agreement, against the reference in use (R in
 half precision, U otherwise).
@@ -47,7 +58,8 @@ the layered R against a separately upcast float32 copy's forward (tests/merge/te
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -55,6 +67,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from server.config.schema import ParityConfig
+from server.errors import Refusal
 
 FLOAT32_TOLERANCE = 1e-3
 HALF_TOLERANCE_ROUNDINGS: dict[torch.dtype, float] = {torch.bfloat16: 12.0, torch.float16: 40.0}
@@ -62,6 +75,7 @@ SERVED_TOP1 = 0.95  # M against U without a float32 reference
 RMS_SLACK = 2.0
 MAX_SLACK = 3.0
 TOP1_SLACK = 0.2
+MAX_ADAPTER_RATIO = 0.5  # the merged model's RMS error / the adapters' RMS effect on the probes (see above)
 
 
 @dataclass(frozen=True)
@@ -115,6 +129,11 @@ class ParityResult:
     float32_unmerged_top1_agreement: float | None = None
     float32_unmerged_rms_diff: float | None = None
     float32_skipped: str | None = None  # why there is no float32 reference in half precision
+    # The adapters' own effect on the probes (RMS of merged - base logits) and the merged model's RMS error against
+    # `reference` over it, bounded by `max_adapter_ratio`; None in entries stored before they were measured.
+    adapter_effect_rms: float | None = None
+    adapter_ratio: float | None = None
+    max_adapter_ratio: float | None = None
 
     def summary(self) -> str:
         return f"{'passed' if self.passed else 'FAILED'}: {self.figures()}"
@@ -132,11 +151,24 @@ class ParityResult:
                 f"{self.float32_unmerged_max_abs_diff:.3g}, top-1 {self.float32_unmerged_top1_agreement:.3f}"
             )
         skipped = f" (float32 reference skipped: {self.float32_skipped})" if self.float32_skipped else ""
+        adapter = ""
+        if self.adapter_ratio is not None and self.max_adapter_ratio is not None:
+            adapter = (
+                f"; adapter ratio {self.adapter_ratio:.3g} (at most {self.max_adapter_ratio:.3g}): its RMS error "
+                f"over the adapters' own effect on the probes, RMS {self.adapter_effect_rms:.3g}"
+            )
         return (
             f"merged vs {against}{skipped}: {rms}max abs logit diff {self.max_abs_diff:.3g} "
             f"(tolerance {self.tolerance:.3g}), top-1 agreement {self.top1_agreement:.3f} "
-            f"(need {self.min_top1_agreement:.3f}) over {self.positions} positions{unmerged}"
+            f"(need {self.min_top1_agreement:.3f}) over {self.positions} positions{unmerged}{adapter}"
         )
+
+    @property
+    def adapter_shown(self) -> bool:
+        """Whether the probes show the adapters present (True for entries stored before this was measured)."""
+        if self.adapter_ratio is None or self.max_adapter_ratio is None:
+            return True
+        return self.adapter_ratio <= self.max_adapter_ratio
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -145,6 +177,19 @@ class ParityResult:
 def probe_ids(tokenizer: PreTrainedTokenizerBase, probes: list[str]) -> list[torch.Tensor]:
     """Each probe's token ids, (T_i,), as the tokenizer splits it alone."""
     return [tokenizer(text, return_tensors="pt").input_ids[0] for text in probes]
+
+
+def empty_probes(tokenizer: PreTrainedTokenizerBase, probes: list[str]) -> Refusal | None:
+    """A probe the tokenizer splits into no token (an empty one, without a BOS) has no position to compare: the
+    gate would check nothing for it (and a batch of them no forward runs on)."""
+    empty = [i for i, ids in enumerate(probe_ids(tokenizer, probes)) if len(ids) == 0]
+    if not empty:
+        return None
+    return Refusal(
+        f"parity probes {empty} are no token at all (the tokenizer adds no BOS), so the gate would compare no "
+        "position for them; refusing to serve",
+        "give parity.probes of several tokens each",
+    )
 
 
 @torch.inference_mode()
@@ -236,17 +281,40 @@ def _against_float32(float32: list[torch.Tensor], unmerged: list[torch.Tensor], 
 
 
 def judge(float32: list[torch.Tensor] | None, unmerged: list[torch.Tensor], merged: list[torch.Tensor],
-          cfg: ParityConfig, dtype: torch.dtype, skipped: str | None = None) -> ParityResult:  # fmt: skip
+          base: list[torch.Tensor], cfg: ParityConfig, dtype: torch.dtype,
+          skipped: str | None = None) -> ParityResult:  # fmt: skip
     """The gate's verdict on merged probe logits, given the unmerged model's in the serving dtype and (half
-    precision) in float32, or why those were not measured (`skipped`)."""
+    precision) in float32, or why those were not measured (`skipped`), and the base model's (adapters off)."""
     if dtype in HALF_TOLERANCE_ROUNDINGS and float32 is not None:
-        return _against_float32(float32, unmerged, merged, cfg, dtype)
-    return _served(unmerged, merged, cfg, dtype, skipped)
+        result = _against_float32(float32, unmerged, merged, cfg, dtype)
+    else:
+        result = _served(unmerged, merged, cfg, dtype, skipped)
+    error = logit_error(float32 if result.reference == "float32" else unmerged, merged).rms
+    effect = logit_error(base, merged).rms
+    ratio = error / effect if effect > 0 else math.inf  # merged == base: nothing of the adapters is there
+    shown = ratio <= MAX_ADAPTER_RATIO
+    return replace(result, adapter_effect_rms=effect, adapter_ratio=ratio, max_adapter_ratio=MAX_ADAPTER_RATIO,
+                   passed=result.passed and shown)  # fmt: skip
 
 
-def refusal(result: ParityResult) -> tuple[str, str]:
-    """(problem, fix) for a failed gate, naming the figures that failed."""
+def refusal(result: ParityResult) -> tuple[str, str, str]:
+    """(problem, fix, where) for a failed gate, naming the figures that failed."""
+    if result.passed is False and not result.adapter_shown and _bounds_hold(result):
+        return (
+            f"the parity gate cannot show the adapters are merged: the merged model's RMS error against the "
+            f"reference is {result.adapter_ratio:.3g}x the adapters' own effect on the probes (RMS "
+            f"{result.adapter_effect_rms:.3g} of merged - base logits; at most {result.max_adapter_ratio:.3g}x); "
+            f"{result.figures()}; refusing to serve",
+            "give parity.probes on which the adapters change the output (their own domain), or serve unmerged",
+            "parity.probes",
+        )
     fix = "serve unmerged or in float32"
     if result.reference == "float32":
         fix += "; or, if the merge is known to be right, bound its error yourself with parity.tolerance"
-    return f"parity gate failed: {result.figures()}; refusing to serve", fix
+    return f"parity gate failed: {result.figures()}; refusing to serve", fix, ""
+
+
+def _bounds_hold(result: ParityResult) -> bool:
+    """Whether the error bounds alone pass: then only the adapter ratio failed, and the refusal says so."""
+    rms_ok = result.rms_diff is None or result.rms_tolerance is None or result.rms_diff <= result.rms_tolerance
+    return rms_ok and result.max_abs_diff <= result.tolerance and result.top1_agreement >= result.min_top1_agreement

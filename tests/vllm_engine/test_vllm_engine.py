@@ -66,6 +66,8 @@ def test_both_arms_passed_the_vllm_gate(ab_engine: Engine) -> None:
     gate = ab_engine.info.engine["gate"]
     assert {g["arm"] for g in gate} == {"merged", "unmerged"}
     assert all(g["passed"] and g["max_abs_diff"] <= g["tolerance"] and g["positions"] > 10 for g in gate)
+    # float32: engine noise (~3e-5) over the adapters' effect (~0.6 RMS): far inside the bound.
+    assert all(0 < g["adapter_ratio"] < g["max_adapter_ratio"] / 100 and g["adapter_effect_rms"] > 0.1 for g in gate)
 
 
 def test_concurrent_requests_each_match_the_reference(ab_engine: Engine, reference: PreTrainedModel) -> None:
@@ -206,27 +208,39 @@ def test_tensor_parallel_2_serves_the_same_greedy_tokens(
     assert [ref() for ref in engines] == [None]  # nothing of ours keeps a closed engine (and its processes' state)
 
 
-def test_the_gate_refuses_a_model_that_is_not_the_reference(ab_engine: Engine, vllm_model: dict[str, Path]) -> None:
-    """The unmerged arm's prompt logprobs against the *base* model's logits (adapters missing): exit 3."""
+def test_the_gate_refuses_a_missing_adapter(
+    ab_engine: Engine, vllm_model: dict[str, Path], reference: PreTrainedModel
+) -> None:
+    """vLLM serving the bare base (the unmerged arm's engine without its LoRA request) against the reference: the
+    adapters move the logprobs past every dtype's tolerance, and the ratio shows they are not there: exit 3."""
     from transformers import LlamaForCausalLM
 
     from server.errors import ExitCode, MergeserveError
+    from server.merge.parity import MAX_ADAPTER_RATIO
     from server.vllm_engine import gate
     from server.vllm_engine.engines import prompt_logprobs
+    from server.vllm_engine.scheduler import VllmArm
 
     base = LlamaForCausalLM.from_pretrained(vllm_model["base"]).eval()
     backend = ab_engine.scheduler
+    bare = VllmArm(backend.arms["unmerged"].engine, None)  # type: ignore[attr-defined]
     probes = [ab_engine.tokenize(p) for p in PROMPTS]
-    served = prompt_logprobs(backend.loop, "unmerged", backend.arms["unmerged"], probes)  # type: ignore[attr-defined]
-    pairs = []
-    for ids, got in zip(probes, served, strict=True):
-        logits = base(input_ids=torch.tensor([ids])).logits[0].detach()
-        pairs.append((gate.reference_logprobs(ids, logits), gate.served_logprobs(ids, got)))
-    result = gate.compare("unmerged", pairs, "float32")
-    assert not result.passed and result.max_abs_diff > 0.05
+    served = prompt_logprobs(backend.loop, "unmerged", bare, probes)  # type: ignore[attr-defined]
+    triples = []
+    with torch.no_grad():
+        for ids, got in zip(probes, served, strict=True):
+            want = reference(input_ids=torch.tensor([ids])).logits[0]
+            without = base(input_ids=torch.tensor([ids])).logits[0]
+            triples.append((gate.reference_logprobs(ids, want), gate.served_logprobs(ids, got),
+                            gate.reference_logprobs(ids, without)))  # fmt: skip
+    result = gate.compare("unmerged", triples, "float32")
+    assert not result.passed and result.max_abs_diff > max(gate.TOLERANCES.values())
+    assert result.adapter_ratio > 10 * MAX_ADAPTER_RATIO  # served == base up to the engines' noise
     with pytest.raises(MergeserveError) as refused:
         gate.check([result])
-    assert refused.value.exit_code == ExitCode.CHECK_FAILED and "refusing to serve" in refused.value.line()
+    line = refused.value.line()
+    assert refused.value.exit_code == ExitCode.CHECK_FAILED and "refusing to serve" in line
+    assert "the adapters' own effect" in line
 
 
 def test_a_gate_that_compared_no_position_refuses() -> None:
@@ -235,7 +249,7 @@ def test_a_gate_that_compared_no_position_refuses() -> None:
     from server.errors import ExitCode, MergeserveError
     from server.vllm_engine import gate
 
-    result = gate.compare("merged", [([], [])], "float32")
+    result = gate.compare("merged", [([], [], [])], "float32")
     assert result.positions == 0 and not result.passed
     with pytest.raises(MergeserveError) as refused:
         gate.check([result])
