@@ -171,7 +171,7 @@ def build_arms(config: Config, timer: PhaseTimer) -> BuiltArms:
     try:
         if config.mode == "merged":
             with timer.phase("merge"):
-                base = base_logits(peft_model, tokenizer, probes)  # before the merge unloads the adapters
+                bare = base_logits(peft_model, tokenizer, probes)  # before the merge unloads the adapters
                 reference, merged = _merge_with(peft_model, names, spec, tokenizer, probes, float32, dtype)
                 arms: dict[str, torch.nn.Module] = {"merged": merged}
             with timer.phase("verify"):
@@ -181,19 +181,19 @@ def build_arms(config: Config, timer: PhaseTimer) -> BuiltArms:
                 # The merged arm shares every tensor the adapters leave alone with the unmerged arm.
                 arms = {"merged": merged_twin(peft_model, names), "unmerged": peft_model}
             with timer.phase("verify"):
-                base = base_logits(peft_model, tokenizer, probes)
+                bare = base_logits(peft_model, tokenizer, probes)
                 reference = _references(peft_model, tokenizer, probes, float32, dtype)
                 candidate = probe_logits(arms["merged"], tokenizer, probes)
         else:
             arms = {"unmerged": peft_model}
             with timer.phase("verify"):
-                base = base_logits(peft_model, tokenizer, probes)
+                bare = base_logits(peft_model, tokenizer, probes)
                 reference = _references(peft_model, tokenizer, probes, float32, dtype)
                 with merged_view(peft_model, names) as view:
                     candidate = probe_logits(view, tokenizer, probes)
-        parity = judge(reference.float32, reference.served, candidate, base, parity_cfg, dtype, reference.skipped)
+        parity = judge(reference.float32, reference.served, candidate, bare, parity_cfg, dtype, reference.skipped)
     except MergeError as exc:
         raise merge_refusal(exc, ExitCode.CHECK_FAILED, "merge check failed") from None
     log.info("parity: %s", parity.summary())
     _gate(parity)
-    return BuiltArms(tokenizer, arms, adapter_infos, parity, reference, candidate, dtype_reason, base, base_copy)
+    return BuiltArms(tokenizer, arms, adapter_infos, parity, reference, candidate, dtype_reason, bare, base_copy)

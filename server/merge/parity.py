@@ -289,7 +289,8 @@ def judge(float32: list[torch.Tensor] | None, unmerged: list[torch.Tensor], merg
         result = _against_float32(float32, unmerged, merged, cfg, dtype)
     else:
         result = _served(unmerged, merged, cfg, dtype, skipped)
-    error = logit_error(float32 if result.reference == "float32" else unmerged, merged).rms
+    against = float32 if result.reference == "float32" and float32 is not None else unmerged
+    error = logit_error(against, merged).rms
     effect = logit_error(base, merged).rms
     ratio = error / effect if effect > 0 else math.inf  # merged == base: nothing of the adapters is there
     shown = ratio <= MAX_ADAPTER_RATIO
