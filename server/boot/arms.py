@@ -44,7 +44,7 @@ from server.merge.apply import (
 )
 from server.merge.combine import MixSpec, deltas_on_the_side
 from server.merge.merged_view import merged_view
-from server.merge.parity import ParityResult, empty_probes, judge, probe_logits, refusal
+from server.merge.parity import ParityResult, effect_expected, empty_probes, judge, probe_logits, refusal
 from server.merge.precision import PLAIN_LINEAR, LinearProbe, resolve_dtype_setting
 from server.merge.reference import float32_probe_logits
 
@@ -191,7 +191,16 @@ def build_arms(config: Config, timer: PhaseTimer) -> BuiltArms:
                 reference = _references(peft_model, tokenizer, probes, float32, dtype)
                 with merged_view(peft_model, names) as view:
                     candidate = probe_logits(view, tokenizer, probes)
-        parity = judge(reference.float32, reference.served, candidate, bare, parity_cfg, dtype, reference.skipped)
+        parity = judge(
+            reference.float32,
+            reference.served,
+            candidate,
+            bare,
+            parity_cfg,
+            dtype,
+            reference.skipped,
+            effect_expected(config.adapters),
+        )
     except MergeError as exc:
         raise merge_refusal(exc, ExitCode.CHECK_FAILED, "merge check failed") from None
     log.info("parity: %s", parity.summary())

@@ -33,7 +33,7 @@ from server.config.schema import Config
 from server.engine.engine import Engine
 from server.errors import MergeserveError
 from server.load.adapters import adapter_info, has_meta_weights, load_base
-from server.merge.parity import judge, probe_logits
+from server.merge.parity import effect_expected, judge, probe_logits
 from server.merge.precision import resolve_dtype_setting
 from server.store.cache import MergeCache
 
@@ -83,7 +83,9 @@ def _serve_hit(
             raise DamagedEntry("the entry stores no base probe logits (built before the gate measured the adapters)")
         base = [stored[f"base.{i}"] for i in range(len(probes))]
         exact = all(torch.equal(c, stored[f"merged.{i}"]) for i, c in enumerate(candidate))
-        parity = judge(float32, unmerged, candidate, base, config.parity, model.dtype, skipped)
+        parity = judge(
+            float32, unmerged, candidate, base, config.parity, model.dtype, skipped, effect_expected(config.adapters)
+        )
     log.info("parity (against the reference logits stored in the cache entry): %s", parity.summary())
     if not parity.passed:
         raise DamagedEntry(f"the loaded model fails the parity gate: {parity.summary()}")

@@ -32,7 +32,7 @@ from server.config.schema import Config
 from server.engine.engine import Engine, EngineInfo, Served
 from server.engine.stopping import eos_ids
 from server.load.adapters import AdapterInfo, adapter_info
-from server.merge.parity import ParityResult
+from server.merge.parity import ParityResult, effect_expected
 from server.store.cache import MergeCache
 from server.vllm_engine import gate
 from server.vllm_engine.engines import VllmMetrics, prompt_logprobs, start_arms
@@ -130,7 +130,7 @@ def _plans(
     return plans
 
 
-def _gate(loop: LoopThread, arms: dict[str, Any], ckpt: Checkpoints, dtype: str) -> list[gate.GateResult]:
+def _gate(loop: LoopThread, arms: dict[str, Any], ckpt: Checkpoints, config: Config) -> list[gate.GateResult]:
     results = []
     for name, arm in arms.items():
         served = prompt_logprobs(loop, name, arm, ckpt.probe_ids)
@@ -138,10 +138,10 @@ def _gate(loop: LoopThread, arms: dict[str, Any], ckpt: Checkpoints, dtype: str)
             (gate.reference_logprobs(ids, ref), gate.served_logprobs(ids, got), gate.reference_logprobs(ids, base))
             for ids, ref, got, base in zip(ckpt.probe_ids, ckpt.reference, served, ckpt.base, strict=True)
         ]
-        r = gate.compare(name, probes, dtype)
+        r = gate.compare(name, probes, config.model.dtype, effect_expected(config.adapters))
         results.append(r)
         log.info("vLLM gate, arm %s: max abs logprob diff %.3g over %d positions (tolerance %.3g); adapter ratio "
-                 "%.3g (at most %.3g) of the adapters' own effect, RMS %.3g", name, r.max_abs_diff, r.positions,
+                 "%s (at most %s) of the adapters' own effect, RMS %.3g", name, r.max_abs_diff, r.positions,
                  r.tolerance, r.adapter_ratio, r.max_adapter_ratio, r.adapter_effect_rms)  # fmt: skip
     gate.check(results)
     return results
@@ -195,7 +195,7 @@ def _serve(config: Config, timer: PhaseTimer, ckpt: Checkpoints, arms: dict[str,
            served: Served, info: dict[str, Any]) -> Engine:  # fmt: skip
     """Gate each arm, then warm up; the caller shuts the engines down if either fails."""
     with timer.phase("vllm_gate"):
-        results = _gate(loop, arms, ckpt, config.model.dtype)
+        results = _gate(loop, arms, ckpt, config)
     engine_info = _info(config, timer, ckpt, info["adapters"], info["reason"], results, info["device_map"])
     engine = Engine({}, ckpt.tokenizer, engine_info, config.limits, served)
     with timer.phase("warmup"):

@@ -66,7 +66,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from server.config.schema import ParityConfig
+from server.config.schema import AdapterConfig, ParityConfig
 from server.errors import Refusal
 
 FLOAT32_TOLERANCE = 1e-3
@@ -280,18 +280,27 @@ def _against_float32(float32: list[torch.Tensor], unmerged: list[torch.Tensor], 
     )
 
 
+def effect_expected(adapters: list[AdapterConfig]) -> bool:
+    """Whether the adapters should move the probes at all: every weight 0 (the bare base, served to compare with the
+    adapted model) leaves merged = base, which the adapter check would refuse as a merge that wrote nothing."""
+    return any(adapter.weight != 0 for adapter in adapters)
+
+
 def judge(float32: list[torch.Tensor] | None, unmerged: list[torch.Tensor], merged: list[torch.Tensor],
           base: list[torch.Tensor], cfg: ParityConfig, dtype: torch.dtype,
-          skipped: str | None = None) -> ParityResult:  # fmt: skip
+          skipped: str | None = None, expect_effect: bool = True) -> ParityResult:  # fmt: skip
     """The gate's verdict on merged probe logits, given the unmerged model's in the serving dtype and (half
-    precision) in float32, or why those were not measured (`skipped`), and the base model's (adapters off)."""
+    precision) in float32, or why those were not measured (`skipped`), and the base model's (adapters off).
+    `expect_effect` False (`effect_expected`): the adapters' effect is measured and reported, not gated."""
     if dtype in HALF_TOLERANCE_ROUNDINGS and float32 is not None:
         result = _against_float32(float32, unmerged, merged, cfg, dtype)
     else:
         result = _served(unmerged, merged, cfg, dtype, skipped)
+    effect = logit_error(base, merged).rms
+    if not expect_effect:
+        return replace(result, adapter_effect_rms=effect)
     against = float32 if result.reference == "float32" and float32 is not None else unmerged
     error = logit_error(against, merged).rms
-    effect = logit_error(base, merged).rms
     ratio = error / effect if effect > 0 else math.inf  # merged == base: nothing of the adapters is there
     shown = ratio <= MAX_ADAPTER_RATIO
     return replace(result, adapter_effect_rms=effect, adapter_ratio=ratio, max_adapter_ratio=MAX_ADAPTER_RATIO,

@@ -45,12 +45,15 @@ class GateResult:
     tolerance: float
     # The adapters' own effect on the served logprobs (RMS of served - base) and the RMS error against the
     # reference over it: a served model without its adapters has the error of the whole effect and no effect.
+    # Both None when no effect is expected (every adapter at weight 0: the bare base), measured but not gated.
     adapter_effect_rms: float = 0.0
-    adapter_ratio: float = math.inf
-    max_adapter_ratio: float = MAX_ADAPTER_RATIO
+    adapter_ratio: float | None = math.inf
+    max_adapter_ratio: float | None = MAX_ADAPTER_RATIO
 
     @property
     def adapter_shown(self) -> bool:
+        if self.adapter_ratio is None or self.max_adapter_ratio is None:
+            return True
         return self.adapter_ratio <= self.max_adapter_ratio
 
     @property
@@ -77,14 +80,19 @@ def _rms(values: list[float]) -> float:
     return math.sqrt(sum(v * v for v in values) / len(values)) if values else 0.0
 
 
-def compare(arm: str, probes: list[tuple[list[float], list[float], list[float]]], dtype: str) -> GateResult:
-    """probes: (reference, served, base) logprobs per probe; base is the model without adapters."""
+def compare(arm: str, probes: list[tuple[list[float], list[float], list[float]]], dtype: str,
+            expect_effect: bool = True) -> GateResult:  # fmt: skip
+    """probes: (reference, served, base) logprobs per probe; base is the model without adapters.
+    `expect_effect` False (`parity.effect_expected`): the adapters' effect is reported, not gated."""
     diffs = [r - s for reference, served, _ in probes for r, s in zip(reference, served, strict=True)]
     effects = [s - b for _, served, base in probes for s, b in zip(served, base, strict=True)]
     error, effect = _rms(diffs), _rms(effects)
     ratio = error / effect if effect > 0 else math.inf  # served == base: nothing of the adapters is there
     tolerance = TOLERANCES.get(dtype, TOLERANCES["bfloat16"])
-    return GateResult(arm, max((abs(d) for d in diffs), default=0.0), len(diffs), tolerance, effect, ratio)
+    worst = max((abs(d) for d in diffs), default=0.0)
+    if not expect_effect:
+        return GateResult(arm, worst, len(diffs), tolerance, effect, None, None)
+    return GateResult(arm, worst, len(diffs), tolerance, effect, ratio)
 
 
 def check(results: list[GateResult]) -> None:
@@ -105,9 +113,13 @@ def check(results: list[GateResult]) -> None:
 def _refusal(result: GateResult) -> MergeserveError:
     figures = (
         f"probe logprobs differ by up to {result.max_abs_diff:.3g} (tolerance {result.tolerance:.3g} over "
-        f"{result.positions} positions), RMS {result.adapter_ratio:.3g}x the adapters' own effect on them (RMS "
-        f"{result.adapter_effect_rms:.3g} of served - base logprobs; at most {result.max_adapter_ratio:.3g}x)"
+        f"{result.positions} positions)"
     )
+    if result.adapter_ratio is not None and result.max_adapter_ratio is not None:
+        figures += (
+            f", RMS {result.adapter_ratio:.3g}x the adapters' own effect on them (RMS {result.adapter_effect_rms:.3g}"
+            f" of served - base logprobs; at most {result.max_adapter_ratio:.3g}x)"
+        )
     if result.max_abs_diff <= result.tolerance:  # only the adapter ratio failed
         return MergeserveError(
             f"the vLLM gate cannot show arm '{result.arm}' serves the adapters: {figures}; refusing to serve",

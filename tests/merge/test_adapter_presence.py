@@ -88,3 +88,35 @@ def test_probes_that_tokenize_to_nothing_are_refused(write_config: Writer, tiny_
         boot(load_config(write_config(tiny_config_data)))
     line = err.value.line()
     assert err.value.exit_code == 3 and line.startswith("parity.probes: ") and "no position" in line
+
+
+@pytest.mark.parametrize("mode", ["merged", "unmerged"])
+def test_the_bare_base_at_weight_0_is_served_with_its_effect_reported_not_gated(
+    mode: str, write_config: Writer, tiny_config_data: dict[str, Any], tmp_path: Path
+) -> None:
+    """Every adapter at weight 0 is how an operator serves the base to compare with the adapted model: merged = base
+    by design, which the adapter check alone would refuse as a merge that wrote nothing."""
+    tiny_config_data["mode"] = mode
+    tiny_config_data["cache"] = {"dir": str(tmp_path / "cache")}
+    for adapter in tiny_config_data["adapters"]:
+        adapter["weight"] = 0.0
+    for boot_no in range(2 if mode == "merged" else 1):  # merged: a miss, then a hit gated by cached.py
+        engine = boot(load_config(write_config(tiny_config_data)))
+        try:
+            parity = engine.info.parity
+            assert parity is not None and parity.passed and parity.adapter_ratio is None
+            assert parity.adapter_effect_rms is not None and parity.adapter_effect_rms < 1e-6, boot_no
+        finally:
+            engine.close()
+
+
+def test_the_vllm_gate_reports_but_does_not_gate_an_effect_none_is_expected() -> None:
+    """The vLLM gate's compare on the bare base: served = base, so the ratio would be infinite and refused."""
+    from server.vllm_engine.gate import check, compare
+
+    probe = ([-1.0, -2.0, -0.5], [-1.0, -2.0, -0.5], [-1.0, -2.0, -0.5])  # (reference, served, base)
+    gated = compare("merged", [probe], "float32")
+    assert not gated.passed and gated.adapter_ratio == float("inf")
+    bare = compare("merged", [probe], "float32", expect_effect=False)
+    assert bare.passed and bare.adapter_ratio is None and bare.adapter_effect_rms == 0.0
+    check([bare])
