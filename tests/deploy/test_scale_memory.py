@@ -9,7 +9,7 @@ well as its own), against the model's bytes on disk:
 - merged, cache hit:  <= 1.05x + 1 GB;
 - unmerged:           <= 1.1x + 1.5 GB;
 - merged with `model.max_memory: {cpu: 512MiB}` and an offload folder (the layers past the cap on disk): <= the
-  cap + 1.5 GB and below 0.8x the model's own size, with the in-memory merge's greedy tokens.
+  cap + 1.5 GB and below 0.9x the model's own size, with the in-memory merge's greedy tokens.
 
 Memory is not timing: a bound on it is a property of the product, asserted here. Figures on the development machine
 (commit of this test): miss 2.93 GiB, hit 2.81 GiB, unmerged 3.02 GiB for 2.0 GiB of weights; before, 4.94, 4.62 and
@@ -121,4 +121,6 @@ def test_1b_boots_within_the_memory_bounds(scale_1b: Path, work: Path) -> None:
     assert capped["passed"] and capped["tokens"] == miss["tokens"]  # the same greedy tokens as in memory
     assert any((tmp_path / "offload" / "merged").iterdir())
     _within(capped, 2**29 + 1.5 * GB, "merged, capped at 512 MiB with disk offload")
-    assert capped["peak"] < 0.8 * weights  # 1.43 GiB here, 0.72x; before the merge wrote back to disk: > 1.0x
+    # 0.83x here (1.67 GiB; 0.72x before the gate's extra forward of the base for the adapter check, which reads
+    # every offloaded layer once more); before the merge wrote back to disk: > 1.0x.
+    assert capped["peak"] < 0.9 * weights
